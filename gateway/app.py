@@ -1,0 +1,314 @@
+"""Entry point: the CLI, the root nursery, listeners, signals and graceful shutdown.
+
+    xmpp-gateway serve --config config.yaml          (also: python -m gateway ...)
+    xmpp-gateway check-config --config config.yaml
+    xmpp-gateway user add|remove|list|passwd|import ... --config config.yaml
+
+Shutdown (STYLE C11): on SIGINT/SIGTERM the listeners stop accepting, every stream is
+closed with `system-shutdown`, connections get `general.shutdown_grace` seconds to finish,
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import signal
+import ssl
+import sys
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TextIO
+
+import structlog
+import trio
+
+from gateway import __version__
+from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
+from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.roster import RosterService
+from gateway.core.router import Router
+from gateway.core.services import ServerServices
+from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondition
+from gateway.logsetup import configure_logging
+from gateway.net.transport import PeerInfo, StreamTransport
+from gateway.storage.roster_sqlite import SqliteRosterStore
+from gateway.storage.sqlite import SqliteAccountStore
+from gateway.xmpp.jid import JID
+from gateway.xmpp.negotiation import LookupCredentials
+from gateway.xmpp.sasl import ScramCredentials
+
+log = structlog.get_logger(module=__name__)
+
+STORAGE_THREADS = 4
+
+
+def make_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The server TLS context, or None when no listener uses TLS."""
+    if all(listener.tls is TlsMode.NONE for listener in config.c2s):
+        return None
+    assert config.tls.certfile is not None and config.tls.keyfile is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls.certfile, config.tls.keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            str(config.path), "tls.certfile", f"cannot load the certificate/key pair: {exc}"
+        ) from exc
+    return context
+
+
+async def serve_c2s(
+    ctx: ServerContext,
+    listener: ListenerConfig,
+    handler_nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept TCP connections on one c2s listener until cancelled."""
+    listeners = await trio.open_tcp_listeners(listener.port, host=listener.ip)
+    task_status.started(listeners)
+    log.info(
+        "listening",
+        kind="c2s",
+        address=[str(sock.socket.getsockname()[:2]) for sock in listeners],
+        tls=listener.tls.value,
+    )
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        peer = PeerInfo(ip=str(host), port=int(port))
+        await serve_connection(ctx, listener, StreamTransport(stream, peer))
+
+    await trio.serve_listeners(handle, listeners, handler_nursery=handler_nursery)
+
+
+async def run_server(
+    config: GatewayConfig,
+    *,
+    task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down gracefully.
+
+    `task_status.started` gets the `ServerContext`; the bound ports are in
+    `ctx.listen_ports` (useful with port 0 in tests).
+    """
+    accounts = SqliteAccountStore(config.auth.database)
+    roster_store = SqliteRosterStore(config.auth.database)
+    limiter = trio.CapacityLimiter(STORAGE_THREADS)
+
+    async def account_exists(host: str, username: str) -> bool:
+        return await trio.to_thread.run_sync(accounts.user_exists, host, username, limiter=limiter)
+
+    async def lookup_credentials(action: LookupCredentials) -> ScramCredentials | None:
+        return await trio.to_thread.run_sync(
+            accounts.get_credentials,
+            action.host,
+            action.username,
+            action.hash_name,
+            limiter=limiter,
+        )
+
+    router = Router(config.general.hosts, account_exists)
+    router.server_handler = ServerServices(RosterService(roster_store, limiter))
+    ctx = ServerContext(
+        config=config,
+        router=router,
+        lookup_credentials=lookup_credentials,
+        ssl_context=make_ssl_context(config),
+    )
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as handler_nursery:
+                async with trio.open_nursery() as listener_nursery:
+                    ports: list[int] = []
+                    for listener in config.c2s:
+                        sockets = await listener_nursery.start(
+                            serve_c2s, ctx, listener, handler_nursery
+                        )
+                        ports.extend(s.socket.getsockname()[1] for s in sockets)
+                    ctx.listen_ports = ports
+                    task_status.started(ctx)
+                    async for signum in signals:
+                        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                        break
+                    listener_nursery.cancel_scope.cancel()
+                await shutdown(ctx, handler_nursery)
+    finally:
+        accounts.close()
+    log.info("stopped")
+
+
+async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
+    """Close every stream with system-shutdown; cancel what is left after the grace."""
+    ctx.draining = True
+    for conn in list(ctx.connections):
+        conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, "the server is shutting down")
+    handler_nursery.cancel_scope.deadline = trio.current_time() + ctx.config.general.shutdown_grace
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmpp-gateway", description="XMPP edge gateway")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config", default="config.yaml", help="config file (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    check = sub.add_parser("check-config", help="validate the config file and exit")
+    check.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    user = sub.add_parser("user", help="manage accounts")
+    user.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create an account")
+    add.add_argument("jid")
+    add.add_argument("--password", help="the password (read from stdin when omitted)")
+    add.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    passwd = user_sub.add_parser("passwd", help="set an account's password")
+    passwd.add_argument("jid")
+    passwd.add_argument("--password", help="the password (read from stdin when omitted)")
+    passwd.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    remove = user_sub.add_parser("remove", help="delete an account")
+    remove.add_argument("jid")
+    remove.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    list_ = user_sub.add_parser("list", help="list accounts")
+    list_.add_argument("host", nargs="?", help="only this domain")
+    list_.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    imp = user_sub.add_parser("import", help="create/update accounts from 'jid password' lines")
+    imp.add_argument("file", help="the file, or - for stdin")
+    imp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    return parser
+
+
+def _read_password(given: str | None, out: TextIO) -> str:
+    if given is not None:
+        return given
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    line = sys.stdin.readline().rstrip("\r\n")
+    return line
+
+
+def _account_jid(text: str, config: GatewayConfig) -> JID:
+    try:
+        jid = JID.parse(text)
+    except JIDError as exc:
+        raise SystemExit(f"error: {text!r} is not a valid JID: {exc}") from exc
+    if jid.local is None or jid.resource is not None:
+        raise SystemExit(f"error: {text!r} must be a bare JID like user@{config.general.hosts[0]}")
+    if jid.domain not in config.general.hosts:
+        raise SystemExit(
+            f"error: {jid.domain} is not served (general.hosts in {config.path}: "
+            f"{', '.join(config.general.hosts)})"
+        )
+    return jid
+
+
+def _import_lines(lines: Iterator[str], config: GatewayConfig) -> Iterator[tuple[str, str, str]]:
+    for number, line in enumerate(lines, 1):
+        line = line.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        jid_text, sep, password = line.strip().partition(" ")
+        if not sep or not password:
+            raise SystemExit(f"error: line {number}: expected 'jid password'")
+        try:
+            jid = _account_jid(jid_text, config)
+        except SystemExit as exc:
+            raise SystemExit(f"error: line {number}: {str(exc).removeprefix('error: ')}") from exc
+        assert jid.local is not None
+        yield jid.domain, jid.local, password
+
+
+def run_user_command(args: argparse.Namespace, config: GatewayConfig) -> int:
+    store = SqliteAccountStore(config.auth.database)
+    iterations = config.auth.scram_iterations
+    try:
+        command = args.user_command
+        if command == "list":
+            for host, username in store.list_users(args.host):
+                print(f"{username}@{host}")
+            return 0
+        if command == "import":
+            if args.file == "-":
+                entries = list(_import_lines(iter(sys.stdin), config))
+            else:
+                with Path(args.file).open(encoding="utf-8") as fh:
+                    entries = list(_import_lines(iter(fh), config))
+            count = store.import_users(entries, iterations=iterations)
+            print(f"imported {count} accounts")
+            return 0
+        jid = _account_jid(args.jid, config)
+        assert jid.local is not None
+        if command == "add":
+            password = _read_password(args.password, sys.stdout)
+            if not password:
+                raise SystemExit("error: the password must not be empty")
+            store.add_user(jid.domain, jid.local, password, iterations=iterations)
+            print(f"created {jid}")
+        elif command == "passwd":
+            password = _read_password(args.password, sys.stdout)
+            if not password:
+                raise SystemExit("error: the password must not be empty")
+            store.set_password(jid.domain, jid.local, password, iterations=iterations)
+            print(f"password set for {jid}")
+        elif command == "remove":
+            if not store.remove_user(jid.domain, jid.local):
+                raise SystemExit(f"error: no account {jid}")
+            SqliteRosterStore(config.auth.database).remove_account(jid.domain, jid.local)
+            print(f"removed {jid}")
+        return 0
+    except StorageError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    finally:
+        store.close()
+
+
+def _first(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script `xmpp-gateway` and `python -m gateway`."""
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    try:
+        config = load_config(args.config)
+        if command == "check-config":
+            make_ssl_context(config)
+            print(f"{args.config}: ok")
+            return 0
+        if command == "user":
+            return run_user_command(args, config)
+        configure_logging(config.logging)
+        make_ssl_context(config)
+        try:
+            trio.run(partial(run_server, config))
+        except ExceptionGroup as group:
+            # e.g. a listener could not bind: report the first OSError as one line.
+            matched, _rest = group.split(OSError)
+            if matched is None:
+                raise
+            raise _first(matched) from group
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # e.g. the port is taken: one line, not a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,485 @@
+"""Configuration: `config.yaml` -> frozen, typed objects (STYLE K1-K3).
+
+Every refusal is one `ConfigError` naming the file, the dotted key and the reason, e.g.
+``config.yaml: listen.c2s[0].port: must be between 1 and 65535, got 70000``. Unknown keys
+are refused too, so a typo never silently falls back to a default. Relative paths are
+resolved against the directory of the config file, so the gateway can be started from
+anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from gateway.errors import ConfigError
+from gateway.xmpp.jid import JID
+
+T = TypeVar("T")
+
+
+class TlsMode(enum.Enum):
+    """How a c2s listener does TLS."""
+
+    STARTTLS = "starttls"  # offered, optional (PLAIN refused until TLS is up)
+    REQUIRED = "required"  # STARTTLS mandatory before SASL
+    DIRECT = "direct"  # XEP-0368 direct TLS (issue 4)
+    NONE = "none"  # plain TCP, e.g. TLS terminated by a trusted proxy
+
+
+class LogFormat(enum.Enum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True, slots=True)
+class GeneralConfig:
+    hosts: tuple[str, ...] = ("localhost",)
+    """Domains served (normalised JID domainparts)."""
+    max_stanza_size: int = 262144
+    """Bytes one stanza may take on the wire; larger -> stream error policy-violation."""
+    max_depth: int = 32
+    """Element nesting allowed inside one stanza."""
+    negotiation_timeout: float = 30.0
+    """Seconds from connect until a resource is bound; else stream error connection-timeout."""
+    max_auth_failures: int = 3
+    """Failed SASL attempts per connection before it is closed with policy-violation."""
+    send_queue_size: int = 1000
+    """Stanzas queued for one slow client before it is closed with resource-constraint."""
+    shutdown_grace: float = 5.0
+    """Seconds given to open streams to close after SIGINT/SIGTERM."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    ip: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces by default
+    port: int = 5222
+    tls: TlsMode = TlsMode.STARTTLS
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketListenerConfig:
+    ip: str = "0.0.0.0"  # noqa: S104
+    port: int = 5280
+    path: str = "/xmpp-websocket"
+    tls: TlsMode = TlsMode.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    database: Path = Path("data/gateway.sqlite")
+    """SQLite file holding accounts (SCRAM salted credentials only)."""
+    scram_iterations: int = 4096
+    """PBKDF2 iterations for new credentials (RFC 7677 asks for at least 4096)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaleHConfig:
+    enabled: bool = False
+    repeat_after: float = 1800.0
+    """Seconds between stale_h garbage collection runs."""
+    geriatric: float = 3600.0
+    """Seconds a stale_h record is kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamManagementConfig:
+    """`modules.mod_stream_management`, with the seed's names and defaults."""
+
+    backend: str = "memory"
+    buffer: bool = True
+    buffer_max: int | None = 100
+    """Unacked stanzas kept per session; None is `infinity`."""
+    ack: bool = True
+    ack_freq: int = 1
+    resume_timeout: float = 600.0
+    stale_h: StaleHConfig = field(default_factory=StaleHConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineConfig:
+    max_per_user: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ModulesConfig:
+    mod_stream_management: StreamManagementConfig = field(default_factory=StreamManagementConfig)
+    mod_offline: OfflineConfig = field(default_factory=OfflineConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: LogFormat = LogFormat.AUTO
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    path: Path = Path("config.yaml")
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    c2s: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    websocket: tuple[WebSocketListenerConfig, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    modules: ModulesConfig = field(default_factory=ModulesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def serves(self, host: str) -> bool:
+        return host in self.general.hosts
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _Reader:
+    """Walks one mapping of the YAML document, refusing unknown keys and wrong types."""
+
+    def __init__(self, file: str, path: str, data: object) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(file, path, f"must be a mapping, got {_kind(data)}")
+        self.file = file
+        self.path = path
+        self.data: Mapping[object, object] = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), message)
+
+    def raw(self, name: str) -> object:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, got {_kind(value)}")
+        if not low <= value <= high:
+            raise self.error(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def seconds(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(name, f"must be a number of seconds, got {_kind(value)}")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise self.error(name, f"must be between {low:g} and {high:g} seconds, got {value}")
+        return float(value)
+
+    def string(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise self.error(name, f"must be a non-empty string, got {_kind(value)}")
+        return value
+
+    def choice(self, name: str, enum_type: type[enum.Enum], default: T) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        allowed = [m.value for m in enum_type]
+        if value not in allowed:
+            raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
+        member: T = enum_type(value)  # type: ignore[assignment] # T is the enum given
+        return member
+
+    def path_value(self, name: str, default: Path | None, base: Path) -> Path | None:
+        value = self.raw(name)
+        if value is None:
+            return None if default is None else base / default
+        if not isinstance(value, str) or not value:
+            raise self.error(name, f"must be a file path, got {_kind(value)}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def section(self, name: str) -> _Reader:
+        return _Reader(self.file, self.key(name), self.raw(name))
+
+    def items(self, name: str) -> list[_Reader]:
+        value = self.raw(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(name, f"must be a list, got {_kind(value)}")
+        return [_Reader(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(name, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def done(self) -> None:
+        unknown = [str(k) for k in self.data if k not in self.seen]
+        if unknown:
+            raise ConfigError(self.file, self.key(unknown[0]), "unknown key")
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _parse_general(r: _Reader) -> GeneralConfig:
+    d = GeneralConfig()
+    hosts = r.strings("hosts", d.hosts)
+    if not hosts:
+        raise r.error("hosts", "must name at least one domain")
+    normalised = []
+    for host in hosts:
+        try:
+            jid = JID.parse(host)
+        except Exception as exc:
+            raise r.error("hosts", f"{host!r} is not a valid domain: {exc}") from exc
+        if not jid.is_bare or jid.local is not None:
+            raise r.error("hosts", f"{host!r} is not a bare domain")
+        normalised.append(jid.domain)
+    g = GeneralConfig(
+        hosts=tuple(normalised),
+        max_stanza_size=r.integer("max_stanza_size", d.max_stanza_size, 1024, 64 * 1024 * 1024),
+        max_depth=r.integer("max_depth", d.max_depth, 4, 256),
+        negotiation_timeout=r.seconds("negotiation_timeout", d.negotiation_timeout, 1, 3600),
+        max_auth_failures=r.integer("max_auth_failures", d.max_auth_failures, 1, 100),
+        send_queue_size=r.integer("send_queue_size", d.send_queue_size, 10, 1_000_000),
+        shutdown_grace=r.seconds("shutdown_grace", d.shutdown_grace, 0, 600),
+    )
+    r.done()
+    return g
+
+
+def _check_ip(r: _Reader, value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise r.error("ip", f"{value!r} is not an IP address") from exc
+    return value
+
+
+def _parse_c2s(r: _Reader) -> ListenerConfig:
+    d = ListenerConfig()
+    listener = ListenerConfig(
+        ip=_check_ip(r, r.string("ip", d.ip)),
+        port=r.integer("port", d.port, 0, 65535),
+        tls=r.choice("tls", TlsMode, d.tls),
+        proxy_protocol=r.boolean("proxy_protocol", d.proxy_protocol),
+    )
+    r.done()
+    if listener.tls is TlsMode.DIRECT:
+        raise r.error("tls", "direct TLS (XEP-0368) is not available yet; use starttls")
+    if listener.proxy_protocol:
+        raise r.error("proxy_protocol", "the PROXY protocol is not available yet")
+    return listener
+
+
+def _parse_websocket(r: _Reader) -> WebSocketListenerConfig:
+    d = WebSocketListenerConfig()
+    listener = WebSocketListenerConfig(
+        ip=_check_ip(r, r.string("ip", d.ip)),
+        port=r.integer("port", d.port, 0, 65535),
+        path=r.string("path", d.path),
+        tls=r.choice("tls", TlsMode, d.tls),
+    )
+    r.done()
+    return listener
+
+
+def _parse_sm(r: _Reader) -> StreamManagementConfig:
+    d = StreamManagementConfig()
+    backend = r.string("backend", d.backend)
+    if backend not in ("memory", "redis"):
+        raise r.error("backend", f"must be memory or redis, got {backend!r}")
+    raw_max = r.raw("buffer_max")
+    buffer_max: int | None
+    if raw_max == "infinity":
+        buffer_max = None
+    else:
+        r.seen.discard("buffer_max")
+        if isinstance(raw_max, str):
+            raise r.error("buffer_max", f"must be a positive integer or infinity, got {raw_max!r}")
+        buffer_max = r.integer("buffer_max", 100, 1, 10_000_000)
+    s = r.section("stale_h")
+    ds = StaleHConfig()
+    stale_h = StaleHConfig(
+        enabled=s.boolean("enabled", ds.enabled),
+        repeat_after=s.seconds("repeat_after", ds.repeat_after, 1, 86400 * 365),
+        geriatric=s.seconds("geriatric", ds.geriatric, 1, 86400 * 365),
+    )
+    s.done()
+    sm = StreamManagementConfig(
+        backend=backend,
+        buffer=r.boolean("buffer", d.buffer),
+        buffer_max=buffer_max,
+        ack=r.boolean("ack", d.ack),
+        ack_freq=r.integer("ack_freq", d.ack_freq, 1, 1_000_000),
+        resume_timeout=r.seconds("resume_timeout", d.resume_timeout, 1, 86400 * 7),
+        stale_h=stale_h,
+    )
+    r.done()
+    return sm
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a config file.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: naming the file, the dotted key and the reason.
+    """
+    p = Path(path)
+    file = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(file, "", f"{where}not valid YAML: {problem}") from exc
+    return parse_config(data, file=file, base=p.resolve().parent)
+
+
+def parse_config(
+    data: object, *, file: str = "config.yaml", base: Path | None = None
+) -> GatewayConfig:
+    """Validate an already-loaded YAML document (see `load_config`)."""
+    base = base or Path.cwd()
+    root = _Reader(file, "", data)
+    general = _parse_general(root.section("general"))
+
+    listen = root.section("listen")
+    c2s = (
+        tuple(_parse_c2s(r) for r in listen.items("c2s"))
+        if listen.has("c2s")
+        else (ListenerConfig(),)
+    )
+    websocket = tuple(_parse_websocket(r) for r in listen.items("websocket"))
+    listen.done()
+    if websocket:
+        # RFC 7395 serving lands with the WebSocket issue; refuse rather than ignore.
+        raise ConfigError(file, "listen.websocket", "WebSocket listeners are not available yet")
+    if not c2s and not websocket:
+        raise ConfigError(file, "listen", "no listener configured")
+
+    proxies = []
+    for cidr in root.strings("trusted_proxies", ()):
+        try:
+            proxies.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError as exc:
+            raise root.error("trusted_proxies", f"{cidr!r} is not a CIDR network") from exc
+
+    t = root.section("tls")
+    tls = TlsConfig(
+        certfile=t.path_value("certfile", None, base),
+        keyfile=t.path_value("keyfile", None, base),
+    )
+    t.done()
+    if any(listener.tls is not TlsMode.NONE for listener in c2s):
+        for name in ("certfile", "keyfile"):
+            value: Path | None = getattr(tls, name)
+            if value is None:
+                raise ConfigError(file, f"tls.{name}", "is required by a TLS listener")
+            if not value.is_file():
+                raise ConfigError(
+                    file,
+                    f"tls.{name}",
+                    f"{value} does not exist (make a development pair with "
+                    "`python scripts/make_cert.py`)",
+                )
+
+    a = root.section("auth")
+    da = AuthConfig()
+    database = a.path_value("database", da.database, base)
+    assert database is not None  # a default is given
+    auth = AuthConfig(
+        database=database,
+        scram_iterations=a.integer("scram_iterations", da.scram_iterations, 4096, 1_000_000),
+    )
+    a.done()
+
+    m = root.section("modules")
+    sm = _parse_sm(m.section("mod_stream_management"))
+    o = m.section("mod_offline")
+    offline = OfflineConfig(max_per_user=o.integer("max_per_user", 1000, 0, 1_000_000))
+    o.done()
+    m.done()
+
+    lg = root.section("logging")
+    level = lg.string("level", "info").lower()
+    if level not in LOG_LEVELS:
+        raise lg.error("level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    logging_cfg = LoggingConfig(level=level, format=lg.choice("format", LogFormat, LogFormat.AUTO))
+    lg.done()
+    root.done()
+
+    return GatewayConfig(
+        path=Path(file),
+        general=general,
+        c2s=c2s,
+        websocket=websocket,
+        trusted_proxies=tuple(proxies),
+        tls=tls,
+        auth=auth,
+        modules=ModulesConfig(mod_stream_management=sm, mod_offline=offline),
+        logging=logging_cfg,
+    )
+
+
+__all__ = [
+    "AuthConfig",
+    "GatewayConfig",
+    "GeneralConfig",
+    "ListenerConfig",
+    "LogFormat",
+    "LoggingConfig",
+    "StreamManagementConfig",
+    "TlsMode",
+    "load_config",
+    "parse_config",
+]

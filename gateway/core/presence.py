@@ -1,0 +1,103 @@
+"""Presence from a client (RFC 6121 section 4), for sessions on this node.
+
+- Broadcast presence (no `to`): stored as the session's `presence` and `priority` and sent
+  to every available resource of the account (the sender included, as a reflection).
+  On initial presence the new resource also receives the presence of the account's other
+  available resources (RFC 6121 section 4.4.2). Unavailable clears `presence` and is also
+  sent to every entity that got directed presence from this resource (section 4.6.3).
+- Directed presence (`to` set): routed; available directed presence is remembered.
+
+Roster-based broadcast to contacts needs the subscription state machine (not yet here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from gateway.core.router import Router
+from gateway.core.session import Session
+from gateway.errors import JIDError, StanzaError, StanzaErrorCondition
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+
+MIN_PRIORITY = -128
+MAX_PRIORITY = 127
+
+
+def _priority(stanza: Element) -> int:
+    text = stanza.find_text(ns.CLIENT, "priority")
+    if text is None:
+        return 0
+    try:
+        value = int(text.strip())
+    except ValueError as exc:
+        raise StanzaError(
+            StanzaErrorCondition.BAD_REQUEST, text="priority must be an integer"
+        ) from exc
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="priority out of range")
+    return value
+
+
+async def handle_presence(router: Router, session: Session, stanza: Element) -> None:
+    """Handle a presence stanza from `session` (its `from` already stamped)."""
+    ptype = stanza.get("type")
+    to_text = stanza.get("to")
+    if to_text is not None:
+        # A malformed 'to' is answered jid-malformed by the router.
+        with contextlib.suppress(JIDError):
+            if ptype is None:
+                session.directed.add(JID.parse(to_text))
+            elif ptype == "unavailable":
+                session.directed.discard(JID.parse(to_text))
+        await router.route(stanza, session)
+        return
+    if ptype is None:
+        priority = _priority(stanza)
+        initial = session.presence is None
+        session.presence = stanza
+        session.priority = priority
+        bare = session.bare_jid
+        for other in router.available_resources(bare):
+            other.send(stanza)
+        if initial:
+            for other in router.available_resources(bare):
+                if other is not session and other.presence is not None:
+                    session.send(other.presence)
+        return
+    if ptype == "unavailable":
+        await broadcast_unavailable(router, session, stanza)
+        return
+    if ptype == "error":
+        return
+    # Subscription requests without 'to', probes without 'to': nothing to address.
+    raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="this presence needs a 'to'")
+
+
+async def broadcast_unavailable(
+    router: Router, session: Session, stanza: Element | None = None
+) -> None:
+    """Send unavailable presence for `session` to its account's resources and directed peers.
+
+    Used when the client sends it and when the session ends without sending it.
+    """
+    if session.full_jid is None:
+        return
+    was_available = session.presence is not None
+    if stanza is None:
+        if not was_available and not session.directed:
+            return
+        stanza = Element(
+            ns.CLIENT, "presence", {"type": "unavailable", "from": str(session.full_jid)}
+        )
+    session.presence = None
+    bare = session.bare_jid
+    if was_available:
+        for other in router.available_resources(bare):
+            other.send(stanza)
+        session.send(stanza)
+    targets = session.directed
+    session.directed = set()
+    for target in targets:
+        await router.route(stanza.replace_attrs(to=str(target)), session)

@@ -1,0 +1,110 @@
+"""Roster management (RFC 6121 section 2): get, set, remove, and roster pushes.
+
+The subscription state machine (RFC 6121 section 3) is not handled here: subscription
+presence is routed as directed presence and items keep the subscription they have.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import trio
+
+from gateway.core.router import Router
+from gateway.core.session import Session
+from gateway.errors import JIDError, StanzaError, StanzaErrorCondition
+from gateway.storage.roster_sqlite import RosterItem, SqliteRosterStore
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+from gateway.xmpp.stanza import iq_result
+
+MAX_NAME = 1024
+MAX_GROUPS = 64
+
+
+class RosterService:
+    def __init__(self, store: SqliteRosterStore, limiter: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.limiter = limiter
+
+    async def handle(
+        self,
+        router: Router,
+        iq: Element,
+        iq_type: str,
+        query: Element,
+        account: JID,
+        origin: Session | None,
+    ) -> Element:
+        host, user = account.domain, account.local or ""
+        if iq_type == "get":
+            items = await trio.to_thread.run_sync(
+                self.store.items, host, user, limiter=self.limiter
+            )
+            if origin is not None:
+                origin.interested = True  # RFC 6121 section 2.1.3: an interested resource
+            payload = Element(ns.ROSTER, "query", None, [_item_element(i) for i in items])
+            return iq_result(iq, payload)
+
+        items_el = query.find_all(ns.ROSTER, "item")
+        if len(items_el) != 1:
+            # RFC 6121 section 2.3.3: a set carries exactly one item.
+            raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="one item per roster set")
+        el = items_el[0]
+        try:
+            contact = JID.parse(el.get("jid") or "")
+        except JIDError as exc:
+            raise StanzaError(StanzaErrorCondition.JID_MALFORMED) from exc
+        if contact.resource is not None:
+            raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="roster items are bare JIDs")
+        if el.get("subscription") == "remove":
+            removed = await trio.to_thread.run_sync(
+                self.store.remove, host, user, str(contact), limiter=self.limiter
+            )
+            if not removed:
+                raise StanzaError(StanzaErrorCondition.ITEM_NOT_FOUND)
+            pushed = Element(ns.ROSTER, "item", {"jid": str(contact), "subscription": "remove"})
+        else:
+            name = el.get("name")
+            groups = tuple(g.text for g in el.find_all(ns.ROSTER, "group"))
+            if (name and len(name) > MAX_NAME) or len(groups) > MAX_GROUPS:
+                raise StanzaError(StanzaErrorCondition.NOT_ACCEPTABLE, text="item too large")
+            if len(set(groups)) != len(groups) or any(not g for g in groups):
+                raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="bad group list")
+            stored = await trio.to_thread.run_sync(
+                self.store.upsert,
+                host,
+                user,
+                RosterItem(str(contact), name or None, "none", groups),
+                limiter=self.limiter,
+            )
+            pushed = _item_element(stored)
+        self.push(router, account, pushed)
+        return iq_result(iq)
+
+    def push(self, router: Router, account: JID, item: Element) -> None:
+        """RFC 6121 section 2.1.6: push the changed item to every interested resource."""
+        for session in router.resources_of(account):
+            if session.interested and session.full_jid is not None:
+                session.send(
+                    Element(
+                        ns.CLIENT,
+                        "iq",
+                        {
+                            "type": "set",
+                            "id": "push-" + secrets.token_hex(6),
+                            "to": str(session.full_jid),
+                        },
+                        [Element(ns.ROSTER, "query", None, [item])],
+                    )
+                )
+
+
+def _item_element(item: RosterItem) -> Element:
+    attrs = {"jid": item.contact, "subscription": item.subscription}
+    if item.name:
+        attrs["name"] = item.name
+    return Element(
+        ns.ROSTER, "item", attrs, [Element(ns.ROSTER, "group", None, [g]) for g in item.groups]
+    )

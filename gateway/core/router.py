@@ -1,0 +1,254 @@
+"""Local routing (DESIGN.md section 4; RFC 6121 sections 8.5 and 10).
+
+The router maps bare JIDs to the connected resources on this node and applies the
+delivery rules. Stanzas arrive with `from` already stamped by the sender's connection.
+
+- full JID of a connected resource: delivered.
+- full JID not connected: message chat/normal as to the bare JID; headline dropped;
+  groupchat and iq get/set answered with `service-unavailable`; presence dropped.
+- bare JID: message chat/normal to the available resource(s) of highest non-negative
+  priority, headline to all non-negative ones, none available -> `service-unavailable`
+  to the sender (offline storage arrives with stream management, issue 3); presence to
+  every available resource; iq handled by the server on the account's behalf.
+- a served domain: server features (`services.py`).
+- any other domain: `remote-server-not-found` (no s2s at the edge).
+
+Errors are never answered with errors; a stanza that cannot be delivered nor bounced is
+dropped with a log line naming the policy (the ledger of DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from gateway.core.session import Session
+from gateway.errors import JIDError, StanzaErrorCondition, StreamErrorCondition
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
+
+log = structlog.get_logger(module=__name__)
+
+AccountExists = Callable[[str, str], Awaitable[bool]]
+ServerHandler = Callable[["Router", Element, Session | None], Awaitable[None]]
+
+
+class Router:
+    """Sessions on this node by bare JID, and the delivery rules (see module docstring)."""
+
+    def __init__(self, hosts: tuple[str, ...], account_exists: AccountExists) -> None:
+        self.hosts = frozenset(hosts)
+        self.account_exists = account_exists
+        self.sessions: dict[JID, dict[str, Session]] = {}
+        # Set by the services module: handles iq addressed to a domain or to an account.
+        self.server_handler: ServerHandler | None = None
+        self.dropped = 0
+        self.bounced = 0
+
+    # -- the session registry ----------
+
+    def bind(self, session: Session, bare: JID, resource: str | None) -> JID:
+        """Register `session` as a connected resource of `bare` and return its full JID.
+
+        A resource already in use by another session ends that older session with
+        stream error `conflict` (RFC 6120 section 7.7.2.2, "override" policy); no resource
+        asked for gets a random one.
+        """
+        resources = self.sessions.setdefault(bare, {})
+        if resource is None:
+            resource = secrets.token_urlsafe(9)
+            while resource in resources:
+                resource = secrets.token_urlsafe(9)
+        old = resources.get(resource)
+        if old is not None and old is not session:
+            log.info("session_replaced", old_conn_id=old.conn_id, resource=resource)
+            old.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")
+        resources[resource] = session
+        full = bare.with_resource(resource)
+        session.full_jid = full
+        session.resource = resource
+        return full
+
+    def unbind(self, session: Session) -> None:
+        """Remove `session` from the registry (only if it still holds its slot)."""
+        if session.full_jid is None:
+            return
+        bare = session.full_jid.bare()
+        resources = self.sessions.get(bare)
+        if resources is None:
+            return
+        if resources.get(session.full_jid.resource or "") is session:
+            del resources[session.full_jid.resource or ""]
+        if not resources:
+            del self.sessions[bare]
+
+    def resources_of(self, bare: JID) -> list[Session]:
+        return list(self.sessions.get(bare, {}).values())
+
+    def available_resources(self, bare: JID) -> list[Session]:
+        return [s for s in self.sessions.get(bare, {}).values() if s.presence is not None]
+
+    def session_for(self, full: JID) -> Session | None:
+        return self.sessions.get(full.bare(), {}).get(full.resource or "")
+
+    # -- delivery ----------
+
+    async def route(self, stanza: Element, origin: Session | None = None) -> None:
+        """Deliver one stanza whose `from` is stamped (see module docstring)."""
+        kind = stanza_kind(stanza)
+        if kind is None:
+            return
+        to_text = stanza.get("to")
+        if to_text is None:
+            # RFC 6120 section 10.3: no 'to' is the sender's own account.
+            sender = stanza.get("from")
+            to = JID.parse(sender).bare() if sender else None
+            if to is None:
+                return
+        else:
+            try:
+                to = JID.parse(to_text)
+            except JIDError:
+                self.bounce(stanza, StanzaErrorCondition.JID_MALFORMED)
+                return
+        if to.domain not in self.hosts:
+            self.bounce(stanza, StanzaErrorCondition.REMOTE_SERVER_NOT_FOUND)
+            return
+        if to.local is None:
+            await self._to_domain(stanza, kind, to, origin)
+        elif to.resource is None:
+            await self._to_bare(stanza, kind, to, origin)
+        else:
+            await self._to_full(stanza, kind, to, origin)
+
+    async def _to_domain(
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+    ) -> None:
+        if to.resource is not None:
+            # A resource of the server itself: nothing lives there.
+            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            return
+        if kind is StanzaKind.IQ and self.server_handler is not None:
+            await self.server_handler(self, stanza, origin)
+        elif kind is StanzaKind.MESSAGE:
+            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+        # Presence to the domain: nothing to do (no server-side presence subscribers).
+
+    async def _to_bare(
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+    ) -> None:
+        if kind is StanzaKind.IQ:
+            if self.server_handler is not None:
+                await self.server_handler(self, stanza, origin)
+            return
+        if kind is StanzaKind.PRESENCE:
+            targets = self.available_resources(to)
+            if not targets and stanza.get("type") in (None, "unavailable", "error"):
+                return  # RFC 6121 section 8.5.2.2.1: silently ignored
+            for session in targets:
+                session.send(stanza)
+            if not targets:
+                self.drop(stanza, "presence_no_available_resource")
+            return
+        await self.deliver_message_to_bare(stanza, to)
+
+    async def deliver_message_to_bare(
+        self, stanza: Element, to: JID, *, exclude: Session | None = None
+    ) -> None:
+        """RFC 6121 section 8.5.2.1.1 for messages to a bare JID."""
+        mtype = stanza.get("type", "normal")
+        if mtype == "groupchat":
+            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            return
+        candidates = [
+            s for s in self.available_resources(to) if s.priority >= 0 and s is not exclude
+        ]
+        if mtype == "headline":
+            targets = candidates
+        elif candidates:
+            top = max(s.priority for s in candidates)
+            targets = [s for s in candidates if s.priority == top]
+        else:
+            targets = []
+        delivered = False
+        for session in targets:
+            delivered = session.send(stanza) or delivered
+        if delivered:
+            return
+        if mtype in ("headline", "error"):
+            self.drop(stanza, "no_available_resource")
+            return
+        if not self.sessions.get(to) and not await self.account_exists(to.domain, to.local or ""):
+            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            return
+        # RFC 6121 section 8.5.2.1.1: without offline storage (it arrives with stream
+        # management, issue 3) the server MUST answer service-unavailable.
+        self.bounce(
+            stanza,
+            StanzaErrorCondition.SERVICE_UNAVAILABLE,
+            text="the recipient is offline",
+        )
+
+    async def _to_full(
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+    ) -> None:
+        session = self.session_for(to)
+        if session is not None and session.send(stanza):
+            return
+        if kind is StanzaKind.MESSAGE:
+            mtype = stanza.get("type", "normal")
+            if mtype in ("chat", "normal"):
+                await self.deliver_message_to_bare(stanza, to.bare(), exclude=session)
+            elif mtype == "groupchat":
+                self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            else:
+                self.drop(stanza, "message_to_unavailable_resource")
+        elif kind is StanzaKind.IQ:
+            if stanza.get("type") in ("get", "set"):
+                self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            else:
+                self.drop(stanza, "iq_response_to_unavailable_resource")
+        elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
+            await self._to_bare(stanza, kind, to.bare(), origin)
+        # Other presence to an unavailable resource is silently ignored (RFC 6121 8.5.3.2.3).
+
+    # -- the ledger's other ends -------------------------------------------------------------------
+
+    def bounce(
+        self,
+        stanza: Element,
+        condition: StanzaErrorCondition,
+        *,
+        text: str | None = None,
+    ) -> None:
+        """Answer `stanza` to its sender with an error (never for errors or results)."""
+        stype = stanza.get("type")
+        if stype in ("error", "result") or stanza.get("from") is None:
+            self.drop(stanza, "cannot_bounce")
+            return
+        self.bounced += 1
+        reply = error_reply(stanza, condition, text=text)
+        sender = JID.parse(stanza.get("from") or "")
+        target = self.session_for(sender) if sender.resource else None
+        if target is not None and target.send(reply):
+            return
+        # The sender went away meanwhile: an error message goes to its account.
+        for session in self.available_resources(sender.bare()):
+            if session.send(reply):
+                return
+        self.drop(reply, "bounce_sender_gone")
+
+    def drop(self, stanza: Element, policy: str) -> None:
+        """Count and log a stanza dropped by a stated policy."""
+        self.dropped += 1
+        log.debug(
+            "stanza_dropped",
+            policy=policy,
+            kind=stanza.name,
+            type=stanza.get("type"),
+            to=stanza.get("to"),
+            from_=stanza.get("from"),
+        )

@@ -1,0 +1,110 @@
+"""The session object (DESIGN.md section 2, Prosody's session structure).
+
+A `Session` is owned by its connection task. Other tasks (the router, acting for another
+connection) only call `send()` and `close()`, which hand work to the owner through a
+bounded memory channel and a cancel scope; they never touch the rest of its state.
+
+- connected resource: `full_jid` is set (after bind).
+- available resource: `presence` is set (initial presence sent, not yet unavailable).
+- interested resource: `interested` is true (it requested the roster).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway.errors import StreamErrorCondition
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+
+
+class SessionType(enum.Enum):
+    C2S_UNAUTHED = "c2s_unauthed"
+    C2S = "c2s"
+
+
+@dataclass(slots=True)
+class CloseRequest:
+    """Why the owner task must end the stream."""
+
+    condition: StreamErrorCondition | None
+    text: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One client's session (see module docstring).
+
+    Attributes:
+        conn_id: the connection's id (for logs and handovers).
+        conn: a description of the transport serving the session (kind and peer).
+        notopen: true until the client's stream header arrived.
+        type: c2s_unauthed, then c2s after SASL success.
+        username, host, resource, full_jid: the JID parts, as they become known.
+        priority: the priority of the last broadcast presence.
+        presence: the last broadcast presence without type, None when unavailable.
+        interested: the client requested the roster (gets roster pushes).
+        roster: the roster, loaded when the resource is bound (None before).
+        directed: JIDs this resource sent directed available presence to; they get its
+            unavailable presence when it goes away (RFC 6121 section 4.6.3).
+        sm: the XEP-0198 state, when stream management is enabled (later issue).
+    """
+
+    conn_id: str
+    conn: str
+    outgoing: trio.MemorySendChannel[Element]
+    notopen: bool = True
+    type: SessionType = SessionType.C2S_UNAUTHED
+    username: str | None = None
+    host: str | None = None
+    resource: str | None = None
+    full_jid: JID | None = None
+    priority: int = 0
+    presence: Element | None = None
+    interested: bool = False
+    roster: dict[str, Element] | None = None
+    directed: set[JID] = field(default_factory=set)
+    sm: object | None = None
+    close_request: CloseRequest | None = None
+    cancel_scope: trio.CancelScope | None = None
+    stanzas_out: int = 0
+
+    @property
+    def bare_jid(self) -> JID:
+        assert self.full_jid is not None, "not a connected resource"
+        return self.full_jid.bare()
+
+    @property
+    def is_available(self) -> bool:
+        return self.presence is not None
+
+    def send(self, stanza: Element) -> bool:
+        """Queue a stanza for the client without blocking.
+
+        Returns:
+            True when queued. False when the session is closing or its queue is full; a
+            full queue means the client cannot keep up, so the session is closed with
+            `resource-constraint` (the caller keeps responsibility for the stanza).
+        """
+        if self.close_request is not None:
+            return False
+        try:
+            self.outgoing.send_nowait(stanza)
+        except trio.WouldBlock:
+            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self.stanzas_out += 1
+        return True
+
+    def close(self, condition: StreamErrorCondition | None = None, text: str | None = None) -> None:
+        """Ask the owner task to end the stream (with a stream error when given)."""
+        if self.close_request is not None:
+            return
+        self.close_request = CloseRequest(condition, text)
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()

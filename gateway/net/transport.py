@@ -1,0 +1,68 @@
+"""The transport a connection task reads and writes (STYLE T1).
+
+Nothing inspects sockets for identity: the peer's address is in `PeerInfo`, filled in by
+the listener (and, behind a trusted proxy, from the PROXY header in a later issue).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import trio
+
+RECEIVE_SIZE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    ip: str
+    port: int
+    secure: bool = False
+    via_proxy: bool = False
+    proxy_ip: str | None = None
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+class Transport(Protocol):
+    peer: PeerInfo
+    kind: str
+
+    async def receive(self) -> bytes:
+        """The next bytes; b"" at end of stream."""
+        ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def start_tls(self, context: ssl.SSLContext) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class StreamTransport:
+    """A byte stream (TCP, or anything trio.abc.Stream) as a Transport."""
+
+    kind = "tcp"
+
+    def __init__(self, stream: trio.abc.Stream, peer: PeerInfo) -> None:
+        self.stream = stream
+        self.peer = peer
+
+    async def receive(self) -> bytes:
+        return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Wrap the stream in TLS and handshake (the caller sets the deadline)."""
+        tls = trio.SSLStream(self.stream, context, server_side=True)
+        await tls.do_handshake()
+        self.stream = tls
+        self.peer = replace(self.peer, secure=True)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)

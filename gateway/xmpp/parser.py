@@ -1,0 +1,518 @@
+"""Incremental, hardened XMPP stream parser: bytes in, stream events out (RFC 6120 section 4, 11).
+
+Theory of operation
+-------------------
+An XMPP stream is one XML document that never ends while the connection lives: the root
+`<stream:stream>` opens it, every top-level child is a stanza (or nonza), and the root's end
+tag closes it. `StreamParser` turns bytes into three facts:
+
+* depth-0 start tag (the root)             -> `StreamOpened`
+* an element ending at depth 1 (a stanza)  -> `ElementReceived`
+* the root's end tag                       -> `StreamClosed`
+
+Only the elements of the stanza being read are kept (a stack of open elements); the root
+keeps no children, so memory does not grow with the number of stanzas. `feed()` can take
+any split of the input, down to single bytes in the middle of a UTF-8 character: expat keeps
+an incomplete token and finishes it on the next call. Consecutive text is joined into one
+`str` child. Whitespace between stanzas (keepalives) produces no event; any other text at
+stream level is `bad-format`. `reset()` drops the expat parser and starts a fresh document,
+which is what a stream restart after STARTTLS or SASL success needs (RFC 6120 sections
+5.4.3.3, 6.4.6).
+
+Restricted XML (RFC 6120 section 11.1). We call pyexpat directly rather than through
+defusedxml because defusedxml has no incremental namespace-aware parser that also reports
+comments and processing instructions. The same rules defusedxml applies with
+`forbid_dtd=True, forbid_entities=True, forbid_external=True` are enforced here by handlers
+that raise `restricted-xml`: DOCTYPE (and so any internal subset), entity, unparsed-entity
+and notation declarations, external entity references; also comments and processing
+instructions. Parameter entities are never parsed. Without a DTD only the five predefined
+entities and character references exist; any other reference is a well-formedness error.
+An XML declaration naming an encoding other than UTF-8 is `unsupported-encoding`; the
+parser itself is forced to UTF-8. Every other expat error is `not-well-formed`.
+
+Limits (STYLE P3). Positions are absolute byte offsets since the last reset (expat's
+`CurrentByteIndex` and our `_received` count). The unit being read is measured from:
+the start of the document while the stream header is incomplete; the `<` of the stanza's
+start tag while a stanza is open; the start of the incomplete token expat still holds
+between stanzas. More than `max_stanza_size` bytes in the current unit is
+`policy-violation`. Input is handed to expat in slices of at most `_MAX_SLICE` bytes and
+checked after each slice, and a stanza's size is checked again when its end tag is seen, so
+a 10 MB chunk fails after a few slices instead of after building a 10 MB element. A stanza is
+counted from its first byte to the start of its end tag. Elements nested more than
+`max_depth` levels deep (the stanza is level 1) are `policy-violation` too.
+
+Expat reparses an incomplete token from its start every time data arrives, so a huge start
+tag sent a byte at a time costs quadratic time (CVE-2023-52425). Expat >= 2.6 fixes this with
+"reparse deferral", which can hold back a complete stanza until more data arrives: fatal
+for an interactive protocol, so it is switched off. Instead, once expat holds an incomplete
+token longer than `_DEFER_THRESHOLD` bytes, we keep new bytes ourselves and only hand them
+over when they contain what could end that token: a `>` outside quotes for a tag, `;` for a
+reference. Comments, DTDs and processing instructions that large are refused at once.
+Text is never deferred (expat reports character data as it arrives). This changes no
+events, only when a malformed giant token is detected.
+
+Errors. `feed()` raises `RemoteProtocolError`; events completed earlier in the same call are
+then discarded (the stream is being torn down). The parser stays failed: later `feed()`
+calls raise the same condition until `reset()`. After `StreamClosed` the document is over:
+later input, including junk right after the root's end tag, is ignored and `feed()` returns
+no events (the caller is closing the connection).
+
+Ownership: a parser belongs to one connection task; it has no I/O, clock or logging.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+# Hardened at handler level (see the module docstring): every DTD, entity, PI and comment
+# hook raises, parameter entities are off. defusedxml offers no incremental
+# namespace-aware pyexpat with comment/PI hooks, so it cannot be used here.
+from xml.parsers import expat
+
+from gateway.errors import RemoteProtocolError, StreamErrorCondition
+from gateway.xmpp.element import Element
+
+__all__ = ["ElementReceived", "Event", "StreamClosed", "StreamOpened", "StreamParser"]
+
+#: Separator expat puts between namespace URI and local name. `}` cannot occur in a local
+#: name and expat refuses it in namespace URIs, so "uri}local" splits unambiguously and a
+#: namespaced attribute becomes Clark notation by prepending "{".
+_SEP: Final = "}"
+
+#: Largest slice of one `feed()` chunk given to expat before the limits are checked again.
+_MAX_SLICE: Final = 65536
+
+#: An incomplete token longer than this is deferred (see the module docstring). Reparsing
+#: up to this many bytes per received chunk costs about as much as receiving the chunk.
+_DEFER_THRESHOLD: Final = 4096
+
+#: Size of pyexpat's text buffer (allocated per parser); longer text arrives in several
+#: callbacks and is joined here.
+_TEXT_BUFFER_SIZE: Final = 4096
+
+#: XML white space (production S); expat has already turned CR LF into LF.
+_XML_SPACE: Final = " \t\r\n"
+
+# Deferral scanner states for a held tag: outside quotes, inside '...', inside "...".
+_TAG_OUT: Final = 0
+_TAG_SQ: Final = 1
+_TAG_DQ: Final = 2
+#: Deferral scanner state for a held entity or character reference (ends at `;`).
+_REF: Final = 3
+
+_TAG_SPECIAL: Final = re.compile(rb"[>'\"]")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The stream header (the root start tag) was received.
+
+    Attributes:
+        namespace: namespace of the root element; `http://etherx.jabber.org/streams` for a
+            valid stream (checked by the caller).
+        name: local name of the root (`stream`).
+        attrs: root attributes; `to`, `from`, `version`, `id` and Clark-notation keys such
+            as `{http://www.w3.org/XML/1998/namespace}lang`.
+        default_namespace: the default namespace declared on the root (`jabber:client`),
+            or None.
+    """
+
+    namespace: str
+    name: str
+    attrs: Mapping[str, str]
+    default_namespace: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ElementReceived:
+    """A complete top-level child of the root (stanza or nonza), namespaces resolved."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The root's end tag (`</stream:stream>`) was received."""
+
+
+Event: TypeAlias = StreamOpened | ElementReceived | StreamClosed
+
+_STREAM_CLOSED: Final = StreamClosed()
+
+#: An open element of the stanza being read: expat name ("uri}local"), attrs, children.
+_Open: TypeAlias = tuple[str, dict[str, str], list[Element | str]]
+
+
+def _clark(attrs: dict[str, str]) -> dict[str, str]:
+    """Attributes with expat's "uri}local" keys rewritten to Clark notation "{uri}local"."""
+    for key in attrs:
+        if _SEP in key:
+            return {("{" + k if _SEP in k else k): v for k, v in attrs.items()}
+    return attrs
+
+
+def _join_text(children: list[Element | str]) -> list[Element | str]:
+    """`children` with each run of adjacent text pieces joined into one string."""
+    joined: list[Element | str] = []
+    run: list[str] = []
+    for child in children:
+        if type(child) is str:
+            run.append(child)
+            continue
+        if run:
+            joined.append("".join(run))
+            run = []
+        joined.append(child)
+    if run:
+        joined.append("".join(run))
+    return joined
+
+
+class StreamParser:
+    """Sans-I/O parser for one XMPP stream (see the module docstring).
+
+    Args:
+        max_stanza_size: most bytes allowed for one top-level element, and for the stream
+            header; more is `policy-violation`.
+        max_depth: deepest element nesting inside a stanza (the stanza itself is depth 1);
+            deeper is `policy-violation`.
+
+    Raises:
+        ValueError: a limit is not positive.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_default_ns",
+        "_defer_state",
+        "_error",
+        "_events",
+        "_held",
+        "_max_depth",
+        "_max_stanza_size",
+        "_parser",
+        "_received",
+        "_root_open",
+        "_slice",
+        "_stack",
+        "_stanza_start",
+        "_tail",
+        "_text_pieces",
+        "_token_start",
+    )
+
+    def __init__(self, *, max_stanza_size: int = 262144, max_depth: int = 32) -> None:
+        if max_stanza_size < 1 or max_depth < 1:
+            raise ValueError("max_stanza_size and max_depth must be positive")
+        self._max_stanza_size = max_stanza_size
+        self._max_depth = max_depth
+        self._slice = min(max_stanza_size, _MAX_SLICE)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything and expect a new stream header (a stream restart).
+
+        Data fed before the reset that expat had not finished parsing is dropped.
+        """
+        # intern=None: pyexpat's default intern dict grows with every distinct name for
+        # the parser's lifetime, which a peer could use to grow memory without bound.
+        parser = expat.ParserCreate("UTF-8", _SEP, None)
+        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.UseForeignDTD(False)
+        if hasattr(parser, "SetReparseDeferralEnabled"):
+            # Expat >= 2.6 (Python >= 3.11.9); see the module docstring.
+            parser.SetReparseDeferralEnabled(False)
+        parser.buffer_text = True
+        parser.buffer_size = _TEXT_BUFFER_SIZE
+        parser.StartElementHandler = self._on_start
+        parser.EndElementHandler = self._on_end
+        parser.CharacterDataHandler = self._on_text
+        parser.StartNamespaceDeclHandler = self._on_namespace
+        parser.XmlDeclHandler = self._on_xml_decl
+        parser.StartDoctypeDeclHandler = self._on_doctype
+        parser.EntityDeclHandler = self._on_entity_decl
+        parser.UnparsedEntityDeclHandler = self._on_unparsed_entity_decl
+        parser.NotationDeclHandler = self._on_notation_decl
+        parser.ExternalEntityRefHandler = self._on_external_entity_ref
+        parser.SkippedEntityHandler = self._on_skipped_entity
+        parser.ProcessingInstructionHandler = self._on_processing_instruction
+        parser.CommentHandler = self._on_comment
+        self._parser = parser
+        self._events: list[Event] = []
+        self._stack: list[_Open] = []
+        self._root_open = False
+        self._closed = False
+        self._default_ns: str | None = None
+        self._error: RemoteProtocolError | None = None
+        #: Bytes received since the reset (given to expat or held).
+        self._received = 0
+        #: Offset of the `<` of the open stanza, or -1 between stanzas.
+        self._stanza_start = -1
+        #: Offset of the incomplete token expat holds (== _received when there is none).
+        self._token_start = 0
+        #: The bytes of that incomplete token.
+        self._tail = b""
+        #: Bytes received but not given to expat while a large token is deferred, or None.
+        self._held: bytearray | None = None
+        self._defer_state = _TAG_OUT
+        #: Text callbacks appended next to earlier text in the open stanza (see _on_text).
+        self._text_pieces = 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse more of the stream.
+
+        Args:
+            data: the next bytes, split anywhere. `b""` is allowed and does nothing (end of
+                input is the transport's business, not the parser's).
+
+        Returns:
+            The events completed by this data, in order. Empty after `StreamClosed`.
+
+        Raises:
+            RemoteProtocolError: `not-well-formed`, `restricted-xml`,
+                `unsupported-encoding`, `policy-violation` (size or depth) or `bad-format`
+                (text at stream level). The parser then stays failed until `reset()`.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error.condition, self._error.text)
+        events: list[Event] = []
+        self._events = events
+        try:
+            self._feed(data)
+        except expat.ExpatError as exc:
+            if self._closed:
+                return events  # junk after </stream:stream> is ignored
+            self._error = RemoteProtocolError(
+                StreamErrorCondition.NOT_WELL_FORMED, expat.ErrorString(exc.code)
+            )
+            raise self._error from exc
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        return events
+
+    # -- feeding expat -------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        """Hand `data` to expat in slices, checking the size limits after each."""
+        if self._closed:
+            return
+        size = len(data)
+        if size <= self._slice and self._root_open:
+            # Fast path: one small chunk in the middle of a stream.
+            self._consume(data)
+            self._check_size()
+            return
+        pos = 0
+        while pos < size and not self._closed:
+            step = self._slice
+            if not self._root_open:
+                # The header must be complete within max_stanza_size bytes.
+                room = self._max_stanza_size - self._received
+                if room <= 0:
+                    raise RemoteProtocolError(
+                        StreamErrorCondition.POLICY_VIOLATION, "stream header too large"
+                    )
+                step = min(step, room)
+            chunk = data[pos : pos + step] if pos or step < size else data
+            pos += len(chunk)
+            self._consume(chunk)
+            self._check_size()
+
+    def _consume(self, chunk: bytes) -> None:
+        """Give `chunk` to expat, or hold it while a large incomplete token can't end yet."""
+        self._received += len(chunk)
+        held = self._held
+        if held is not None:
+            if not self._may_end_token(chunk):
+                held += chunk
+                return
+            held += chunk
+            chunk = bytes(held)
+            self._held = None
+        self._parser.Parse(chunk, False)
+        if self._closed:
+            return
+        start = self._parser.CurrentByteIndex
+        self._token_start = start
+        pending = self._received - start
+        if not pending:
+            self._tail = b""
+            return
+        if pending <= len(chunk):
+            self._tail = chunk[len(chunk) - pending :]
+        else:
+            tail = self._tail + chunk
+            self._tail = tail[len(tail) - pending :]
+        if pending > _DEFER_THRESHOLD:
+            self._start_deferral()
+
+    def _start_deferral(self) -> None:
+        """Expat holds a large incomplete token: decide what can end it, hold new bytes.
+
+        Raises:
+            RemoteProtocolError: the token is a comment, DTD or processing instruction.
+        """
+        tail = self._tail
+        if tail.startswith(b"<!"):
+            # A CDATA section start is 9 bytes and its content is reported as it comes.
+            raise RemoteProtocolError(
+                StreamErrorCondition.RESTRICTED_XML, "comment or document type declaration"
+            )
+        if tail.startswith(b"<?"):
+            # The XML declaration is a few dozen bytes; anything this long is a PI.
+            raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
+        if tail.startswith(b"<"):
+            self._defer_state = _TAG_OUT
+        elif tail.startswith(b"&"):
+            self._defer_state = _REF
+        else:  # pragma: no cover - expat holds nothing else this long
+            return
+        if not self._may_end_token(tail[1:]):
+            self._held = bytearray()
+
+    def _may_end_token(self, data: bytes) -> bool:
+        """Scan `data`, which continues the held token: could the token now be complete?
+
+        Tracks quotes so a `>` inside an attribute value does not count; linear in `data`.
+        """
+        state = self._defer_state
+        if state == _REF:
+            return b";" in data
+        pos = 0
+        while True:
+            if state == _TAG_OUT:
+                found = _TAG_SPECIAL.search(data, pos)
+                if found is None:
+                    break
+                pos = found.end()
+                char = data[pos - 1]
+                if char == 0x3E:  # ">"
+                    return True
+                state = _TAG_SQ if char == 0x27 else _TAG_DQ
+            else:
+                end = data.find(b"'" if state == _TAG_SQ else b'"', pos)
+                if end < 0:
+                    break
+                pos = end + 1
+                state = _TAG_OUT
+        self._defer_state = state
+        return False
+
+    def _check_size(self) -> None:
+        """Raise `policy-violation` when the unit being read is over the limit."""
+        if self._closed:
+            return
+        if not self._root_open:
+            return  # feed() slices the input so the header never passes the limit
+        start = self._stanza_start if self._stanza_start >= 0 else self._token_start
+        if self._received - start > self._max_stanza_size:
+            raise RemoteProtocolError(StreamErrorCondition.POLICY_VIOLATION, "stanza too large")
+
+    # -- expat handlers ------------------------------------------------------------------
+
+    def _on_start(self, name: str, attrs: dict[str, str]) -> None:
+        stack = self._stack
+        if stack:
+            if len(stack) >= self._max_depth:
+                raise RemoteProtocolError(
+                    StreamErrorCondition.POLICY_VIOLATION, "elements nested too deeply"
+                )
+            stack.append((name, attrs, []))
+        elif self._root_open:
+            self._stanza_start = self._parser.CurrentByteIndex
+            stack.append((name, attrs, []))
+        else:
+            self._root_open = True
+            namespace, _, local = name.rpartition(_SEP)
+            self._events.append(StreamOpened(namespace, local, _clark(attrs), self._default_ns))
+
+    def _on_end(self, name: str) -> None:
+        stack = self._stack
+        if not stack:
+            self._closed = True
+            self._events.append(_STREAM_CLOSED)
+            return
+        qname, attrs, children = stack.pop()
+        if self._text_pieces:
+            children = _join_text(children)
+        namespace, _, local = qname.rpartition(_SEP)
+        element = Element(namespace, local, _clark(attrs) if attrs else None, children)
+        if stack:
+            stack[-1][2].append(element)
+            return
+        if self._parser.CurrentByteIndex - self._stanza_start > self._max_stanza_size:
+            raise RemoteProtocolError(StreamErrorCondition.POLICY_VIOLATION, "stanza too large")
+        self._stanza_start = -1
+        self._text_pieces = 0
+        self._events.append(ElementReceived(element))
+
+    def _on_text(self, data: str) -> None:
+        stack = self._stack
+        if stack:
+            children = stack[-1][2]
+            if children and type(children[-1]) is str:
+                # Text split over callbacks (long text, or across feed() calls): keep the
+                # pieces and join them once at the end tag, so a text fed a byte at a
+                # time is not copied over and over.
+                self._text_pieces += 1
+            children.append(data)
+        elif data.strip(_XML_SPACE):
+            # Expat only reports text inside the root, so this is at stream level.
+            raise RemoteProtocolError(StreamErrorCondition.BAD_FORMAT, "text at stream level")
+
+    def _on_namespace(self, prefix: str | None, uri: str | None) -> None:
+        if prefix is None and not self._root_open:
+            self._default_ns = uri or None
+
+    def _on_xml_decl(self, version: str, encoding: str | None, standalone: int) -> None:
+        if encoding is not None and encoding.upper() != "UTF-8":
+            raise RemoteProtocolError(
+                StreamErrorCondition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}"
+            )
+
+    # Restricted XML (RFC 6120 section 11.1): each of these raises.
+
+    def _on_doctype(
+        self, name: str, system_id: str | None, public_id: str | None, has_subset: bool
+    ) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "document type declaration")
+
+    def _on_entity_decl(
+        self,
+        name: str,
+        is_parameter: bool,
+        value: str | None,
+        base: str | None,
+        system_id: str | None,
+        public_id: str | None,
+        notation: str | None,
+    ) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
+
+    def _on_unparsed_entity_decl(
+        self, name: str, base: str | None, system_id: str, public_id: str | None, notation: str
+    ) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
+
+    def _on_notation_decl(
+        self, name: str, base: str | None, system_id: str, public_id: str | None
+    ) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "notation declaration")
+
+    def _on_external_entity_ref(
+        self, context: str, base: str | None, system_id: str | None, public_id: str | None
+    ) -> int:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "external entity")
+
+    def _on_skipped_entity(self, name: str, is_parameter: bool) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity reference")
+
+    def _on_processing_instruction(self, target: str, data: str) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
+
+    def _on_comment(self, data: str) -> None:
+        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "comment")

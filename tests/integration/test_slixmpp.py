@@ -1,0 +1,205 @@
+"""A real client against the real program: slixmpp logs in through STARTTLS + SCRAM and chats.
+
+The gateway runs as a subprocess started with its CLI (`python -m gateway serve`), with
+accounts created by the CLI (`user add`, `user import`) and a certificate made by
+`scripts/make_cert.py`, exactly as an operator would set it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import slixmpp
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "s3cret-Ü-pass"
+
+
+@dataclass
+class LiveServer:
+    port: int
+    config: Path
+    log: Path
+    cert: Path
+    proc: subprocess.Popen[bytes]
+
+    def log_events(self) -> list[dict[str, object]]:
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gateway(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(certs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    port = _free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+general: {{hosts: [localhost]}}
+listen:
+  c2s: [{{ip: 127.0.0.1, port: {port}, tls: required}}]
+tls: {{certfile: certs/localhost.pem, keyfile: certs/localhost.key}}
+auth: {{database: data/accounts.sqlite}}
+logging: {{level: info, format: json}}
+"""
+    )
+    added = _gateway(
+        "user", "add", "alice@localhost", "--password", PASSWORD, "--config", str(config)
+    )
+    assert added.returncode == 0, added.stderr
+    # Password on stdin, as an operator's script would pass it.
+    added = _gateway("user", "add", "bob@localhost", "--config", str(config), stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    imported = _gateway(
+        "user", "import", "-", "--config", str(config), stdin=f"carol@localhost {PASSWORD}\n"
+    )
+    assert imported.returncode == 0, imported.stderr
+    listed = _gateway("user", "list", "--config", str(config))
+    assert listed.stdout.split() == ["alice@localhost", "bob@localhost", "carol@localhost"]
+
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(port, config, log, certs / "localhost.pem", proc)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
+            time.sleep(0.05)
+    yield server
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _client(jid: str, server: LiveServer) -> slixmpp.ClientXMPP:
+    client = slixmpp.ClientXMPP(jid, PASSWORD)
+    client.enable_plaintext = False
+    client.enable_direct_tls = False
+    client.enable_starttls = True
+    client.ca_certs = server.cert  # verify the server's certificate for real
+    client.register_plugin("xep_0199")
+    return client
+
+
+async def _online(client: slixmpp.ClientXMPP, server: LiveServer) -> None:
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_start(_event: object) -> None:
+        await client.get_roster()
+        client.send_presence()
+        if not started.done():
+            started.set_result(None)
+
+    def on_failure(_event: object) -> None:
+        if not started.done():
+            started.set_exception(AssertionError("authentication failed"))
+
+    client.add_event_handler("session_start", on_start)
+    client.add_event_handler("failed_all_auth", on_failure)
+    client.connect("127.0.0.1", server.port)
+    await asyncio.wait_for(started, 20)
+
+
+def test_slixmpp_clients_log_in_with_starttls_and_scram_and_chat(live_server: LiveServer) -> None:
+    async def scenario() -> None:
+        alice = _client("alice@localhost/desk", live_server)
+        bob = _client("bob@localhost/phone", live_server)
+        inbox: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        presences: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
+        bob.add_event_handler("message", inbox.put_nowait)
+        bob.add_event_handler("presence_available", presences.put_nowait)
+        await _online(alice, live_server)
+        await _online(bob, live_server)
+
+        for i in range(5):
+            alice.send_message(mto="bob@localhost", mbody=f"hello {i} <&>", mtype="chat")
+        bodies = []
+        for _ in range(5):
+            msg = await asyncio.wait_for(inbox.get(), 10)
+            assert str(msg["from"]) == "alice@localhost/desk"
+            bodies.append(msg["body"])
+        assert bodies == [f"hello {i} <&>" for i in range(5)]
+
+        # Directed presence reaches bob's resource.
+        alice.send_presence(pto="bob@localhost/phone", pstatus="here")
+        while True:
+            presence = await asyncio.wait_for(presences.get(), 10)
+            if str(presence["from"]) == "alice@localhost/desk":
+                break
+        assert presence["status"] == "here"
+
+        # And the server answers XEP-0199 pings (an error reply would raise).
+        await alice.plugin["xep_0199"].ping(jid="localhost", timeout=10)
+        alice.disconnect()
+        bob.disconnect()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    events = live_server.log_events()
+    authenticated = [e for e in events if e.get("event") == "authenticated"]
+    assert {e.get("jid") for e in authenticated} >= {"alice@localhost", "bob@localhost"}
+    assert {e.get("mechanism") for e in authenticated} <= {"SCRAM-SHA-256", "SCRAM-SHA-1"}
+    # Every connection line carries its id and the peer; no password anywhere in the log.
+    assert all("conn_id" in e and "peer" in e for e in authenticated)
+    assert PASSWORD not in live_server.log.read_text()
+
+
+def test_sigterm_closes_streams_with_system_shutdown_and_exits_zero(
+    live_server: LiveServer,
+) -> None:
+    async def scenario() -> str:
+        carol = _client("carol@localhost/x", live_server)
+        errors: asyncio.Queue[str] = asyncio.Queue()
+        carol.add_event_handler("stream_error", lambda err: errors.put_nowait(err["condition"]))
+        await _online(carol, live_server)
+        live_server.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(errors.get(), 20)
+
+    condition = asyncio.run(scenario())
+    assert condition == "system-shutdown"
+    assert live_server.proc.wait(timeout=30) == 0

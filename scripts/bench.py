@@ -12,9 +12,16 @@ then runs three scenarios:
    total rate R msgs/s (0: as fast as a per-sender in-flight window allows) -> delivered
    msgs/s, p50/p99 end-to-end latency (send time stamped in the body), lost messages.
 
-Incoming XML is parsed incrementally with expat. Every wait has a timeout, every loop a
-bound, and only loopback targets are accepted, so a broken server yields an error line and
-the run ends by itself.
+Incoming XML is parsed incrementally with expat; SCRAM is gateway.xmpp.sasl.ScramClient
+(the repository root is put on sys.path), with its PBKDF2 memoised per salt. Every wait has
+a timeout, every loop a bound, and only loopback targets are accepted, so a broken server
+yields an error line and the run ends by itself.
+
+Client and server may share cores (they do on a 2-vCPU dev box): with --server-pid each
+phase also reports the server's CPU seconds and the count per server CPU-second, the
+per-core figure DESIGN section 8 budgets.
+
+Usage: .venv/bin/python scripts/bench.py --help; scripts/prosody_bench.sh runs it on Prosody.
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ _MAX_SLICE: Final = 65536
 #: up to this many bytes per received chunk costs about as much as receiving the chunk.
 _DEFER_THRESHOLD: Final = 4096
 
-#: Size of pyexpat's text buffer (allocated per parser); longer text arrives in several
-#: callbacks and is joined here.
-_TEXT_BUFFER_SIZE: Final = 4096
+#: Size of pyexpat's text buffer, allocated per parser (an idle parser is ~14 KB, most of it
+#: expat's own tables); longer text arrives in several callbacks and is joined here.
+_TEXT_BUFFER_SIZE: Final = 1024
 
 #: XML white space (production S); expat has already turned CR LF into LF.
 _XML_SPACE: Final = " \t\r\n"
@@ -171,6 +171,73 @@ def _join_text(children: list[Element | str]) -> list[Element | str]:
     return joined
 
 
+# -- XML declaration and restricted XML (RFC 6120 section 11.1) --------------------------
+
+
+def _check_xml_decl(version: str, encoding: str | None, standalone: int) -> None:
+    """Refuse an XML declaration naming another encoding than UTF-8 (RFC 6120 11.6)."""
+    if encoding is not None and encoding.upper() != "UTF-8":
+        raise RemoteProtocolError(
+            StreamErrorCondition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}"
+        )
+
+
+def _refuse_doctype(
+    name: str, system_id: str | None, public_id: str | None, has_subset: bool
+) -> None:
+    """Refuse a DOCTYPE; expat calls this before any declaration in an internal subset."""
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "document type declaration")
+
+
+# The next four can only fire inside a DTD, which _refuse_doctype has already refused;
+# they stay as defence in depth (defusedxml's forbid_entities / forbid_external).
+
+
+def _refuse_entity_decl(  # pragma: no cover - see above
+    name: str,
+    is_parameter: bool,
+    value: str | None,
+    base: str | None,
+    system_id: str | None,
+    public_id: str | None,
+    notation: str | None,
+) -> None:
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
+
+
+def _refuse_unparsed_entity_decl(  # pragma: no cover - see above
+    name: str, base: str | None, system_id: str, public_id: str | None, notation: str
+) -> None:
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
+
+
+def _refuse_notation_decl(  # pragma: no cover - see above
+    name: str, base: str | None, system_id: str, public_id: str | None
+) -> None:
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "notation declaration")
+
+
+def _refuse_external_entity_ref(  # pragma: no cover - see above
+    context: str, base: str | None, system_id: str | None, public_id: str | None
+) -> int:
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "external entity")
+
+
+def _refuse_skipped_entity(name: str, is_parameter: bool) -> None:  # pragma: no cover
+    # Expat skips references only when it has not read a DTD it was told about.
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity reference")
+
+
+def _refuse_processing_instruction(target: str, data: str) -> None:
+    """Refuse a processing instruction (the XML declaration is not one)."""
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
+
+
+def _refuse_comment(data: str) -> None:
+    """Refuse a comment."""
+    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "comment")
+
+
 class StreamParser:
     """Sans-I/O parser for one XMPP stream (see the module docstring).
 
@@ -231,15 +298,16 @@ class StreamParser:
         parser.EndElementHandler = self._on_end
         parser.CharacterDataHandler = self._on_text
         parser.StartNamespaceDeclHandler = self._on_namespace
-        parser.XmlDeclHandler = self._on_xml_decl
-        parser.StartDoctypeDeclHandler = self._on_doctype
-        parser.EntityDeclHandler = self._on_entity_decl
-        parser.UnparsedEntityDeclHandler = self._on_unparsed_entity_decl
-        parser.NotationDeclHandler = self._on_notation_decl
-        parser.ExternalEntityRefHandler = self._on_external_entity_ref
-        parser.SkippedEntityHandler = self._on_skipped_entity
-        parser.ProcessingInstructionHandler = self._on_processing_instruction
-        parser.CommentHandler = self._on_comment
+        # Module-level functions, not bound methods: nothing allocated per parser.
+        parser.XmlDeclHandler = _check_xml_decl
+        parser.StartDoctypeDeclHandler = _refuse_doctype
+        parser.EntityDeclHandler = _refuse_entity_decl
+        parser.UnparsedEntityDeclHandler = _refuse_unparsed_entity_decl
+        parser.NotationDeclHandler = _refuse_notation_decl
+        parser.ExternalEntityRefHandler = _refuse_external_entity_ref
+        parser.SkippedEntityHandler = _refuse_skipped_entity
+        parser.ProcessingInstructionHandler = _refuse_processing_instruction
+        parser.CommentHandler = _refuse_comment
         self._parser = parser
         self._events: list[Event] = []
         self._stack: list[_Open] = []
@@ -467,52 +535,3 @@ class StreamParser:
     def _on_namespace(self, prefix: str | None, uri: str | None) -> None:
         if prefix is None and not self._root_open:
             self._default_ns = uri or None
-
-    def _on_xml_decl(self, version: str, encoding: str | None, standalone: int) -> None:
-        if encoding is not None and encoding.upper() != "UTF-8":
-            raise RemoteProtocolError(
-                StreamErrorCondition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}"
-            )
-
-    # Restricted XML (RFC 6120 section 11.1): each of these raises.
-
-    def _on_doctype(
-        self, name: str, system_id: str | None, public_id: str | None, has_subset: bool
-    ) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "document type declaration")
-
-    def _on_entity_decl(
-        self,
-        name: str,
-        is_parameter: bool,
-        value: str | None,
-        base: str | None,
-        system_id: str | None,
-        public_id: str | None,
-        notation: str | None,
-    ) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
-
-    def _on_unparsed_entity_decl(
-        self, name: str, base: str | None, system_id: str, public_id: str | None, notation: str
-    ) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
-
-    def _on_notation_decl(
-        self, name: str, base: str | None, system_id: str, public_id: str | None
-    ) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "notation declaration")
-
-    def _on_external_entity_ref(
-        self, context: str, base: str | None, system_id: str | None, public_id: str | None
-    ) -> int:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "external entity")
-
-    def _on_skipped_entity(self, name: str, is_parameter: bool) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity reference")
-
-    def _on_processing_instruction(self, target: str, data: str) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
-
-    def _on_comment(self, data: str) -> None:
-        raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "comment")

@@ -43,7 +43,7 @@ class RawClient:
 
     async def _next_event(self) -> Event:
         while not self.events:
-            data = await self.stream.receive_some(65536)
+            data = bytes(await self.stream.receive_some(65536))
             if not data:
                 self.closed = True
                 raise StreamEnd("connection closed")

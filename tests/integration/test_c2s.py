@@ -50,7 +50,7 @@ async def test_login_with_each_mechanism_binds_a_resource(
         client = await connect(0)
         jid = await client.login(
             "alice", PASSWORD, tls=client_tls, resource="r1", mechanism=mechanism
-        )  # type: ignore[arg-type]
+        )
         assert jid == "alice@localhost/r1"
         await client.close()
 

@@ -157,7 +157,9 @@ def test_slixmpp_clients_log_in_with_starttls_and_scram_and_chat(live_server: Li
         await _online(bob, live_server)
 
         for i in range(5):
-            alice.send_message(mto="bob@localhost", mbody=f"hello {i} <&>", mtype="chat")
+            alice.send_message(
+                mto=slixmpp.JID("bob@localhost"), mbody=f"hello {i} <&>", mtype="chat"
+            )
         bodies = []
         for _ in range(5):
             msg = await asyncio.wait_for(inbox.get(), 10)
@@ -174,7 +176,7 @@ def test_slixmpp_clients_log_in_with_starttls_and_scram_and_chat(live_server: Li
         assert presence["status"] == "here"
 
         # And the server answers XEP-0199 pings (an error reply would raise).
-        await alice.plugin["xep_0199"].ping(jid="localhost", timeout=10)
+        await alice.plugin["xep_0199"].ping(jid=slixmpp.JID("localhost"), timeout=10)
         alice.disconnect()
         bob.disconnect()
         await asyncio.sleep(0.2)

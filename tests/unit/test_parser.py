@@ -178,6 +178,15 @@ def test_text_split_over_feeds_is_joined() -> None:
     ]
 
 
+def test_text_split_over_feeds_around_a_child_element_is_joined_per_run() -> None:
+    parser = opened()
+    assert parser.feed(b"<body>ab") == []
+    events = parser.feed(b"cd<b>x</b>e")
+    assert elements(events + parser.feed(b"f</body>")) == [
+        Element(ns.CLIENT, "body", None, ["abcd", Element(ns.CLIENT, "b", None, ["x"]), "ef"])
+    ]
+
+
 def test_several_stanzas_in_one_chunk_give_several_events() -> None:
     events = opened().feed(b"<r xmlns='urn:xmpp:sm:3'/><iq type='get' id='1'/><presence/>")
     assert elements(events) == [

@@ -219,8 +219,10 @@ def _import_lines(lines: Iterator[str], config: GatewayConfig) -> Iterator[tuple
         line = line.rstrip("\r\n")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        jid_text, sep, password = line.strip().partition(" ")
-        if not sep or not password:
+        # Whitespace around the password is not part of it (files are often aligned).
+        jid_text, _, password = line.strip().partition(" ")
+        password = password.strip()
+        if not password:
             raise SystemExit(f"error: line {number}: expected 'jid password'")
         try:
             jid = _account_jid(jid_text, config)
@@ -270,6 +272,12 @@ def run_user_command(args: argparse.Namespace, config: GatewayConfig) -> int:
         return 0
     except StorageError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"error: {args.file}: not UTF-8 text (byte {exc.start})") from exc
+    except ValueError as exc:
+        # PRECIS refused the password (e.g. a control character); the message names the
+        # rule, never the password itself.
+        raise SystemExit(f"error: invalid password: {exc}") from exc
     finally:
         store.close()
 

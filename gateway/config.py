@@ -1,7 +1,7 @@
 """Configuration: `config.yaml` -> frozen, typed objects (STYLE K1-K3).
 
 Every refusal is one `ConfigError` naming the file, the dotted key and the reason, e.g.
-``config.yaml: listen.c2s[0].port: must be between 1 and 65535, got 70000``. Unknown keys
+``config.yaml: listen.c2s[0].port: must be between 0 and 65535, got 70000``. Unknown keys
 are refused too, so a typo never silently falls back to a default. Relative paths are
 resolved against the directory of the config file, so the gateway can be started from
 anywhere.
@@ -197,7 +197,8 @@ class _Reader:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(name, f"must be a number of seconds, got {_kind(value)}")
-        if not math.isfinite(value) or not low <= value <= high:
+        # Compare before any float conversion: a 400-digit integer must not overflow.
+        if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
             raise self.error(name, f"must be between {low:g} and {high:g} seconds, got {value}")
         return float(value)
 
@@ -253,6 +254,21 @@ class _Reader:
             raise ConfigError(self.file, self.key(unknown[0]), "unknown key")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error, not "last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: set[object] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "nothing"
@@ -272,7 +288,8 @@ def _parse_general(r: _Reader) -> GeneralConfig:
             raise r.error("hosts", f"{host!r} is not a valid domain: {exc}") from exc
         if not jid.is_bare or jid.local is not None:
             raise r.error("hosts", f"{host!r} is not a bare domain")
-        normalised.append(jid.domain)
+        if jid.domain not in normalised:
+            normalised.append(jid.domain)
     g = GeneralConfig(
         hosts=tuple(normalised),
         max_stanza_size=r.integer("max_stanza_size", d.max_stanza_size, 1024, 64 * 1024 * 1024),
@@ -375,8 +392,10 @@ def load_config(path: str | Path) -> GatewayConfig:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"not UTF-8 text (byte {exc.start})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

@@ -114,6 +114,12 @@ class Router:
             except JIDError:
                 self.bounce(stanza, StanzaErrorCondition.JID_MALFORMED)
                 return
+        if kind is StanzaKind.PRESENCE and stanza.get("type") == "probe":
+            # RFC 6121 4.3: probes are the server's business and are answered from the
+            # subscription state, which this node does not keep yet; never relayed to a
+            # client (that would leak who asks).
+            self.drop(stanza, "probe_without_subscription_state")
+            return
         if to.domain not in self.hosts:
             self.bounce(stanza, StanzaErrorCondition.REMOTE_SERVER_NOT_FOUND)
             return

@@ -290,7 +290,7 @@ class StreamParser:
         parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.UseForeignDTD(False)
         if hasattr(parser, "SetReparseDeferralEnabled"):
-            # Expat >= 2.6 (Python >= 3.11.9); see the module docstring.
+            # Expat >= 2.6 (Python 3.11.9+, 3.12.3+); see the module docstring.
             parser.SetReparseDeferralEnabled(False)
         parser.buffer_text = True
         parser.buffer_size = _TEXT_BUFFER_SIZE

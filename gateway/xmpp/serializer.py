@@ -16,8 +16,10 @@ Text escapes `& < >` (and CR as `&#13;`, which the parser would otherwise turn i
 attribute values, written in double quotes, also escape `"` and TAB, LF, CR as character
 references so they survive attribute-value normalisation. Characters XML 1.0 forbids
 (C0 controls other than TAB/LF/CR, U+FFFE, U+FFFF, lone surrogates) cannot be escaped at
-all, so they raise `ValueError`; the parser never produces them, but code may. Names are
-trusted: they come from the parser or from our own code.
+all, so they raise `ValueError`; the parser never produces them, but code may. So do the
+reserved namespaces where they cannot be written (an element in the XML namespace, an
+attribute in the xmlns namespace). Names are trusted: they come from the parser or from
+our own code, and are not checked.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ __all__ = ["STREAM_FOOTER", "serialize", "stream_header"]
 
 #: Closes a stream opened with `stream_header`.
 STREAM_FOOTER: Final[bytes] = b"</stream:stream>"
+
+#: Namespaces bound to reserved prefixes (Namespaces in XML 1.0, section 3).
+_XMLNS: Final = "http://www.w3.org/2000/xmlns/"
+_RESERVED: Final = frozenset({ns.XML, _XMLNS})
 
 _STREAM_DECL: Final = ' xmlns:stream="' + ns.STREAM + '"'
 
@@ -92,6 +98,8 @@ def _write(parts: list[str], element: Element, default_ns: str, stream_declared:
         tag = element.name
         parts.append("<" + tag)
     else:
+        if namespace in _RESERVED:
+            raise ValueError(f"namespace {namespace!r} cannot be a default namespace")
         tag = element.name
         parts.append("<" + tag + ' xmlns="' + _escape_attr(namespace) + '"')
         default_ns = namespace
@@ -106,6 +114,8 @@ def _write(parts: list[str], element: Element, default_ns: str, stream_declared:
                 elif not uri:
                     key = local
                 else:
+                    if uri == _XMLNS:
+                        raise ValueError(f"attribute {key!r} is a namespace declaration")
                     if prefixes is None:
                         prefixes = {}
                     prefix = prefixes.get(uri)
@@ -156,7 +166,8 @@ def serialize(
         The element's markup; empty elements are written as `<x/>`.
 
     Raises:
-        ValueError: a name, text or attribute value holds a character XML 1.0 forbids.
+        ValueError: a name, text or attribute value holds a character XML 1.0 forbids, or
+            a reserved namespace is used where it cannot be written.
     """
     parts: list[str] = []
     _write(parts, element, parent_namespace, stream_prefix)

@@ -144,6 +144,13 @@ def test_characters_not_allowed_in_xml_raise_value_error(char: str) -> None:
         serialize(Element(ns.CLIENT, "body", {"a": char}))
 
 
+def test_reserved_namespaces_that_cannot_be_written_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="default namespace"):
+        serialize(Element(ns.CLIENT, "x", None, [Element(ns.XML, "y")]))
+    with pytest.raises(ValueError, match="namespace declaration"):
+        serialize(Element(ns.CLIENT, "x", {"{http://www.w3.org/2000/xmlns/}p": "urn:p"}))
+
+
 # -- the stream header -----------------------------------------------------------------
 
 

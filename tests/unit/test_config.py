@@ -1,0 +1,716 @@
+"""Configuration: the shipped file, every documented key, and one clear refusal per mistake.
+
+Most cases write a document to a real file and go through `load_config`, so the file name in
+the message is the one an operator would see. JSON is used to write those documents: it is
+YAML, and the stdlib can produce it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import (
+    AuthConfig,
+    GatewayConfig,
+    GeneralConfig,
+    ListenerConfig,
+    LogFormat,
+    LoggingConfig,
+    StreamManagementConfig,
+    TlsMode,
+    load_config,
+    parse_config,
+)
+from gateway.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parents[2] / "config.yaml"
+FILE_NAME = "gw-under-test.yaml"
+PLAIN_LISTENER: dict[str, Any] = {"c2s": [{"ip": "127.0.0.1", "port": 5222, "tls": "none"}]}
+
+
+def _write(tmp_path: Path, data: object, name: str = FILE_NAME) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _doc(**sections: Any) -> dict[str, Any]:
+    """A valid document (one plain-TCP listener, so no certificate) with sections replaced."""
+    data: dict[str, Any] = {"listen": PLAIN_LISTENER}
+    data.update(sections)
+    return data
+
+
+def _load(tmp_path: Path, **sections: Any) -> GatewayConfig:
+    return load_config(_write(tmp_path, _doc(**sections)))
+
+
+def _refusal(tmp_path: Path, data: object, key: str) -> ConfigError:
+    """Load `data` from a file, expect a ConfigError naming `key` and the file."""
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    exc = info.value
+    assert exc.key == key, str(exc)
+    assert exc.path == str(path)
+    assert FILE_NAME in str(exc)
+    assert str(exc) == f"{path}: {key}: {exc.message}"
+    return exc
+
+
+def _certs(directory: Path) -> tuple[Path, Path]:
+    """Empty certificate files: the loader only checks that they exist."""
+    (directory / "certs").mkdir(parents=True, exist_ok=True)
+    certfile, keyfile = directory / "certs" / "localhost.pem", directory / "certs" / "localhost.key"
+    certfile.touch()
+    keyfile.touch()
+    return certfile, keyfile
+
+
+# -- the shipped file and the defaults --------------------------------------------------------
+
+
+def test_shipped_config_loads_with_the_documented_values(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    shutil.copy(SHIPPED, path)
+    certfile, keyfile = _certs(tmp_path)
+
+    cfg = load_config(path)
+
+    assert cfg.path == path
+    assert cfg.general == GeneralConfig()
+    assert cfg.general.hosts == ("localhost",)
+    assert cfg.c2s == (ListenerConfig("127.0.0.1", 5222, TlsMode.STARTTLS, False),)
+    assert cfg.websocket == ()
+    assert cfg.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert cfg.tls.certfile == certfile
+    assert cfg.tls.keyfile == keyfile
+    assert cfg.auth == AuthConfig(database=tmp_path / "data" / "gateway.sqlite")
+    assert cfg.modules.mod_stream_management == StreamManagementConfig()
+    assert cfg.modules.mod_offline.max_per_user == 1000
+    assert cfg.logging == LoggingConfig("info", LogFormat.AUTO)
+    assert cfg.serves("localhost")
+    assert not cfg.serves("example.org")
+
+
+def test_shipped_config_without_its_certificate_names_tls_certfile(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    shutil.copy(SHIPPED, path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "tls.certfile"
+    assert "make_cert.py" in info.value.message
+
+
+def test_omitted_keys_take_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = _load(tmp_path)
+
+    g = cfg.general
+    assert g.hosts == ("localhost",)
+    assert g.max_stanza_size == 262144
+    assert g.max_depth == 32
+    assert g.negotiation_timeout == 30.0
+    assert g.max_auth_failures == 3
+    assert g.send_queue_size == 1000
+    assert g.shutdown_grace == 5.0
+    assert cfg.trusted_proxies == ()
+    assert cfg.tls.certfile is None
+    assert cfg.tls.keyfile is None
+    assert cfg.auth.database == tmp_path / "data" / "gateway.sqlite"
+    assert cfg.auth.scram_iterations == 4096
+    sm = cfg.modules.mod_stream_management
+    assert sm.backend == "memory"
+    assert sm.buffer is True
+    assert sm.buffer_max == 100
+    assert sm.ack is True
+    assert sm.ack_freq == 1
+    assert sm.resume_timeout == 600.0
+    assert sm.stale_h.enabled is False
+    assert sm.stale_h.repeat_after == 1800.0
+    assert sm.stale_h.geriatric == 3600.0
+    assert cfg.modules.mod_offline.max_per_user == 1000
+    assert cfg.logging.level == "info"
+    assert cfg.logging.format is LogFormat.AUTO
+
+
+def test_default_listener_is_starttls_on_all_interfaces_port_5222(tmp_path: Path) -> None:
+    certfile, keyfile = _certs(tmp_path)
+    data = {"tls": {"certfile": str(certfile), "keyfile": str(keyfile)}}
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.c2s == (ListenerConfig("0.0.0.0", 5222, TlsMode.STARTTLS, False),)  # noqa: S104
+
+
+def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, _doc(general=None, auth={}, modules={}, logging=None)))
+    assert cfg.general == GeneralConfig()
+    assert cfg.modules.mod_stream_management == StreamManagementConfig()
+
+
+def test_empty_file_means_defaults_so_the_default_tls_listener_wants_a_certificate(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text("# nothing but a comment\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "tls.certfile"
+    assert "is required by a TLS listener" in str(info.value)
+
+
+# -- every documented key has its effect ------------------------------------------------------
+
+
+GENERAL_VALUES = [
+    ("max_stanza_size", 1024, 1024),
+    ("max_stanza_size", 64 * 1024 * 1024, 64 * 1024 * 1024),
+    ("max_depth", 4, 4),
+    ("max_depth", 256, 256),
+    ("negotiation_timeout", 2.5, 2.5),
+    ("negotiation_timeout", 10, 10.0),
+    ("max_auth_failures", 1, 1),
+    ("max_auth_failures", 100, 100),
+    ("send_queue_size", 10, 10),
+    ("send_queue_size", 1_000_000, 1_000_000),
+    ("shutdown_grace", 0, 0.0),
+    ("shutdown_grace", 600, 600.0),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), GENERAL_VALUES)
+def test_general_key_sets_its_field(
+    tmp_path: Path, key: str, value: object, expected: object
+) -> None:
+    cfg = _load(tmp_path, general={key: value})
+    assert getattr(cfg.general, key) == expected
+    assert type(getattr(cfg.general, key)) is type(expected)
+
+
+def test_hosts_are_normalised_domains_and_define_what_is_served(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, general={"hosts": ["Example.ORG", "localhost"]})
+    assert cfg.general.hosts == ("example.org", "localhost")
+    assert cfg.serves("example.org")
+    assert cfg.serves("localhost")
+    assert not cfg.serves("Example.ORG")
+    assert not cfg.serves("example.com")
+
+
+def test_c2s_listeners_keep_their_order_and_settings(tmp_path: Path) -> None:
+    certfile, keyfile = _certs(tmp_path)
+    listen = {
+        "c2s": [
+            {"ip": "127.0.0.1", "port": 0, "tls": "starttls", "proxy_protocol": False},
+            {"ip": "::1", "port": 65535, "tls": "required"},
+            {"ip": "0.0.0.0", "port": 5223, "tls": "none"},  # noqa: S104
+            {},
+        ]
+    }
+    cfg = _load(tmp_path, listen=listen, tls={"certfile": str(certfile), "keyfile": str(keyfile)})
+    assert cfg.c2s == (
+        ListenerConfig("127.0.0.1", 0, TlsMode.STARTTLS, False),
+        ListenerConfig("::1", 65535, TlsMode.REQUIRED, False),
+        ListenerConfig("0.0.0.0", 5223, TlsMode.NONE, False),  # noqa: S104
+        ListenerConfig(),
+    )
+
+
+def test_plain_listeners_need_no_certificate(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, tls={"certfile": "missing.pem", "keyfile": "missing.key"})
+    assert cfg.c2s[0].tls is TlsMode.NONE
+    assert cfg.tls.certfile == tmp_path / "missing.pem"
+
+
+@pytest.mark.parametrize("mode", ["starttls", "required"])
+def test_tls_listener_takes_the_certificate_pair(tmp_path: Path, mode: str) -> None:
+    certfile, keyfile = _certs(tmp_path)
+    cfg = _load(
+        tmp_path,
+        listen={"c2s": [{"tls": mode}]},
+        tls={"certfile": str(certfile), "keyfile": str(keyfile)},
+    )
+    assert cfg.c2s[0].tls is TlsMode(mode)
+    assert (cfg.tls.certfile, cfg.tls.keyfile) == (certfile, keyfile)
+
+
+def test_trusted_proxies_are_parsed_as_networks(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, trusted_proxies=["10.1.2.3/8", "2001:db8::/32", "192.0.2.7"])
+    assert cfg.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("192.0.2.7/32"),
+    )
+
+
+def test_auth_keys_set_database_and_iterations(tmp_path: Path) -> None:
+    db = tmp_path / "elsewhere" / "accounts.sqlite"
+    cfg = _load(tmp_path, auth={"database": str(db), "scram_iterations": 10000})
+    assert cfg.auth == AuthConfig(database=db, scram_iterations=10000)
+
+
+def test_stream_management_keys_set_their_fields(tmp_path: Path) -> None:
+    sm_data = {
+        "backend": "redis",
+        "buffer": False,
+        "buffer_max": 5,
+        "ack": False,
+        "ack_freq": 3,
+        "resume_timeout": 30,
+        "stale_h": {"enabled": True, "repeat_after": 60, "geriatric": 120.5},
+    }
+    cfg = _load(tmp_path, modules={"mod_stream_management": sm_data})
+    sm = cfg.modules.mod_stream_management
+    assert sm.backend == "redis"
+    assert sm.buffer is False
+    assert sm.buffer_max == 5
+    assert sm.ack is False
+    assert sm.ack_freq == 3
+    assert sm.resume_timeout == 30.0
+    assert sm.stale_h.enabled is True
+    assert sm.stale_h.repeat_after == 60.0
+    assert sm.stale_h.geriatric == 120.5
+
+
+def test_buffer_max_infinity_means_no_limit(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text(
+        "listen: {c2s: [{tls: none}]}\n"
+        "modules:\n  mod_stream_management:\n    buffer_max: infinity\n",
+        encoding="utf-8",
+    )
+    assert load_config(path).modules.mod_stream_management.buffer_max is None
+
+
+def test_offline_max_per_user_may_be_zero(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, modules={"mod_offline": {"max_per_user": 0}})
+    assert cfg.modules.mod_offline.max_per_user == 0
+
+
+@pytest.mark.parametrize(("given", "expected"), [("DEBUG", "debug"), ("critical", "critical")])
+def test_log_level_is_case_insensitive(tmp_path: Path, given: str, expected: str) -> None:
+    assert _load(tmp_path, logging={"level": given}).logging.level == expected
+
+
+@pytest.mark.parametrize("fmt", list(LogFormat))
+def test_log_format_is_one_of_auto_json_console(tmp_path: Path, fmt: LogFormat) -> None:
+    assert _load(tmp_path, logging={"format": fmt.value}).logging.format is fmt
+
+
+def test_parse_config_takes_an_already_loaded_document(tmp_path: Path) -> None:
+    cfg = parse_config(
+        _doc(auth={"database": "a.sqlite"}), file=str(tmp_path / "x.yaml"), base=tmp_path
+    )
+    assert cfg.path == tmp_path / "x.yaml"
+    assert cfg.auth.database == tmp_path / "a.sqlite"
+
+
+def test_parse_config_resolves_relative_paths_against_cwd_without_a_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(_doc(auth={"database": "a.sqlite"}))
+    assert cfg.auth.database == tmp_path / "a.sqlite"
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+
+def test_relative_paths_are_resolved_against_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc" / "gateway"
+    etc.mkdir(parents=True)
+    certfile, keyfile = _certs(etc)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = {
+        "listen": {"c2s": [{"tls": "required"}]},
+        "tls": {"certfile": "certs/localhost.pem", "keyfile": "./certs/localhost.key"},
+        "auth": {"database": "data/accounts.sqlite"},
+    }
+    # A relative path to the config file itself, seen from the working directory.
+    _write(etc, data)
+    cfg = load_config(Path("..") / "etc" / "gateway" / FILE_NAME)
+    assert cfg.tls.certfile is not None and cfg.tls.keyfile is not None
+    assert cfg.tls.certfile.resolve() == certfile.resolve()
+    assert cfg.tls.keyfile.resolve() == keyfile.resolve()
+    assert cfg.auth.database.resolve() == (etc / "data" / "accounts.sqlite").resolve()
+    assert cfg.auth.database.is_absolute()
+
+
+def test_absolute_and_home_relative_paths_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    absolute = tmp_path / "abs" / "db.sqlite"
+    assert _load(tmp_path, auth={"database": str(absolute)}).auth.database == absolute
+    home = _load(tmp_path, auth={"database": "~/db.sqlite"}).auth.database
+    assert home == tmp_path / "home" / "db.sqlite"
+
+
+# -- refusals: unknown keys -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (_doc(hosts=["localhost"]), "hosts"),
+        (_doc(general={"hostz": ["localhost"]}), "general.hostz"),
+        (_doc(listen={"c2s": [{"prot": 5222, "tls": "none"}]}), "listen.c2s[0].prot"),
+        (
+            _doc(listen={"c2s": [{"tls": "none"}, {"tls": "none", "ipv6": True}]}),
+            "listen.c2s[1].ipv6",
+        ),
+        (_doc(listen={"c2s": PLAIN_LISTENER["c2s"], "s2s": []}), "listen.s2s"),
+        (_doc(tls={"cert": "x.pem"}), "tls.cert"),
+        (_doc(auth={"db": "x.sqlite"}), "auth.db"),
+        (_doc(modules={"mod_mam": {}}), "modules.mod_mam"),
+        (
+            _doc(modules={"mod_stream_management": {"bufer": True}}),
+            "modules.mod_stream_management.bufer",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"stale_h": {"geriatrc": 10}}}),
+            "modules.mod_stream_management.stale_h.geriatrc",
+        ),
+        (_doc(modules={"mod_offline": {"max": 1}}), "modules.mod_offline.max"),
+        (_doc(logging={"lvl": "info"}), "logging.lvl"),
+    ],
+)
+def test_unknown_key_is_refused_by_its_dotted_path(tmp_path: Path, data: object, key: str) -> None:
+    exc = _refusal(tmp_path, data, key)
+    assert exc.message == "unknown key"
+
+
+# -- refusals: wrong types --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "reason"),
+    [
+        (_doc(listen={"c2s": [{"port": "5222", "tls": "none"}]}), "listen.c2s[0].port", "integer"),
+        (_doc(listen={"c2s": [{"port": 52.5, "tls": "none"}]}), "listen.c2s[0].port", "integer"),
+        (_doc(general={"max_depth": True}), "general.max_depth", "integer"),
+        (_doc(auth={"scram_iterations": False}), "auth.scram_iterations", "integer"),
+        (_doc(general=["localhost"]), "general", "mapping"),
+        (_doc(listen=[{"port": 5222}]), "listen", "mapping"),
+        (_doc(tls="certs/localhost.pem"), "tls", "mapping"),
+        (_doc(modules={"mod_stream_management": []}), "modules.mod_stream_management", "mapping"),
+        (
+            _doc(modules={"mod_stream_management": {"stale_h": True}}),
+            "modules.mod_stream_management.stale_h",
+            "mapping",
+        ),
+        (_doc(listen={"c2s": {"port": 5222}}), "listen.c2s", "list"),
+        (_doc(listen={"c2s": ["127.0.0.1:5222"]}), "listen.c2s[0]", "mapping"),
+        (_doc(general={"hosts": "localhost"}), "general.hosts", "list of non-empty strings"),
+        (_doc(general={"hosts": ["localhost", 7]}), "general.hosts", "list of non-empty strings"),
+        (_doc(general={"negotiation_timeout": "30s"}), "general.negotiation_timeout", "seconds"),
+        (_doc(general={"shutdown_grace": True}), "general.shutdown_grace", "seconds"),
+        (
+            _doc(listen={"c2s": [{"tls": "none", "proxy_protocol": "no"}]}),
+            "listen.c2s[0].proxy_protocol",
+            "true or false",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"stale_h": {"enabled": 1}}}),
+            "modules.mod_stream_management.stale_h.enabled",
+            "true or false",
+        ),
+        (_doc(listen={"c2s": [{"ip": 127, "tls": "none"}]}), "listen.c2s[0].ip", "string"),
+        (_doc(listen={"c2s": [{"ip": "", "tls": "none"}]}), "listen.c2s[0].ip", "string"),
+        (_doc(auth={"database": 5}), "auth.database", "file path"),
+        (_doc(auth={"database": ""}), "auth.database", "file path"),
+        (_doc(trusted_proxies="10.0.0.0/8"), "trusted_proxies", "list"),
+        (_doc(logging={"level": 10}), "logging.level", "string"),
+    ],
+)
+def test_wrong_type_is_refused_naming_the_key(
+    tmp_path: Path, data: object, key: str, reason: str
+) -> None:
+    exc = _refusal(tmp_path, data, key)
+    assert reason in exc.message
+
+
+def test_wrong_type_message_shows_what_was_given(tmp_path: Path) -> None:
+    exc = _refusal(
+        tmp_path, _doc(listen={"c2s": [{"port": "5222", "tls": "none"}]}), "listen.c2s[0].port"
+    )
+    assert exc.message == "must be an integer, got str '5222'"
+
+
+def test_document_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, ["general", "listen"])
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == ""
+    assert str(info.value).startswith(f"{path}: must be a mapping")
+
+
+# -- refusals: out-of-range values ------------------------------------------------------------
+
+
+def test_port_out_of_range_names_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, _doc(listen={"c2s": [{"port": 70000, "tls": "none"}]}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    # The README quotes this line.
+    assert str(info.value) == f"{path}: listen.c2s[0].port: must be between 0 and 65535, got 70000"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (_doc(listen={"c2s": [{"port": -1, "tls": "none"}]}), "listen.c2s[0].port"),
+        (_doc(listen={"c2s": [{"port": 65536, "tls": "none"}]}), "listen.c2s[0].port"),
+        (_doc(general={"max_stanza_size": 1023}), "general.max_stanza_size"),
+        (_doc(general={"max_depth": 3}), "general.max_depth"),
+        (_doc(general={"max_depth": 257}), "general.max_depth"),
+        (_doc(general={"negotiation_timeout": 0.5}), "general.negotiation_timeout"),
+        (_doc(general={"negotiation_timeout": 3601}), "general.negotiation_timeout"),
+        (_doc(general={"max_auth_failures": 0}), "general.max_auth_failures"),
+        (_doc(general={"send_queue_size": 9}), "general.send_queue_size"),
+        (_doc(general={"shutdown_grace": -1}), "general.shutdown_grace"),
+        (_doc(auth={"scram_iterations": 4095}), "auth.scram_iterations"),
+        (
+            _doc(modules={"mod_stream_management": {"resume_timeout": -1}}),
+            "modules.mod_stream_management.resume_timeout",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"resume_timeout": 0}}),
+            "modules.mod_stream_management.resume_timeout",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"ack_freq": 0}}),
+            "modules.mod_stream_management.ack_freq",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"buffer_max": 0}}),
+            "modules.mod_stream_management.buffer_max",
+        ),
+        (
+            _doc(modules={"mod_stream_management": {"stale_h": {"repeat_after": 0}}}),
+            "modules.mod_stream_management.stale_h.repeat_after",
+        ),
+        (_doc(modules={"mod_offline": {"max_per_user": -1}}), "modules.mod_offline.max_per_user"),
+    ],
+)
+def test_out_of_range_value_is_refused_with_its_bounds(
+    tmp_path: Path, data: object, key: str
+) -> None:
+    exc = _refusal(tmp_path, data, key)
+    assert exc.message.startswith("must be between ")
+
+
+def test_negative_resume_timeout_is_refused(tmp_path: Path) -> None:
+    data = _doc(modules={"mod_stream_management": {"resume_timeout": -5}})
+    exc = _refusal(tmp_path, data, "modules.mod_stream_management.resume_timeout")
+    assert exc.message == "must be between 1 and 604800 seconds, got -5"
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_seconds_are_refused(value: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_doc(general={"negotiation_timeout": value}), file=FILE_NAME)
+    assert info.value.key == "general.negotiation_timeout"
+    assert FILE_NAME in str(info.value)
+
+
+def test_huge_integer_for_seconds_is_refused_not_a_crash(tmp_path: Path) -> None:
+    _refusal(
+        tmp_path, _doc(general={"negotiation_timeout": 10**400}), "general.negotiation_timeout"
+    )
+
+
+# -- refusals: bad values ---------------------------------------------------------------------
+
+
+def test_bad_tls_mode_lists_the_allowed_ones(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"tls": "ssl"}]}), "listen.c2s[0].tls")
+    assert exc.message == "must be one of starttls, required, direct, none, got 'ssl'"
+
+
+@pytest.mark.parametrize("ip", ["localhost", "256.0.0.1", "127.0.0.1:5222", "::g"])
+def test_bad_ip_is_refused(tmp_path: Path, ip: str) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"ip": ip, "tls": "none"}]}), "listen.c2s[0].ip")
+    assert exc.message == f"{ip!r} is not an IP address"
+
+
+@pytest.mark.parametrize("cidr", ["10.0.0.0/33", "proxy.example", "2001:db8::/129"])
+def test_bad_cidr_in_trusted_proxies_is_refused(tmp_path: Path, cidr: str) -> None:
+    exc = _refusal(tmp_path, _doc(trusted_proxies=["127.0.0.1/32", cidr]), "trusted_proxies")
+    assert exc.message == f"{cidr!r} is not a CIDR network"
+
+
+def test_tls_listener_without_certfile_names_tls_certfile(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"tls": "starttls"}]}), "tls.certfile")
+    assert exc.message == "is required by a TLS listener"
+
+
+def test_tls_listener_without_keyfile_names_tls_keyfile(tmp_path: Path) -> None:
+    certfile, _ = _certs(tmp_path)
+    data = _doc(listen={"c2s": [{"tls": "required"}]}, tls={"certfile": str(certfile)})
+    exc = _refusal(tmp_path, data, "tls.keyfile")
+    assert exc.message == "is required by a TLS listener"
+
+
+def test_one_tls_listener_among_plain_ones_still_needs_the_certificate(tmp_path: Path) -> None:
+    data = _doc(listen={"c2s": [{"tls": "none"}, {"tls": "starttls", "port": 5223}]})
+    _refusal(tmp_path, data, "tls.certfile")
+
+
+def test_certfile_missing_on_disk_is_refused_with_its_resolved_path(tmp_path: Path) -> None:
+    _, keyfile = _certs(tmp_path)
+    data = _doc(
+        listen={"c2s": [{"tls": "starttls"}]},
+        tls={"certfile": "certs/nope.pem", "keyfile": str(keyfile)},
+    )
+    exc = _refusal(tmp_path, data, "tls.certfile")
+    assert str(tmp_path / "certs" / "nope.pem") in exc.message
+    assert "does not exist" in exc.message
+    assert "make_cert.py" in exc.message
+
+
+def test_keyfile_missing_on_disk_is_refused(tmp_path: Path) -> None:
+    certfile, _ = _certs(tmp_path)
+    data = _doc(
+        listen={"c2s": [{"tls": "required"}]},
+        tls={"certfile": str(certfile), "keyfile": "nope.key"},
+    )
+    exc = _refusal(tmp_path, data, "tls.keyfile")
+    assert "does not exist" in exc.message
+
+
+def test_empty_hosts_is_refused(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(general={"hosts": []}), "general.hosts")
+    assert exc.message == "must name at least one domain"
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("exa mple.org", "is not a valid domain"),
+        ("a..b", "is not a valid domain"),
+        ("alice@example.org", "is not a bare domain"),
+        ("example.org/resource", "is not a bare domain"),
+    ],
+)
+def test_invalid_host_is_refused(tmp_path: Path, host: str, reason: str) -> None:
+    exc = _refusal(tmp_path, _doc(general={"hosts": ["localhost", host]}), "general.hosts")
+    assert exc.message.startswith(f"{host!r} {reason}")
+
+
+def test_buffer_max_word_other_than_infinity_is_refused(tmp_path: Path) -> None:
+    data = _doc(modules={"mod_stream_management": {"buffer_max": "lots"}})
+    exc = _refusal(tmp_path, data, "modules.mod_stream_management.buffer_max")
+    assert exc.message == "must be a positive integer or infinity, got 'lots'"
+
+
+def test_unknown_sm_backend_is_refused(tmp_path: Path) -> None:
+    data = _doc(modules={"mod_stream_management": {"backend": "mnesia"}})
+    exc = _refusal(tmp_path, data, "modules.mod_stream_management.backend")
+    assert "mnesia" in exc.message
+
+
+def test_bad_log_level_is_refused(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(logging={"level": "verbose"}), "logging.level")
+    assert exc.message == "must be one of debug, info, warning, error, critical, got 'verbose'"
+
+
+def test_bad_log_format_is_refused(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(logging={"format": "xml"}), "logging.format")
+    assert exc.message == "must be one of auto, json, console, got 'xml'"
+
+
+def test_no_listener_at_all_is_refused(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": []}), "listen")
+    assert exc.message == "no listener configured"
+
+
+# -- refusals: features that are not there yet -------------------------------------------------
+
+
+def test_websocket_listener_is_refused_as_not_available_yet(tmp_path: Path) -> None:
+    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"port": 5280}]}
+    exc = _refusal(tmp_path, _doc(listen=listen), "listen.websocket")
+    assert "not available yet" in exc.message
+
+
+def test_websocket_listener_is_still_validated_first(tmp_path: Path) -> None:
+    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"port": 5280, "pth": "/ws"}]}
+    _refusal(tmp_path, _doc(listen=listen), "listen.websocket[0].pth")
+
+
+def test_direct_tls_is_refused_as_not_available_yet(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"tls": "direct"}]}), "listen.c2s[0].tls")
+    assert "not available yet" in exc.message
+
+
+def test_proxy_protocol_is_refused_as_not_available_yet(tmp_path: Path) -> None:
+    data = _doc(listen={"c2s": [{"tls": "none", "proxy_protocol": True}]})
+    exc = _refusal(tmp_path, data, "listen.c2s[0].proxy_protocol")
+    assert "not available yet" in exc.message
+
+
+# -- refusals: the file itself ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("general:\n  hosts: [localhost]\n max_depth: 3\n", 3),
+        ("general:\n  hosts: [localhost\n", 3),
+        ("listen: {c2s: [{tls: none}]}\nlogging: level: info\n", 2),
+        ("general:\n  hosts: @localhost\n", 2),
+    ],
+)
+def test_invalid_yaml_is_refused_with_a_line_number(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == ""
+    assert str(info.value).startswith(f"{path}: line {line}: not valid YAML: ")
+
+
+def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_directory_instead_of_a_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: cannot read: ")
+
+
+def test_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_bytes(b"listen: {c2s: [{tls: none}]}\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert FILE_NAME in str(info.value)
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text("general:\n  hosts: [a.example]\n  hosts: [b.example]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "duplicate key 'hosts'" in str(info.value)
+    assert "line 3" in str(info.value)
+
+
+def test_duplicate_hosts_after_normalisation_are_kept_once() -> None:
+    cfg = parse_config(_doc(general={"hosts": ["Example.org", "example.org."]}), file=FILE_NAME)
+    assert cfg.general.hosts == ("example.org",)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import ipaddress
 import json
 import math
@@ -191,24 +190,15 @@ class StreamParser:
 SCRAM_HASHES: Final[dict[str, sasl.HashName]] = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-1": "sha1"}
 
 
-def _memoise_scram_keys() -> Callable[[], int | None]:
-    """Memoise the PBKDF2 key derivation of gateway.xmpp.sasl; return a miss counter.
-
-    A real client keeps its SaltedPassword, but one bench process standing in for N clients
-    would spend ~3 ms of PBKDF2 per login and measure itself, not the server. ScramClient has
-    no hook for known keys, so its `_keys(password, salt, iterations, hash)` is wrapped in an
-    LRU cache: accounts that share a salt (scripts/prosody_bench.sh writes them so) cost one
-    PBKDF2 in all. If that private helper is gone, logins just pay PBKDF2 each.
-    """
-    derive = getattr(sasl, "_keys", None)
-    if not callable(derive):
-        return lambda: None
-    cached = functools.lru_cache(maxsize=256)(derive)
-    vars(sasl)["_keys"] = cached
-    return lambda: cached.cache_info().misses
+# One SCRAM key cache per account, as a real client keeps its keys (ScramClient's
+# key_cache): a returning client pays HMACs, not PBKDF2, and so does the bench, which stands
+# in for N clients on one core and would otherwise measure its own PBKDF2.
+KEY_CACHES: Final[dict[str, dict[tuple[str, bytes, int], tuple[bytes, bytes, bytes]]]] = {}
 
 
-PBKDF2_RUNS: Final = _memoise_scram_keys()
+def PBKDF2_RUNS() -> int:
+    """How many PBKDF2 derivations the bench's clients have run so far."""
+    return sum(len(cache) for cache in KEY_CACHES.values())
 
 
 # --- statistics helpers -------------------------------------------------------------------
@@ -284,6 +274,8 @@ class Config:
     require_tls: bool
     server_pid: int | None
     label: str
+    warmup: bool
+    no_sm: bool
     ssl_context: ssl.SSLContext
 
     @classmethod
@@ -309,6 +301,8 @@ class Config:
             require_tls=not args.no_require_tls,
             server_pid=args.server_pid,
             label=args.label,
+            warmup=args.warmup,
+            no_sm=args.no_sm,
             ssl_context=make_ssl_context(),
         )
 
@@ -415,7 +409,7 @@ class Session:
         await self._authenticate(features)
         features = await self.open_stream()
         await self._bind(features)
-        if features.find(T_SM) is not None:
+        if features.find(T_SM) is not None and not cfg.no_sm:
             await self.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
             node = await self.next_node()
             if node.tag == T_SM_ENABLED:
@@ -440,7 +434,12 @@ class Session:
             await self._send_auth(mechanism, initial)
             node = await self.next_node()
         else:
-            client = sasl.ScramClient(SCRAM_HASHES[mechanism], self.username, cfg.password)
+            client = sasl.ScramClient(
+                SCRAM_HASHES[mechanism],
+                self.username,
+                cfg.password,
+                key_cache=KEY_CACHES.setdefault(self.username, {}),
+            )
             await self._send_auth(mechanism, client.first())
             node = await self._expect_sasl(T_CHALLENGE)
             final = client.final(base64.b64decode(node.text))
@@ -650,11 +649,14 @@ class Session:
 class Reporter:
     """Human lines to stdout (stderr with --json) and the figures for the JSON object."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, *, quiet: bool = False) -> None:
         self.as_json = as_json
+        self.quiet = quiet
         self.figures: dict[str, object] = {}
 
     def line(self, text: str) -> None:
+        if self.quiet:
+            return
         print(text, file=sys.stderr if self.as_json else sys.stdout, flush=True)
 
 
@@ -936,6 +938,13 @@ async def run(cfg: Config, report: Reporter) -> int:
     )
     rss_before = read_rss_kib(cfg.server_pid) if cfg.server_pid else None
     status = 0
+    if cfg.warmup:
+        # Returning clients: log everyone in once (filling the key caches), then measure.
+        async with trio.open_nursery() as warm:
+            warmed = await scenario_logins(cfg, warm, Reporter(as_json=True, quiet=True))
+            await close_all(warmed.sessions)
+            warm.cancel_scope.cancel()
+        report.line(f"warm-up: {len(warmed.sessions)} clients logged in once and out again")
     async with trio.open_nursery() as readers:
         result = await scenario_logins(cfg, readers, report)
         if result.failures:
@@ -1002,6 +1011,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--no-require-tls", action="store_true", help="accept a server without STARTTLS")
     add("--server-pid", type=int, default=None, help="server PID for RSS and CPU figures")
     add("--label", default="server", help="name of the server in the output")
+    add(
+        "--no-sm",
+        action="store_true",
+        help="do not enable XEP-0198 even when offered (compare servers without SM)",
+    )
+    add(
+        "--warmup",
+        action="store_true",
+        help="log every client in once before measuring (returning clients with cached keys)",
+    )
     add("--json", action="store_true", help="print one JSON object on stdout (lines on stderr)")
     args = parser.parse_args(argv)
     for name in ("clients", "concurrency", "window"):

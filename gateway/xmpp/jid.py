@@ -182,13 +182,9 @@ _parse_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_parse)
 
 
 def _check_length(part: str, what: str) -> str | _Refused:
-    try:
-        size = len(part.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates
-        return _Refused(f"{what} is not valid Unicode")
-    if size == 0:
-        return _Refused(f"empty {what}")
-    if size > MAX_PART_BYTES:
+    # PRECIS and the IDNA checks have refused empty parts and lone surrogates already, so
+    # the part encodes and only the upper bound is left.
+    if len(part.encode("utf-8")) > MAX_PART_BYTES:
         return _Refused(f"{what} is longer than {MAX_PART_BYTES} octets")
     return part
 

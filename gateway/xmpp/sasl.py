@@ -40,7 +40,7 @@ import enum
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -384,22 +384,35 @@ class ScramClient:
         username: the authcid, sent SASLname-encoded (not otherwise prepared).
         password: prepared with OpaqueString.
         nonce: the client nonce; random when None.
+        authzid: an authorization identity to send in the gs2 header.
     """
 
     def __init__(
-        self, hash_name: HashName, username: str, password: str, *, nonce: str | None = None
+        self,
+        hash_name: HashName,
+        username: str,
+        password: str,
+        *,
+        nonce: str | None = None,
+        authzid: str | None = None,
+        key_cache: MutableMapping[tuple[str, bytes, int], tuple[bytes, bytes, bytes]] | None = None,
     ) -> None:
         self._hash_name: HashName = hash_name
+        # Clients such as Conversations keep ClientKey/ServerKey per (salt, iterations) so
+        # a repeated login costs HMACs, not PBKDF2; one cache belongs to one account.
+        self._key_cache = key_cache
         self._password = prepare_password(password)
         self._nonce = nonce or _random_nonce()
         if not _PRINTABLE.issuperset(self._nonce):
             raise ValueError("nonce must be printable ASCII without ','")
+        # gs2 flag "n": this client does not do channel binding.
+        self._gs2_header = f"n,a={_encode_saslname(authzid)}," if authzid else "n,,"
         self._bare = f"n={_encode_saslname(username)},r={self._nonce}"
         self._server_signature: bytes | None = None
 
     def first(self) -> bytes:
-        """The client-first-message (gs2 header "n,,": no channel binding, no authzid)."""
-        return b"n,," + self._bare.encode()
+        """The client-first-message (gs2 flag "n": no channel binding)."""
+        return (self._gs2_header + self._bare).encode()
 
     def final(self, server_first: bytes) -> bytes:
         """Answer the server-first-message with the client-final-message.
@@ -418,11 +431,15 @@ class ScramClient:
         _check_extensions(attrs[3:])
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "server nonce does not extend ours")
-        without_proof = f"c={_b64encode(b'n,,')},r={nonce}"
+        without_proof = f"c={_b64encode(self._gs2_header.encode())},r={nonce}"
         auth_message = ",".join((self._bare, text, without_proof)).encode()
-        client_key, stored_key, server_key = _keys(
-            self._password, salt, iterations, self._hash_name
-        )
+        cache_key = (self._hash_name, salt, iterations)
+        cached = self._key_cache.get(cache_key) if self._key_cache is not None else None
+        if cached is None:
+            cached = _keys(self._password, salt, iterations, self._hash_name)
+            if self._key_cache is not None:
+                self._key_cache[cache_key] = cached
+        client_key, stored_key, server_key = cached
         client_signature = hmac.digest(stored_key, auth_message, self._hash_name)
         proof = _xor(client_key, client_signature)
         self._server_signature = hmac.digest(server_key, auth_message, self._hash_name)

@@ -142,6 +142,7 @@ async def run_server(
                 await shutdown(ctx, handler_nursery)
     finally:
         accounts.close()
+        roster_store.close()
     log.info("stopped")
 
 
@@ -267,7 +268,8 @@ def run_user_command(args: argparse.Namespace, config: GatewayConfig) -> int:
         elif command == "remove":
             if not store.remove_user(jid.domain, jid.local):
                 raise SystemExit(f"error: no account {jid}")
-            SqliteRosterStore(config.auth.database).remove_account(jid.domain, jid.local)
+            with SqliteRosterStore(config.auth.database) as roster:
+                roster.remove_account(jid.domain, jid.local)
             print(f"removed {jid}")
         return 0
     except StorageError as exc:

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, get_args
+from typing import Any, Final, Self, get_args
 
 from gateway.errors import StorageError
 from gateway.xmpp.sasl import (
@@ -74,16 +74,23 @@ _UPSERT_CREDENTIALS: Final = """
 _CredentialRow = tuple[str, str, str, bytes, int, bytes, bytes]
 
 
-class SqliteAccountStore:
-    """Accounts with SCRAM credentials in one SQLite file; a `CredentialStore`.
+class SqliteDatabase:
+    """One connection to an SQLite file behind a lock, with a versioned schema component.
+
+    Subclasses are the stores (accounts, roster, ...); each names its `component`, `version`
+    and `schema` (the CREATE statements run once, when the component is not there yet).
 
     Args:
         path: the database file (parent directories are created), or ":memory:".
         busy_timeout: seconds to wait for another process's write lock.
 
     Raises:
-        StorageError: the file cannot be opened, or its schema is newer than this code.
+        StorageError: the file cannot be opened, or its schema is another version.
     """
+
+    component: str = ""
+    version: int = 0
+    schema: tuple[str, ...] = ()
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
         self._lock = threading.Lock()
@@ -94,7 +101,7 @@ class SqliteAccountStore:
                 path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
         except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open account database {path}: {exc}") from exc
+            raise StorageError(f"cannot open the database {path}: {exc}") from exc
         self._db: sqlite3.Connection | None = db
         try:
             db.execute("PRAGMA journal_mode = WAL")
@@ -107,7 +114,7 @@ class SqliteAccountStore:
             db.close()
             raise
 
-    def __enter__(self) -> SqliteAccountStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -124,6 +131,73 @@ class SqliteAccountStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageError(f"{self.component} store is closed")
+        return self._db
+
+    def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                rows: list[tuple[Any, ...]] = self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.component} database query failed: {exc}") from exc
+        return rows
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and a write transaction (BEGIN IMMEDIATE); commit on success."""
+        with self._lock:
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.component} database write failed: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            row = db.execute(
+                "SELECT version FROM schema_version WHERE component = ?", (self.component,)
+            ).fetchone()
+            if row is None:
+                for statement in self.schema:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_version (component, version) VALUES (?, ?)",
+                    (self.component, self.version),
+                )
+            elif row[0] != self.version:
+                raise StorageError(
+                    f"{self.component} schema version {row[0]} is not {self.version}"
+                    " (database written by another gateway version)"
+                )
+
+
+class SqliteAccountStore(SqliteDatabase):
+    """Accounts with SCRAM credentials in one SQLite file; a `CredentialStore`.
+
+    Args:
+        path: the database file (parent directories are created), or ":memory:".
+        busy_timeout: seconds to wait for another process's write lock.
+
+    Raises:
+        StorageError: the file cannot be opened, or its schema is newer than this code.
+    """
+
+    component = SCHEMA_COMPONENT
+    version = SCHEMA_VERSION
+    schema = _SCHEMA
 
     # -- CredentialStore -------------------------------------------------------------------
 
@@ -246,59 +320,6 @@ class SqliteAccountStore:
             )
             db.executemany(_UPSERT_CREDENTIALS, rows)
         return len(work)
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StorageError("account store is closed")
-        return self._db
-
-    def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                rows: list[tuple[Any, ...]] = self._connection().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise StorageError(f"account database query failed: {exc}") from exc
-        return rows
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and a write transaction (BEGIN IMMEDIATE); commit on success."""
-        with self._lock:
-            db = self._connection()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StorageError(f"account database write failed: {exc}") from exc
-
-    def _migrate(self) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version"
-                " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-            )
-            row = db.execute(
-                "SELECT version FROM schema_version WHERE component = ?", (SCHEMA_COMPONENT,)
-            ).fetchone()
-            if row is None:
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                db.execute(
-                    "INSERT INTO schema_version (component, version) VALUES (?, ?)",
-                    (SCHEMA_COMPONENT, SCHEMA_VERSION),
-                )
-            elif row[0] != SCHEMA_VERSION:
-                raise StorageError(
-                    f"account schema version {row[0]} is not {SCHEMA_VERSION}"
-                    " (database written by another gateway version)"
-                )
 
 
 def _credential_rows(

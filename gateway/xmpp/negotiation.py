@@ -30,7 +30,7 @@ import enum
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 from gateway.errors import (
     AuthFailure,
@@ -45,11 +45,9 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened
-from gateway.xmpp.sasl import ScramCredentials, ScramServer, parse_plain, verify_plain
+from gateway.xmpp.sasl import HashName, ScramCredentials, ScramServer, parse_plain, verify_plain
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize, stream_header
 from gateway.xmpp.stanza import error_reply, sasl_failure, stream_error
-
-HashName = Literal["sha1", "sha256"]
 
 SCRAM_MECHANISMS: Final[dict[str, HashName]] = {
     "SCRAM-SHA-256": "sha256",

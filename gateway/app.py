@@ -16,7 +16,7 @@ import getpass
 import signal
 import ssl
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -27,14 +27,19 @@ import trio
 from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
 from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.offline import OfflineService
+from gateway.core.resume import ResumeRegistry
 from gateway.core.roster import RosterService
 from gateway.core.router import Router
 from gateway.core.services import ServerServices
 from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondition
 from gateway.logsetup import configure_logging
 from gateway.net.transport import PeerInfo, StreamTransport
+from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
+from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.storage.roster_sqlite import SqliteRosterStore
 from gateway.storage.sqlite import SqliteAccountStore
+from gateway.supervision import run_stale_h_gc, supervise
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import LookupCredentials
 from gateway.xmpp.sasl import ScramCredentials
@@ -115,35 +120,69 @@ async def run_server(
             limiter=limiter,
         )
 
+    sm_cfg = config.modules.mod_stream_management
+    offline_store = SqliteOfflineStore(config.auth.database)
     router = Router(config.general.hosts, account_exists)
     router.server_handler = ServerServices(RosterService(roster_store, limiter))
+    router.offline = OfflineService(
+        offline_store, limiter, max_per_user=config.modules.mod_offline.max_per_user
+    )
+    stale_h = MemoryStaleHTable()
     ctx = ServerContext(
         config=config,
         router=router,
         lookup_credentials=lookup_credentials,
         ssl_context=make_ssl_context(config),
+        resume=ResumeRegistry(
+            max_parked_per_user=sm_cfg.max_parked_per_user, max_parked=sm_cfg.max_parked
+        ),
+        sm_sessions=MemorySmSessionTable(),
+        stale_h=stale_h,
     )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as handler_nursery:
-                async with trio.open_nursery() as listener_nursery:
-                    ports: list[int] = []
-                    for listener in config.c2s:
-                        sockets = await listener_nursery.start(
-                            serve_c2s, ctx, listener, handler_nursery
-                        )
-                        ports.extend(s.socket.getsockname()[1] for s in sockets)
-                    ctx.listen_ports = ports
-                    task_status.started(ctx)
-                    async for signum in signals:
-                        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-                        break
-                    listener_nursery.cancel_scope.cancel()
-                await shutdown(ctx, handler_nursery)
+            async with trio.open_nursery() as service_nursery:
+                if sm_cfg.stale_h.enabled:
+                    # The stale_h GC is supervised: restarted (and logged) if it ever fails.
+                    await service_nursery.start(
+                        supervise,
+                        "stale_h_gc",
+                        partial(
+                            run_stale_h_gc,
+                            stale_h,
+                            repeat_after=sm_cfg.stale_h.repeat_after,
+                            geriatric=sm_cfg.stale_h.geriatric,
+                        ),
+                    )
+                await _serve_until_signal(ctx, config, signals, task_status)
+                service_nursery.cancel_scope.cancel()
     finally:
         accounts.close()
         roster_store.close()
+        offline_store.close()
     log.info("stopped")
+
+
+async def _serve_until_signal(
+    ctx: ServerContext,
+    config: GatewayConfig,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[ServerContext],
+) -> None:
+    """Listeners and connection handlers, until SIGINT/SIGTERM; then the graceful stop."""
+    async with trio.open_nursery() as handler_nursery:
+        async with trio.open_nursery() as listener_nursery:
+            ports: list[int] = []
+            for listener in config.c2s:
+                sockets = await listener_nursery.start(serve_c2s, ctx, listener, handler_nursery)
+                ports.extend(s.socket.getsockname()[1] for s in sockets)
+            ctx.listen_ports = ports
+            task_status.started(ctx)
+            async for signum in signals:
+                log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                break
+            listener_nursery.cancel_scope.cancel()
+        await shutdown(ctx, handler_nursery)
 
 
 async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:

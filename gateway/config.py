@@ -109,6 +109,12 @@ class StreamManagementConfig:
     ack_freq: int = 1
     resume_timeout: float = 600.0
     stale_h: StaleHConfig = field(default_factory=StaleHConfig)
+    ack_timeout: float = 60.0
+    """Seconds an <r/> may stay unanswered before the transport counts as lost (0: never)."""
+    max_parked_per_user: int = 5
+    """Parked (resumable, disconnected) sessions one account may have; the oldest ends."""
+    max_parked: int = 100_000
+    """Parked sessions on this node; the oldest ends beyond it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +375,9 @@ def _parse_sm(r: _Reader) -> StreamManagementConfig:
         ack_freq=r.integer("ack_freq", d.ack_freq, 1, 1_000_000),
         resume_timeout=r.seconds("resume_timeout", d.resume_timeout, 1, 86400 * 7),
         stale_h=stale_h,
+        ack_timeout=r.seconds("ack_timeout", d.ack_timeout, 0, 86400),
+        max_parked_per_user=r.integer("max_parked_per_user", d.max_parked_per_user, 1, 1000),
+        max_parked=r.integer("max_parked", d.max_parked, 1, 10_000_000),
     )
     r.done()
     return sm

@@ -135,10 +135,15 @@ class LocalProtocolError(ProtocolError):
 class RemoteProtocolError(ProtocolError):
     """The peer broke the stream: answered with a stream error and a close."""
 
-    def __init__(self, condition: StreamErrorCondition, text: str | None = None) -> None:
+    def __init__(
+        self, condition: StreamErrorCondition, text: str | None = None, extra: object = None
+    ) -> None:
         super().__init__(f"{condition.value}: {text}" if text else condition.value)
         self.condition = condition
         self.text = text
+        # An application-specific condition element (e.g. XEP-0198's
+        # <handled-count-too-high/>), added to the <stream:error/> as is.
+        self.extra = extra
 
 
 class StanzaError(GatewayError):

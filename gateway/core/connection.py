@@ -1,29 +1,40 @@
-"""The per-connection task: one nursery per client connection (STYLE C3, C7, C12).
+"""The per-connection task: one nursery per client connection (STYLE C3, C7, C9, C12).
 
 Theory of operation
 -------------------
-`serve_connection` runs in two phases, both owned by the same task:
+`serve_connection` owns one accepted transport and, once a resource is bound, the
+`Session` and its XEP-0198 `SMState` for the session's whole life.
 
-1. Negotiation, under the `general.negotiation_timeout` deadline: read bytes, feed the
-   parser, hand events to the pure `C2SNegotiation`, perform its actions (STARTTLS, the
-   credential lookup in a worker thread, resource binding through the router) and write
-   its output. One task, one writer: nothing else writes yet.
-2. The session: a nursery with the reader (this task's body) and a single writer task that
-   drains the session's bounded outgoing channel, batching what is queued into one socket
-   write. The router and other connections only `Session.send()` into that channel or
-   `Session.close()`, which cancels the nursery's scope.
+1. Negotiation, under `general.negotiation_timeout`: read bytes, feed the parser, hand
+   events to the pure `C2SNegotiation`, perform its actions (STARTTLS, the credential lookup
+   in a worker thread, binding through the router, a `<resume/>`) and write its output.
+2. Serving (`_serve_transport`): a nursery with the reader (this task's body), a single
+   writer task draining the session's bounded outgoing channel into batched socket writes,
+   and, for a resumable session, the `watch` task that receives a handover from a newer
+   connection. Others only `Session.send()` (into the SM buffer and the channel) or
+   `Session.close()` (cancels the serving scope).
+3. When the transport is lost (EOF, socket error, or an `<r/>` unanswered for
+   `ack_timeout`: the writer sets a deadline on the reader's scope) and the session is
+   resumable, the task parks in `resume_session`: the session stays in the router, stanzas
+   keep going into its SM buffer, and it waits up to the granted `max` for a `Handover` on
+   its slot's channel. A handover is adopted: `<resumed/>`, the client's h applied, the rest
+   of the buffer resent in order, then back to 2 on the lent transport.
+4. Otherwise the session ends (`_end_session`): it leaves the router and `sm_session`,
+   records its h in `stale_h` when enabled, broadcasts unavailable presence, and hands
+   every unacked stanza back to the router (messages rerouted or stored offline, iq
+   requests answered `service-unavailable`, presence dropped): nothing vanishes.
 
-When the phase ends (client `</stream:stream>`, transport lost, a close request such as
-`conflict` or `system-shutdown`, a protocol error), the session leaves the router, its
-unavailable presence is broadcast, stanzas still queued but never written are handed back
-to the router (messages rerouted, iq requests answered with an error: nothing vanishes
-silently), and the closing bytes are written under a short shielded grace.
-
-Cancellation: a cancelled connection (shutdown) goes through the same `finally` path.
+A connection whose `<resume/>` is accepted *lends* its transport to the parked session and
+waits until that session is done with it (`Handover.done`), outside the negotiation
+deadline; it never touches the transport again. Cancellation (shutdown) goes through the
+same end path, shielded, so stanzas are handed back before the task exits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import math
 import secrets
 import ssl
 import time
@@ -35,8 +46,9 @@ import trio
 
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode
 from gateway.core.presence import broadcast_unavailable, handle_presence
+from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot
 from gateway.core.router import Router
-from gateway.core.session import CloseRequest, Session, SessionType
+from gateway.core.session import ACK_REQUEST, CloseRequest, Session, SessionType
 from gateway.errors import (
     JIDError,
     RemoteProtocolError,
@@ -46,6 +58,8 @@ from gateway.errors import (
 )
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import Transport
+from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleH, StaleHTable
+from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import (
@@ -54,13 +68,26 @@ from gateway.xmpp.negotiation import (
     C2SNegotiation,
     LookupCredentials,
     NegotiationSettings,
-    StanzaReceived,
+    ResumeRequested,
     StartTls,
     StreamEnded,
 )
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened, StreamParser
 from gateway.xmpp.sasl import ScramCredentials
 from gateway.xmpp.serializer import serialize
+from gateway.xmpp.sm import (
+    AckBehind,
+    HandledCountTooHigh,
+    SmCondition,
+    SmError,
+    SMState,
+    failed,
+    handled_count_too_high,
+    parse_ack,
+    parse_enable,
+    parse_resume,
+    resumed,
+)
 from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
 
 log = structlog.get_logger(module=__name__)
@@ -79,6 +106,9 @@ class ServerContext:
     router: Router
     lookup_credentials: CredentialLookup
     ssl_context: ssl.SSLContext | None
+    resume: ResumeRegistry
+    sm_sessions: SmSessionTable
+    stale_h: StaleHTable
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
@@ -86,6 +116,23 @@ class ServerContext:
 
 class TransportLost(Exception):
     """The peer went away without closing its stream."""
+
+
+class Outcome(enum.Enum):
+    """How serving one transport ended."""
+
+    CLIENT_CLOSED = "client_closed"
+    TRANSPORT_LOST = "transport_lost"
+    ACK_TIMEOUT = "ack_timeout"
+    CLOSE_REQUESTED = "close_requested"
+    PROTOCOL_ERROR = "protocol_error"
+    HANDOVER = "handover"
+
+
+class Negotiated(enum.Enum):
+    BOUND = "bound"
+    RESUMED = "resumed"
+    CLIENT_CLOSED = "client_closed"
 
 
 class Connection:
@@ -107,17 +154,26 @@ class Connection:
                 secure=transport.peer.secure,
                 plain_without_tls=listener.tls is TlsMode.NONE,
                 max_auth_failures=cfg.max_auth_failures,
+                stream_management=True,
             )
         )
         self.session: Session | None = None
+        self.slot: ResumeSlot | None = None
         self.scope = trio.CancelScope()
         self.close_request: CloseRequest | None = None
         self.pending: list[Event] = []
+        self.outgoing_receive: trio.MemoryReceiveChannel[Element] | None = None
+        self.serve_nursery: trio.Nursery | None = None
+        self.ack_scope: trio.CancelScope | None = None
+        self.handover_in: Handover | None = None  # received while serving
+        self.lent_from: Handover | None = None  # the handover whose transport we use
+        self.lent_to: Handover | None = None  # our transport, lent to a parked session
+        self.writer_lost = False
+        self.protocol_error: RemoteProtocolError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.stanzas_in = 0
         self.started = time.monotonic()
-        self.transport_lost = False
 
     def close(self, condition: StreamErrorCondition | None, text: str | None = None) -> None:
         """Ask this connection to end (from any task)."""
@@ -142,10 +198,23 @@ class Connection:
         self.bytes_in += len(data)
         return self.parser.feed(data)
 
+    async def _close_transport(self, final: bytes) -> None:
+        """Write `final` (best effort, bounded) and close the current transport."""
+        with trio.move_on_after(CLOSE_GRACE, shield=True):
+            if final:
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await self._write(final)
+            await self.transport.aclose()
+        if self.lent_from is not None:
+            self.lent_from.done.set()
+            self.lent_from = None
+
     # -- phase 1: negotiation ----------
 
-    async def negotiate(self) -> bool:
-        """Run the negotiation until a resource is bound. False if the client closed."""
+    async def negotiate(self) -> Negotiated:
+        """Run the negotiation until a resource is bound or a session resumed."""
         neg = self.negotiation
         while not neg.is_established:
             events = await self._read_events()
@@ -161,7 +230,6 @@ class Connection:
                             await self.transport.start_tls(self.ctx.ssl_context)
                         self.parser.reset()
                         neg.tls_established()
-                        log.debug("tls_established")
                         restart = True
                     elif isinstance(action, LookupCredentials):
                         creds = await self.ctx.lookup_credentials(action)
@@ -174,14 +242,17 @@ class Connection:
                         await self._bind(action)
                         # Stanzas pipelined after the bind request are the session's.
                         self.pending = events[index + 1 :]
-                        return True
+                        return Negotiated.BOUND
+                    elif isinstance(action, ResumeRequested):
+                        if await self._resume(action.element, events[index + 1 :]):
+                            return Negotiated.RESUMED
                     elif isinstance(action, StreamEnded):
-                        return False
+                        return Negotiated.CLIENT_CLOSED
                 if neg.auth_failures > failures:
                     log.info("auth_failed", failures=neg.auth_failures)
                 if restart:
                     break  # bytes after a restart point belong to the new stream
-        return True
+        return Negotiated.BOUND
 
     def _after_auth(self, actions: Sequence[object]) -> bool:
         for action in actions:
@@ -192,25 +263,28 @@ class Connection:
                 return True
         return False
 
+    def _new_outgoing(self, session: Session) -> None:
+        send_channel, receive_channel = trio.open_memory_channel[Element](
+            # Full means the client is not reading fast enough: the session is closed with
+            # resource-constraint (Session.send); with SM the stanza stays in the buffer.
+            self.ctx.config.general.send_queue_size
+        )
+        session.outgoing = send_channel
+        self.outgoing_receive = receive_channel
+
     async def _bind(self, action: BindRequested) -> None:
         neg = self.negotiation
         assert neg.jid is not None
-        send_channel, receive_channel = trio.open_memory_channel[Element](
-            # Full means the client is not reading fast enough: the session is closed with
-            # resource-constraint and the stanza handed back to the router (Session.send).
-            self.ctx.config.general.send_queue_size
-        )
-        self.outgoing_receive = receive_channel
         session = Session(
             conn_id=self.conn_id,
             conn=f"{self.transport.kind} {self.transport.peer}",
-            outgoing=send_channel,
+            outgoing=None,
             notopen=False,
             type=SessionType.C2S,
             username=neg.jid.local,
             host=neg.jid.domain,
         )
-        session.cancel_scope = self.scope
+        self._new_outgoing(session)
         if self.close_request is not None:
             session.close_request = self.close_request
         full = self.ctx.router.bind(session, neg.jid, action.resource)
@@ -220,32 +294,107 @@ class Connection:
         log.info("resource_bound")
         await self._write(neg.data_to_send())
 
-    # -- phase 2: the session ----------
+    async def _resume(self, element: Element, pipelined: list[Event]) -> bool:
+        """The lender's side of XEP-0198 section 5: hand this transport to the session."""
+        neg = self.negotiation
+        assert neg.jid is not None
+        try:
+            request = parse_resume(element)
+        except SmError as exc:
+            neg.send(failed(exc.condition))
+            await self._write(neg.data_to_send())
+            return False
+        handover = Handover(
+            transport=self.transport,
+            parser=self.parser,
+            negotiation=neg,
+            pending=pipelined,
+            h=request.h,
+            conn_id=self.conn_id,
+        )
+        slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
+        if slot is not None:
+            log.info(
+                "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id
+            )
+            await handover.accepted.wait()
+            if handover.resumed:
+                self.lent_to = handover
+                return True
+        stale = await self._stale_h_for(request.previd, neg.jid)
+        log.info("sm_resume_failed", smid=request.previd, stale_h=stale)
+        # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
+        neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
+        await self._write(neg.data_to_send())
+        return False
 
-    async def run_session(self) -> bool:
-        """Serve the bound session. Returns True when the client closed its stream."""
-        error: Exception | None = None
-        closed_by_client = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer)
-            try:
-                closed_by_client = await self._reader()
-            except (RemoteProtocolError, TransportLost, trio.BrokenResourceError) as exc:
-                # Re-raised below, outside the nursery: not wrapped in a group.
-                error = exc
-            nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        return closed_by_client
+    async def _stale_h_for(self, smid: str, jid: JID) -> int | None:
+        if not self.ctx.config.modules.mod_stream_management.stale_h.enabled:
+            return None
+        entry = await self.ctx.stale_h.get(smid)
+        if entry is None or entry.jid != str(jid):
+            return None
+        return entry.h
 
-    async def _reader(self) -> bool:
+    # -- phase 2: serving a transport ----------
+
+    async def _serve_transport(self) -> Outcome:
+        """Serve the session on the current transport until something ends it."""
+        session = self.session
+        assert session is not None
+        self.writer_lost = False
+        self.protocol_error = None
+        self.handover_in = None
+        outcome = Outcome.CLOSE_REQUESTED
+        with trio.CancelScope() as serve_scope:
+            session.cancel_scope = serve_scope
+            if session.close_request is not None:
+                serve_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                self.serve_nursery = nursery
+                nursery.start_soon(self._writer)
+                if self.slot is not None:
+                    nursery.start_soon(self._watch, self.slot)
+                try:
+                    outcome = await self._reader()
+                except RemoteProtocolError as exc:
+                    self.protocol_error = exc
+                    outcome = Outcome.PROTOCOL_ERROR
+                except (TransportLost, trio.BrokenResourceError, trio.ClosedResourceError):
+                    outcome = Outcome.TRANSPORT_LOST
+                except OSError:
+                    outcome = Outcome.TRANSPORT_LOST
+                nursery.cancel_scope.cancel()
+        self.serve_nursery = None
+        if self._received_handover() is not None:
+            return Outcome.HANDOVER
+        if session.close_request is not None:
+            return Outcome.CLOSE_REQUESTED
+        if self.writer_lost:
+            return Outcome.TRANSPORT_LOST
+        return outcome
+
+    def _received_handover(self) -> Handover | None:
+        # A method, so type checkers do not narrow the attribute the watch task sets.
+        return self.handover_in
+
+    async def _reader(self) -> Outcome:
+        outcome = Outcome.ACK_TIMEOUT
+        with trio.CancelScope() as ack_scope:
+            # Only the ack deadline (set by the writer after an <r/>) cancels this scope.
+            self.ack_scope = ack_scope
+            outcome = await self._read_loop()
+        self.ack_scope = None
+        return outcome
+
+    async def _read_loop(self) -> Outcome:
         events, self.pending = self.pending, []
         while True:
             for event in events:
                 if isinstance(event, ElementReceived):
                     await self._on_element(event.element)
                 elif isinstance(event, StreamClosed):
-                    return True
+                    return Outcome.CLIENT_CLOSED
                 elif isinstance(event, StreamOpened):
                     raise RemoteProtocolError(
                         StreamErrorCondition.NOT_WELL_FORMED, "stream header inside the stream"
@@ -254,35 +403,45 @@ class Connection:
 
     async def _writer(self) -> None:
         receive = self.outgoing_receive
+        assert receive is not None
+        ack_timeout = self.ctx.config.modules.mod_stream_management.ack_timeout
         try:
             async for element in receive:
+                requested = element is ACK_REQUEST
                 parts = [serialize(element)]
                 while True:
                     try:
-                        parts.append(serialize(receive.receive_nowait()))
+                        element = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
+                    requested = requested or element is ACK_REQUEST
+                    parts.append(serialize(element))
                 await self._write(b"".join(parts))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The reader notices too; end the session now.
-            self.transport_lost = True
-            self.scope.cancel()
+                scope = self.ack_scope
+                if requested and ack_timeout and scope is not None and scope.deadline == math.inf:
+                    scope.deadline = trio.current_time() + ack_timeout
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.writer_lost = True
+            if self.session is not None and self.session.cancel_scope is not None:
+                self.session.cancel_scope.cancel()
+
+    async def _watch(self, slot: ResumeSlot) -> None:
+        """Receive a handover while still serving; only cancels the serving scope (C9)."""
+        handover = await slot.receive_channel.receive()
+        self.handover_in = handover
+        assert self.session is not None and self.session.cancel_scope is not None
+        self.session.cancel_scope.cancel()
 
     async def _on_element(self, element: Element) -> None:
         session = self.session
         assert session is not None and session.full_jid is not None
         kind = stanza_kind(element)
         if kind is None:
-            actions = self.negotiation.receive(ElementReceived(element))
-            for action in actions:
-                if isinstance(action, StanzaReceived):
-                    # Nonzas (stream management arrives in a later issue).
-                    raise RemoteProtocolError(
-                        StreamErrorCondition.UNSUPPORTED_STANZA_TYPE,
-                        f"<{action.element.name}/> is not supported here",
-                    )
+            await self._on_nonza(session, element)
             return
         self.stanzas_in += 1
+        if session.sm is not None:
+            session.sm.received()
         full = str(session.full_jid)
         claimed = element.get("from")
         if claimed is not None and claimed != full:
@@ -315,34 +474,255 @@ class Connection:
             if stanza.get("type") != "error":
                 session.send(error_reply(stanza, exc.condition, exc.error_type, exc.text))
 
-    # -- the end ----------
+    async def _on_nonza(self, session: Session, element: Element) -> None:
+        if element.namespace != ns.SM:
+            raise RemoteProtocolError(
+                StreamErrorCondition.UNSUPPORTED_STANZA_TYPE, f"<{element.name}/> is not supported"
+            )
+        sm = session.sm
+        name = element.name
+        if name == "enable":
+            await self._enable(session, element)
+        elif name == "r":
+            if sm is None:
+                session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
+            else:
+                session.send_nonza(sm.answer())
+        elif name == "a":
+            if sm is None:
+                return
+            h = parse_ack(element)
+            try:
+                sm.acked(h)
+            except HandledCountTooHigh as exc:
+                raise RemoteProtocolError(
+                    StreamErrorCondition.UNDEFINED_CONDITION,
+                    "you acknowledged more stanzas than were sent",
+                    extra=handled_count_too_high(exc.h, exc.send_count),
+                ) from exc
+            except AckBehind:
+                log.debug("sm_ack_behind", h=h)
+            if self.ack_scope is not None:
+                self.ack_scope.deadline = math.inf  # the client is alive
+        elif name == "resume":
+            # XEP-0198 section 5: resumption comes instead of binding, not after it.
+            session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
+        else:
+            raise RemoteProtocolError(
+                StreamErrorCondition.UNSUPPORTED_STANZA_TYPE, f"<{name}/> is not supported"
+            )
 
-    async def finish(self, reason: str, final: bytes) -> None:
-        """Leave the router, hand back unwritten stanzas, write `final`, close."""
+    async def _enable(self, session: Session, element: Element) -> None:
+        cfg = self.ctx.config.modules.mod_stream_management
+        if session.sm is not None:
+            # XEP-0198 section 3: a second <enable/> is an unexpected request.
+            session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
+            return
+        try:
+            request = parse_enable(element)
+        except SmError as exc:
+            session.send_nonza(failed(exc.condition))
+            return
+        sm = SMState(
+            buffer_max=cfg.buffer_max, ack_freq=cfg.ack_freq, ack=cfg.ack, buffering=cfg.buffer
+        )
+        assert session.full_jid is not None
+        # <enabled/> is queued before any counted stanza: both happen in this one step.
+        session.send_nonza(
+            sm.enable(
+                request,
+                resume_timeout=cfg.resume_timeout,
+                new_smid=lambda: secrets.token_urlsafe(16),  # 128 bits
+            )
+        )
+        session.sm = sm
+        smid, granted = sm.smid, sm.max
+        if smid is not None:
+            self.slot = self.ctx.resume.create(smid, session.bare_jid, session)
+            await self.ctx.sm_sessions.register(
+                SmSessionRecord(smid, str(session.bare_jid), "local", trio.current_time())
+            )
+            if self.serve_nursery is not None:
+                self.serve_nursery.start_soon(self._watch, self.slot)
+            structlog.contextvars.bind_contextvars(smid=smid)
+        log.info("sm_enabled", resume=smid is not None, max=granted)
+
+    # -- phase 3: resume_session ----------
+
+    async def _park(self) -> Handover | None:
+        """Wait (up to the granted max) for a resuming connection's handover."""
+        session, slot = self.session, self.slot
+        assert session is not None and slot is not None and session.sm is not None
+        session.outgoing = None  # stanzas now only enter the SM buffer
+        self.outgoing_receive = None
+        now = trio.current_time()
+        for victim in self.ctx.resume.park(slot, now):
+            log.info(
+                "sm_parked_session_evicted", smid=victim.smid, victim_conn_id=victim.session.conn_id
+            )
+            victim.session.close(None, "too many parked sessions")
+        log.info("session_parked", timeout=session.sm.max, unacked=session.sm.buffer_size)
+        with trio.CancelScope(deadline=now + (session.sm.max or 0)) as park_scope:
+            session.cancel_scope = park_scope
+            if session.close_request is not None:
+                park_scope.cancel()
+            return await slot.receive_channel.receive()
+        return None
+
+    async def _adopt(self, handover: Handover) -> bool:
+        """Serve `handover`'s transport: <resumed/>, apply h, resend the rest (section 5)."""
+        session, slot = self.session, self.slot
+        assert session is not None and slot is not None and session.sm is not None
+        sm = session.sm
+        neg = handover.negotiation
+        try:
+            resend = sm.resume(handover.h)
+        except AckBehind:
+            resend = sm.unacked()
+        except HandledCountTooHigh as exc:
+            log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
+            handover.resumed = False
+            final = neg.stream_error_bytes(
+                StreamErrorCondition.UNDEFINED_CONDITION,
+                "you acknowledged more stanzas than were sent",
+                handled_count_too_high(exc.h, exc.send_count),
+            )
+            with trio.move_on_after(CLOSE_GRACE, shield=True):
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await handover.transport.send(final)
+                await handover.transport.aclose()
+            handover.lost_transport = True
+            handover.accepted.set()
+            handover.done.set()
+            return False
+        # Switch this task to the lent stream (transport, parser, negotiation state).
+        self.transport, self.parser, self.negotiation = handover.transport, handover.parser, neg
+        self.pending = handover.pending
+        self.lent_from = handover
+        assert session.full_jid is not None
+        neg.resumed(session.full_jid)
+        self._new_outgoing(session)
+        self.ctx.resume.serving(slot)
+        session.close_request = None
+        neg.send(resumed(slot.smid, sm.counter_in))
+        for stanza in resend:
+            neg.send(stanza)
+        if resend and sm.ack:
+            neg.send(ACK_REQUEST)
+        handover.resumed = True
+        handover.accepted.set()
+        self.ctx.resume.resumed += 1
+        log.info("session_resumed", new_conn_id=handover.conn_id, h=handover.h, resent=len(resend))
+        await self._write(neg.data_to_send())
+        return True
+
+    async def run_session(self) -> str:
+        """Serve, park, resume... until the session ends; returns the end reason."""
         session = self.session
+        assert session is not None
+        while True:
+            outcome = await self._serve_transport()
+            sm = session.sm
+            resumable = self.slot is not None and sm is not None and sm.resumable
+            handover: Handover | None = None
+            if outcome is Outcome.HANDOVER:
+                # XEP-0198 section 5: the old transport is still attached: close it first.
+                handover = self.handover_in
+                await self._close_transport(
+                    self.negotiation.stream_error_bytes(
+                        StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
+                    )
+                )
+            elif (
+                outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT)
+                and resumable
+                and not self.ctx.draining
+            ):
+                await self._close_transport(b"")
+                handover = await self._park()
+                if handover is None and session.close_request is None:
+                    # Timed out: a claim that raced the deadline still wins (end() says).
+                    assert self.slot is not None
+                    handover = self.ctx.resume.end(self.slot)
+                    if handover is None:
+                        self.slot = None  # ended; stale_h recorded in _end_session
+                        return "resume_timeout"
+            else:
+                await self._close_transport(self._final_bytes(outcome))
+                return self._reason(outcome)
+            if handover is None:
+                return "closed"
+            if not await self._adopt(handover):
+                return "resume_failed"
+
+    def _final_bytes(self, outcome: Outcome) -> bytes:
+        neg = self.negotiation
+        session = self.session
+        request = session.close_request if session is not None else self.close_request
+        if outcome is Outcome.PROTOCOL_ERROR and self.protocol_error is not None:
+            exc = self.protocol_error
+            log.info("stream_error", condition=exc.condition.value, text=exc.text)
+            return neg.stream_error_bytes(exc.condition, exc.text, exc.extra)
+        if outcome is Outcome.CLOSE_REQUESTED and request is not None and request.condition:
+            return neg.stream_error_bytes(request.condition, request.text)
+        if outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT):
+            return b""
+        return neg.close_bytes()
+
+    def _reason(self, outcome: Outcome) -> str:
+        session = self.session
+        request = session.close_request if session is not None else None
+        if outcome is Outcome.PROTOCOL_ERROR and self.protocol_error is not None:
+            return self.protocol_error.condition.value
+        if outcome is Outcome.CLOSE_REQUESTED and request is not None:
+            return request.condition.value if request.condition else "closed"
+        return outcome.value
+
+    # -- phase 4: the end ----------
+
+    async def end_session(self) -> None:
+        """The session ends without resumption: nothing it holds is lost (DESIGN 3)."""
+        session = self.session
+        if session is None:
+            return
+        router = self.ctx.router
+        if session.close_request is None:
+            session.close_request = CloseRequest(None)
+        router.unbind(session)
+        slot = self.slot
+        if slot is not None:
+            raced = self.ctx.resume.end(slot)
+            if raced is not None:
+                # A resume claimed the slot while we were ending: refuse it cleanly.
+                raced.resumed = False
+                raced.accepted.set()
+            self.slot = None
+        sm = session.sm
+        if sm is not None and sm.smid is not None:
+            await self.ctx.sm_sessions.remove(sm.smid)
+            if self.ctx.config.modules.mod_stream_management.stale_h.enabled:
+                await self.ctx.stale_h.put(
+                    StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
+                )
+        await broadcast_unavailable(router, session)
         leftovers: list[Element] = []
-        if session is not None:
-            router = self.ctx.router
-            router.unbind(session)
-            await broadcast_unavailable(router, session)
-            session.outgoing.close()
+        if sm is not None:
+            leftovers = sm.unacked()
+        elif self.outgoing_receive is not None:
             while True:
                 try:
                     leftovers.append(self.outgoing_receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-        transport_ok = reason not in ("transport_lost",)
-        with trio.move_on_after(CLOSE_GRACE, shield=True):
-            if transport_ok:
-                try:
-                    data = b"".join(serialize(el) for el in leftovers) + final
-                    leftovers = []
-                    await self._write(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            await self.transport.aclose()
-        if session is not None and leftovers:
-            await self._hand_back(session, leftovers)
+        if session.outgoing is not None:
+            session.outgoing.close()
+            session.outgoing = None
+        await hand_back(router, session, leftovers)
+
+    def log_closed(self, reason: str) -> None:
+        session = self.session
         log.info(
             "connection_closed",
             reason=reason,
@@ -353,17 +733,21 @@ class Connection:
             stanzas_out=session.stanzas_out if session else 0,
         )
 
-    async def _hand_back(self, session: Session, stanzas: list[Element]) -> None:
-        """Stanzas queued for a session that can no longer take them (never silently lost)."""
-        router = self.ctx.router
-        for stanza in stanzas:
-            kind = stanza_kind(stanza)
-            if kind is StanzaKind.MESSAGE and stanza.get("type", "normal") in ("chat", "normal"):
-                await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
-            elif kind is StanzaKind.IQ and stanza.get("type") in ("get", "set"):
-                router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-            else:
-                router.drop(stanza, "undeliverable_after_session_end")
+
+async def hand_back(router: Router, session: Session, stanzas: list[Element]) -> None:
+    """Stanzas a session took but the client never acknowledged (DESIGN 3, the ledger)."""
+    for stanza in stanzas:
+        kind = stanza_kind(stanza)
+        if kind is StanzaKind.MESSAGE and stanza.get("type", "normal") in (
+            "chat",
+            "normal",
+            "error",
+        ):
+            await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
+        elif kind is StanzaKind.IQ and stanza.get("type") in ("get", "set"):
+            await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+        elif kind is not None:
+            router.drop(stanza, "undeliverable_after_session_end")
 
 
 async def serve_connection(
@@ -382,22 +766,25 @@ async def serve_connection(
             if ctx.draining:
                 raise RemoteProtocolError(StreamErrorCondition.SYSTEM_SHUTDOWN)
             deadline = trio.current_time() + ctx.config.general.negotiation_timeout
+            result = Negotiated.CLIENT_CLOSED
             with trio.CancelScope(deadline=deadline) as negotiation_scope:
-                established = await conn.negotiate()
+                result = await conn.negotiate()
             if negotiation_scope.cancelled_caught:
                 raise RemoteProtocolError(
                     StreamErrorCondition.CONNECTION_TIMEOUT, "negotiation took too long"
                 )
-            if established:
-                closed_by_client = await conn.run_session()
-                reason = "client_closed" if closed_by_client else "closed"
+            if result is Negotiated.RESUMED:
+                assert conn.lent_to is not None
+                log.info("transport_lent")
+                await conn.lent_to.done.wait()
+                reason = "lent_to_resumed_session"
+            elif result is Negotiated.BOUND:
+                reason = await conn.run_session()
             else:
                 reason = "client_closed"
-            final = neg.close_bytes()
-        request = conn.session.close_request if conn.session else conn.close_request
-        if conn.transport_lost:
-            reason = "transport_lost"
-        elif request is not None:
+                final = neg.close_bytes()
+        if conn.close_request is not None and conn.session is None and conn.lent_to is None:
+            request = conn.close_request
             reason = request.condition.value if request.condition else "closed"
             final = (
                 neg.stream_error_bytes(request.condition, request.text)
@@ -407,7 +794,7 @@ async def serve_connection(
     except RemoteProtocolError as exc:
         reason = exc.condition.value
         log.info("stream_error", condition=exc.condition.value, text=exc.text)
-        final = neg.stream_error_bytes(exc.condition, exc.text)
+        final = neg.stream_error_bytes(exc.condition, exc.text, exc.extra)
     except (TransportLost, trio.BrokenResourceError, trio.ClosedResourceError):
         reason = "transport_lost"
     except trio.TooSlowError:
@@ -425,4 +812,10 @@ async def serve_connection(
         # Shielded: a cancelled connection (shutdown) still leaves the router, broadcasts
         # unavailable and hands its stanzas back before it goes.
         with trio.CancelScope(shield=True):
-            await conn.finish(reason, final)
+            if conn.lent_to is None:
+                if conn.session is None or reason not in ("transport_lost",):
+                    await conn._close_transport(final if conn.session is None else b"")
+                else:
+                    await conn._close_transport(b"")
+            await conn.end_session()
+            conn.log_closed(reason)

@@ -21,6 +21,7 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 
+MAX_DIRECTED = 1000  # directed-presence targets remembered per resource
 MIN_PRIORITY = -128
 MAX_PRIORITY = 127
 
@@ -47,10 +48,19 @@ async def handle_presence(router: Router, session: Session, stanza: Element) -> 
     if to_text is not None:
         # A malformed 'to' is answered jid-malformed by the router.
         with contextlib.suppress(JIDError):
-            if ptype is None:
-                session.directed.add(JID.parse(to_text))
+            target = JID.parse(to_text)
+            if target.bare() == session.bare_jid:
+                pass  # own resources get broadcasts anyway: not "directed"
+            elif ptype is None:
+                if target not in session.directed and len(session.directed) >= MAX_DIRECTED:
+                    # STYLE P3: bounded; one client must not grow server memory at will.
+                    raise StanzaError(
+                        StanzaErrorCondition.RESOURCE_CONSTRAINT,
+                        text="too many directed presence targets",
+                    )
+                session.directed.add(target)
             elif ptype == "unavailable":
-                session.directed.discard(JID.parse(to_text))
+                session.directed.discard(target)
         await router.route(stanza, session)
         return
     if ptype is None:
@@ -65,6 +75,9 @@ async def handle_presence(router: Router, session: Session, stanza: Element) -> 
             for other in router.available_resources(bare):
                 if other is not session and other.presence is not None:
                     session.send(other.presence)
+            if priority >= 0 and router.offline is not None:
+                # XEP-0160 section 3: stored messages go out on initial presence.
+                await router.offline.flush(session)
         return
     if ptype == "unavailable":
         await broadcast_unavailable(router, session, stanza)

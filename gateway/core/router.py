@@ -7,8 +7,8 @@ delivery rules. Stanzas arrive with `from` already stamped by the sender's conne
 - full JID not connected: message chat/normal as to the bare JID; headline dropped;
   groupchat and iq get/set answered with `service-unavailable`; presence dropped.
 - bare JID: message chat/normal to the available resource(s) of highest non-negative
-  priority, headline to all non-negative ones, none available -> `service-unavailable`
-  to the sender (offline storage arrives with stream management, issue 3); presence to
+  priority, headline to all non-negative ones, none available -> offline storage
+  (XEP-0160; full -> `service-unavailable` to the sender); presence to
   every available resource; iq handled by the server on the account's behalf.
 - a served domain: server features (`services.py`).
 - any other domain: `remote-server-not-found` (no s2s at the edge).
@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from gateway.core.offline import OfflineService
 from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaErrorCondition, StreamErrorCondition
 from gateway.xmpp.element import Element
@@ -45,6 +46,8 @@ class Router:
         self.sessions: dict[JID, dict[str, Session]] = {}
         # Set by the services module: handles iq addressed to a domain or to an account.
         self.server_handler: ServerHandler | None = None
+        # XEP-0160 offline storage; None answers service-unavailable instead.
+        self.offline: OfflineService | None = None
         self.dropped = 0
         self.bounced = 0
 
@@ -112,7 +115,7 @@ class Router:
             try:
                 to = JID.parse(to_text)
             except JIDError:
-                self.bounce(stanza, StanzaErrorCondition.JID_MALFORMED)
+                await self.bounce(stanza, StanzaErrorCondition.JID_MALFORMED)
                 return
         if kind is StanzaKind.PRESENCE and stanza.get("type") == "probe":
             # RFC 6121 4.3: probes are the server's business and are answered from the
@@ -121,7 +124,7 @@ class Router:
             self.drop(stanza, "probe_without_subscription_state")
             return
         if to.domain not in self.hosts:
-            self.bounce(stanza, StanzaErrorCondition.REMOTE_SERVER_NOT_FOUND)
+            await self.bounce(stanza, StanzaErrorCondition.REMOTE_SERVER_NOT_FOUND)
             return
         if to.local is None:
             await self._to_domain(stanza, kind, to, origin)
@@ -135,12 +138,12 @@ class Router:
     ) -> None:
         if to.resource is not None:
             # A resource of the server itself: nothing lives there.
-            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             return
         if kind is StanzaKind.IQ and self.server_handler is not None:
             await self.server_handler(self, stanza, origin)
         elif kind is StanzaKind.MESSAGE:
-            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         # Presence to the domain: nothing to do (no server-side presence subscribers).
 
     async def _to_bare(
@@ -167,36 +170,45 @@ class Router:
         """RFC 6121 section 8.5.2.1.1 for messages to a bare JID."""
         mtype = stanza.get("type", "normal")
         if mtype == "groupchat":
-            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             return
-        candidates = [
-            s for s in self.available_resources(to) if s.priority >= 0 and s is not exclude
-        ]
-        if mtype == "headline":
-            targets = candidates
-        elif candidates:
-            top = max(s.priority for s in candidates)
-            targets = [s for s in candidates if s.priority == top]
-        else:
-            targets = []
+        targets = self.message_targets(stanza, to, exclude=exclude)
         delivered = False
         for session in targets:
             delivered = session.send(stanza) or delivered
         if delivered:
             return
-        if mtype in ("headline", "error"):
-            self.drop(stanza, "no_available_resource")
+        if mtype == "headline":
+            self.drop(stanza, "headline_no_available_resource")
             return
         if not self.sessions.get(to) and not await self.account_exists(to.domain, to.local or ""):
-            self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             return
-        # RFC 6121 section 8.5.2.1.1: without offline storage (it arrives with stream
-        # management, issue 3) the server MUST answer service-unavailable.
-        self.bounce(
+        if self.offline is None:
+            # RFC 6121 section 8.5.2.1.1: without offline storage the server MUST answer
+            # service-unavailable.
+            await self.bounce(
+                stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="the recipient is offline"
+            )
+            return
+        await self.offline.store_or_deliver(
             stanza,
-            StanzaErrorCondition.SERVICE_UNAVAILABLE,
-            text="the recipient is offline",
+            to,
+            lambda s, bare: self.message_targets(s, bare, exclude=exclude),
+            self.bounce,
         )
+
+    def message_targets(
+        self, stanza: Element, to: JID, *, exclude: Session | None = None
+    ) -> list[Session]:
+        """The resources a message to a bare JID goes to (RFC 6121 section 8.5.2.1.1)."""
+        candidates = [
+            s for s in self.available_resources(to) if s.priority >= 0 and s is not exclude
+        ]
+        if stanza.get("type") == "headline" or not candidates:
+            return candidates
+        top = max(s.priority for s in candidates)
+        return [s for s in candidates if s.priority == top]
 
     async def _to_full(
         self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
@@ -209,12 +221,12 @@ class Router:
             if mtype in ("chat", "normal"):
                 await self.deliver_message_to_bare(stanza, to.bare(), exclude=session)
             elif mtype == "groupchat":
-                self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+                await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
                 self.drop(stanza, "message_to_unavailable_resource")
         elif kind is StanzaKind.IQ:
             if stanza.get("type") in ("get", "set"):
-                self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+                await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
                 self.drop(stanza, "iq_response_to_unavailable_resource")
         elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
@@ -223,7 +235,7 @@ class Router:
 
     # -- the ledger's other ends -------------------------------------------------------------------
 
-    def bounce(
+    async def bounce(
         self,
         stanza: Element,
         condition: StanzaErrorCondition,
@@ -241,10 +253,11 @@ class Router:
         target = self.session_for(sender) if sender.resource else None
         if target is not None and target.send(reply):
             return
-        # The sender went away meanwhile: an error message goes to its account.
-        for session in self.available_resources(sender.bare()):
-            if session.send(reply):
-                return
+        if sender.domain in self.hosts and sender.local is not None and reply.name == "message":
+            # The sender's session moved on (logged in again, or ended): the error goes to
+            # its account's current resources, else its offline store.
+            await self.deliver_message_to_bare(reply, sender.bare())
+            return
         self.drop(reply, "bounce_sender_gone")
 
     def drop(self, stanza: Element, policy: str) -> None:

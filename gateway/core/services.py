@@ -40,14 +40,14 @@ class ServerServices:
     async def __call__(self, router: Router, iq: Element, origin: Session | None) -> None:
         iq_type = iq.get("type")
         if iq_type not in IQ_TYPES:
-            router.bounce(iq, StanzaErrorCondition.BAD_REQUEST, text="unknown iq type")
+            await router.bounce(iq, StanzaErrorCondition.BAD_REQUEST, text="unknown iq type")
             return
         if iq_type in ("result", "error"):
             return  # answers to nothing we asked
         payload = list(iq.elements())
         if len(payload) != 1:
             # RFC 6120 section 8.2.3: get/set carry exactly one payload.
-            router.bounce(iq, StanzaErrorCondition.BAD_REQUEST, text="iq needs one payload")
+            await router.bounce(iq, StanzaErrorCondition.BAD_REQUEST, text="iq needs one payload")
             return
         query = payload[0]
         sender = JID.parse(iq.get("from") or "")

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Final
 
 import trio
 
 from gateway.errors import StreamErrorCondition
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
+from gateway.xmpp.sm import BufferOverflow, SMState, ack_request
+
+# The one <r/> element: the writer recognises it by identity to start the ack timer.
+ACK_REQUEST: Final = ack_request()
 
 
 class SessionType(enum.Enum):
@@ -50,12 +55,13 @@ class Session:
         roster: the roster, loaded when the resource is bound (None before).
         directed: JIDs this resource sent directed available presence to; they get its
             unavailable presence when it goes away (RFC 6121 section 4.6.3).
-        sm: the XEP-0198 state, when stream management is enabled (later issue).
+        sm: the XEP-0198 state (`SMState`), once the client enabled stream management.
+        outgoing: the channel to the writer of the current transport; None while parked.
     """
 
     conn_id: str
     conn: str
-    outgoing: trio.MemorySendChannel[Element]
+    outgoing: trio.MemorySendChannel[Element] | None
     notopen: bool = True
     type: SessionType = SessionType.C2S_UNAUTHED
     username: str | None = None
@@ -67,7 +73,7 @@ class Session:
     interested: bool = False
     roster: dict[str, Element] | None = None
     directed: set[JID] = field(default_factory=set)
-    sm: object | None = None
+    sm: SMState | None = None
     close_request: CloseRequest | None = None
     cancel_scope: trio.CancelScope | None = None
     stanzas_out: int = 0
@@ -84,12 +90,23 @@ class Session:
     def send(self, stanza: Element) -> bool:
         """Queue a stanza for the client without blocking.
 
+        With stream management on, the stanza enters the SM buffer first (XEP-0198: every
+        stanza sent after enable is kept until acked), also while the session is parked
+        without a transport; from then on the session is responsible for it (acked,
+        resent on resume, or rerouted when the session ends), so the answer is True even
+        when the buffer overflows (the session then ends with `resource-constraint`).
+
         Returns:
-            True when queued. False when the session is closing or its queue is full; a
-            full queue means the client cannot keep up, so the session is closed with
-            `resource-constraint` (the caller keeps responsibility for the stanza).
+            True when the session took the stanza. False when it is closing, or (without
+            stream management) its queue is full, which closes it with
+            `resource-constraint`; the caller keeps responsibility for the stanza then.
         """
         if self.close_request is not None:
+            return False
+        sm = self.sm
+        if sm is not None:
+            return self._send_managed(sm, stanza)
+        if self.outgoing is None:
             return False
         try:
             self.outgoing.send_nowait(stanza)
@@ -100,6 +117,36 @@ class Session:
             return False
         self.stanzas_out += 1
         return True
+
+    def _send_managed(self, sm: SMState, stanza: Element) -> bool:
+        try:
+            request = sm.sent(stanza)
+        except BufferOverflow:
+            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "too many unacknowledged stanzas")
+            return True  # kept in the buffer: rerouted when the session ends
+        self.stanzas_out += 1
+        if self.outgoing is None:
+            return True  # parked: buffered until a resume or the end
+        try:
+            self.outgoing.send_nowait(stanza)
+            if request:
+                self.outgoing.send_nowait(ACK_REQUEST)
+        except trio.WouldBlock:
+            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the transport is going away; the buffer keeps the stanza
+        return True
+
+    def send_nonza(self, element: Element) -> None:
+        """Queue a nonza (SM answers); never counted nor buffered."""
+        if self.outgoing is None:
+            return
+        try:
+            self.outgoing.send_nowait(element)
+        except trio.WouldBlock:
+            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     def close(self, condition: StreamErrorCondition | None = None, text: str | None = None) -> None:
         """Ask the owner task to end the stream (with a stream error when given)."""

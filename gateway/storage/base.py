@@ -1,13 +1,25 @@
 """Storage protocols: what the core needs from a backend, whatever the backend is.
 
-Methods are synchronous. The core calls them through `trio.to_thread.run_sync`, so an
-implementation must be safe to call from several worker threads at once, and must not assume
-that the same thread calls it twice. "Not found" is `None` (or `False`), never an exception;
-a backend that fails raises `StorageError`.
+Two kinds of store live here:
+
+* Durable stores (accounts, offline messages) have synchronous methods. The core calls them
+  through `trio.to_thread.run_sync`, so an implementation must be safe to call from several
+  worker threads at once, and must not assume that the same thread calls it twice.
+* The stream management tables (`sm_session`, `stale_h`; DESIGN section 3, the seed's
+  MongooseIM tables) have async methods: the memory backend answers at once (each call is
+  still a trio checkpoint), the redis backend for clusters does network I/O. They are called
+  from trio tasks directly, never from threads. Like any trio I/O, a call made inside a
+  cancelled scope raises `trio.Cancelled`, so cleanup in a `finally` (removing the
+  `sm_session` record, writing `stale_h` when a session ends) must run shielded (STYLE C5).
+
+"Not found" is `None` (or `False`), never an exception; a backend that fails raises
+`StorageError`. Times in SM records are whatever clock the caller passes (the core passes
+`trio.current_time()`); the tables never read a clock.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.xmpp.sasl import HashName, ScramCredentials
@@ -31,6 +43,154 @@ class CredentialStore(Protocol):
 
     def user_exists(self, host: str, username: str) -> bool:
         """Whether the account exists.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+
+# -- XEP-0160 offline messages ---------------------------------------------------------------
+
+
+class OfflineStore(Protocol):
+    """Messages kept for an account while it has no available resource (XEP-0160).
+
+    Stanzas are opaque serialized XML (see `gateway.storage.offline_sqlite.encode_stanza`);
+    `stamp` is the XEP-0203 delay timestamp the caller computed when the message arrived.
+    """
+
+    def store(
+        self, host: str, username: str, stanza: bytes, stamp: str, *, max_per_user: int
+    ) -> bool:
+        """Append one message; False (nothing written) when the account already holds
+        `max_per_user` messages. The check and the write are one atomic step.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    def pop_all(
+        self, host: str, username: str, *, limit: int | None = None
+    ) -> list[tuple[bytes, str]]:
+        """Remove and return `(stanza, stamp)` pairs, oldest first (at most `limit`).
+
+        What is returned is removed in the same atomic step, so two concurrent callers never
+        both get one message.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    def count(self, host: str, username: str) -> int:
+        """How many messages the account holds.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    def remove_account(self, host: str, username: str) -> int:
+        """Delete every message of the account; returns how many there were.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+
+# -- XEP-0198 stream management tables (DESIGN section 3, the seed) --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SmSessionRecord:
+    """A resumable session: one row of the seed's `sm_session` table.
+
+    Attributes:
+        smid: the SM id given to the client in `<enabled id=.../>` (>= 128 random bits).
+        jid: the bare JID that enabled it; a resume by anyone else is refused as if the id
+            were unknown.
+        node: the node that holds the session ("local" for the memory backend).
+        created: when it was registered, in the caller's clock.
+    """
+
+    smid: str
+    jid: str
+    node: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class StaleH:
+    """The server's last h of a session that can no longer be resumed (XEP-0198 v1.6).
+
+    Attributes:
+        smid: the SM id of the ended session.
+        h: its `counter_in` (stanzas received from the client, mod 2**32) when it ended.
+        jid: the bare JID that owned it; `<failed h=.../>` is only given to that user.
+        at: when the session ended, in the caller's clock; the GC removes records whose
+            `at` is older than `geriatric` seconds.
+    """
+
+    smid: str
+    h: int
+    jid: str
+    at: float
+
+
+class SmSessionTable(Protocol):
+    """SM id -> the resumable session behind it (the seed's `sm_session`)."""
+
+    async def register(self, record: SmSessionRecord) -> None:
+        """Add the record, replacing any record with the same `smid`.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    async def lookup(self, smid: str) -> SmSessionRecord | None:
+        """The record for `smid`, or None.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    async def remove(self, smid: str) -> bool:
+        """Delete the record for `smid`; False when there was none.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+
+class StaleHTable(Protocol):
+    """SM id -> last h of an ended session (the seed's `stale_h`), swept by age."""
+
+    async def put(self, entry: StaleH) -> None:
+        """Add the entry, replacing any entry with the same `smid`.
+
+        A backend may bound its size and drop its oldest entries to make room.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    async def get(self, smid: str) -> StaleH | None:
+        """The entry for `smid`, or None (never stored, swept or dropped).
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+    async def sweep(self, older_than: float) -> int:
+        """Delete every entry with `at < older_than`; returns how many were deleted.
 
         Raises:
             StorageError: the backend failed.

@@ -87,6 +87,7 @@ class NegotiationSettings:
     secure: bool = False
     plain_without_tls: bool = False
     max_auth_failures: int = 3
+    stream_management: bool = False
 
 
 # Actions for the shell.
@@ -132,11 +133,26 @@ class StanzaReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeRequested:
+    """XEP-0198 `<resume/>` before bind: try the handover, then call `resumed` or carry on."""
+
+    element: Element
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnded:
     """The client closed its stream (`</stream:stream>`)."""
 
 
-Action = StartTls | LookupCredentials | Authenticated | BindRequested | StanzaReceived | StreamEnded
+Action = (
+    StartTls
+    | LookupCredentials
+    | Authenticated
+    | BindRequested
+    | ResumeRequested
+    | StanzaReceived
+    | StreamEnded
+)
 
 
 def _new_stream_id() -> str:
@@ -182,11 +198,13 @@ class C2SNegotiation:
         """Queue one element on this stream."""
         self._out.append(serialize(element))
 
-    def stream_error_bytes(self, condition: StreamErrorCondition, text: str | None = None) -> bytes:
+    def stream_error_bytes(
+        self, condition: StreamErrorCondition, text: str | None = None, extra: object = None
+    ) -> bytes:
         """Queued bytes, then (our header if never sent,) the stream error and the footer."""
         if not self._header_sent:
             self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
-        self.send(stream_error(condition, text))
+        self.send(stream_error(condition, text, extra if isinstance(extra, Element) else None))
         self._out.append(STREAM_FOOTER)
         self.phase = Phase.CLOSED
         return self.data_to_send()
@@ -318,6 +336,7 @@ class C2SNegotiation:
                 Element(ns.BIND, "bind"),
                 # RFC 6121 legacy session establishment: still answered, marked optional.
                 Element(ns.SESSION, "session", None, [Element(ns.SESSION, "optional")]),
+                *([Element(ns.SM, "sm")] if self.settings.stream_management else []),
             ],
         )
 
@@ -336,6 +355,20 @@ class C2SNegotiation:
             return self._on_sasl(el)
         if phase is Phase.WAIT_BIND and el.namespace == ns.CLIENT and el.name == "iq":
             return self._on_bind(el)
+        if phase is Phase.WAIT_BIND and el.namespace == ns.SM and self.settings.stream_management:
+            if el.name == "resume":
+                return [ResumeRequested(el)]
+            if el.name == "enable":
+                # XEP-0198 section 3: enable only after binding a resource.
+                self.send(
+                    Element(
+                        ns.SM,
+                        "failed",
+                        None,
+                        [Element(ns.STANZAS_ERRORS, "unexpected-request")],
+                    )
+                )
+                return []
         if phase is Phase.BINDING:
             raise RemoteProtocolError(
                 StreamErrorCondition.POLICY_VIOLATION, "stanza sent while binding"
@@ -550,6 +583,13 @@ class C2SNegotiation:
         if iq_id is not None:
             reply_attrs["id"] = iq_id
         self.send(Element(ns.CLIENT, "iq", reply_attrs, [payload]))
+        self.full_jid = full_jid
+        self.phase = Phase.ESTABLISHED
+
+    def resumed(self, full_jid: JID) -> None:
+        """A `<resume/>` on this stream succeeded: the stream now serves that session."""
+        if self.phase is not Phase.WAIT_BIND:
+            raise LocalProtocolError(f"resumed in phase {self.phase}")
         self.full_jid = full_jid
         self.phase = Phase.ESTABLISHED
 

@@ -41,11 +41,16 @@ def stanza_kind(element: Element) -> StanzaKind | None:
     return _KINDS.get(element.name)
 
 
-def stream_error(condition: StreamErrorCondition, text: str | None = None) -> Element:
-    """`<stream:error>` with the condition (RFC 6120 section 4.9)."""
+def stream_error(
+    condition: StreamErrorCondition, text: str | None = None, extra: Element | None = None
+) -> Element:
+    """`<stream:error>` with the condition (RFC 6120 section 4.9) and an optional
+    application-specific condition element (section 4.9.4)."""
     children: list[Element | str] = [Element(ns.STREAMS_ERRORS, condition.value)]
     if text:
         children.append(Element(ns.STREAMS_ERRORS, "text", {XML_LANG: "en"}, [text]))
+    if extra is not None:
+        children.append(extra)
     return Element(ns.STREAM, "error", None, children)
 
 

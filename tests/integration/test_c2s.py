@@ -242,13 +242,30 @@ async def test_message_to_bare_jid_goes_to_highest_priority_resource(
     assert (await low.receive()).name == "iq"
 
 
-async def test_message_to_offline_user_is_bounced_not_lost(
+async def test_message_to_offline_user_is_stored_and_delivered_with_delay_on_login(
     connect: Connect, client_tls: ssl.SSLContext
 ) -> None:
     alice = await _logged_in(connect, "alice", client_tls)
     await alice.send("<message to='bob@localhost' type='chat' id='x1'><body>hi</body></message>")
+    # XEP-0160: stored, no error; bob gets it with a XEP-0203 stamp on initial presence.
+    await alice.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert (await alice.expect(ns.CLIENT, "iq")).get("id") == "p"
+    bob = await _logged_in(connect, "bob", client_tls)
+    await bob.send("<presence/>")
+    got = [await bob.receive() for _ in range(2)]
+    message = next(e for e in got if e.name == "message")
+    assert message.get("id") == "x1" and message.find_text(ns.CLIENT, "body") == "hi"
+    delay = message.find(ns.DELAY, "delay")
+    assert delay is not None and delay.get("from") == "localhost" and delay.get("stamp")
+
+
+async def test_message_to_unknown_account_is_service_unavailable(
+    connect: Connect, client_tls: ssl.SSLContext
+) -> None:
+    alice = await _logged_in(connect, "alice", client_tls)
+    await alice.send("<message to='nobody@localhost' type='chat' id='x2'><body>hi</body></message>")
     error = await alice.expect(ns.CLIENT, "message")
-    assert error.get("type") == "error" and error.get("id") == "x1"
+    assert error.get("type") == "error" and error.get("id") == "x2"
     err = error.find(ns.CLIENT, "error")
     assert err is not None and err.find(ns.STANZAS_ERRORS, "service-unavailable") is not None
 

@@ -1,0 +1,167 @@
+"""XEP-0198 resumption on this node: slots, parking and the handover (STYLE C9).
+
+Theory of operation
+-------------------
+A session that enabled resumable stream management gets a `ResumeSlot` keyed by its SM
+id. The session's own connection task keeps the session for its whole life ("lend, don't
+give"): when its transport is lost it *parks* in `resume_session`, waiting on the slot's
+receive channel, while the router keeps delivering into the session's SM buffer.
+
+A new connection that sends `<resume previd h/>` (after SASL, before bind) calls
+`claim(smid, jid)`. A slot that is unknown, ended, already claimed, or belongs to another
+user answers None (the caller sends `<failed><item-not-found/>`, with the stale h when
+known); otherwise the slot turns CLAIMED and the `Handover` is put into the slot's channel
+in the same synchronous step (`send_nowait` on a buffer of one). Because claiming and ending
+are both synchronous state changes on one trio thread, they are totally ordered: either the
+handover is already in the channel when the parked task gives up (it checks the channel
+once more and resumes), or the slot is ENDED before the claim (the claim fails). Two
+connections racing to resume: the first claim wins, the second sees CLAIMED and fails.
+
+A session still attached to a transport (the client reconnected before we noticed the old
+socket died) receives the handover in its `watch` task, which only cancels the serving
+scope; the session task then closes the old transport with `conflict` and adopts the new
+one. The lender waits on `Handover.done` until the session task has finished with the
+transport it lent, then returns.
+
+Limits: `max_parked_per_user` and `max_parked` bound the parked slots; parking beyond a
+limit evicts the oldest parked slot (its session ends cleanly and its stanzas are rerouted).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway.core.session import Session
+from gateway.net.transport import Transport
+from gateway.xmpp.jid import JID
+from gateway.xmpp.negotiation import C2SNegotiation
+from gateway.xmpp.parser import Event, StreamParser
+
+
+class SlotState(enum.Enum):
+    SERVING = "serving"  # attached to a live transport
+    PARKED = "parked"  # transport lost, waiting for a resume
+    CLAIMED = "claimed"  # a handover is in the channel
+    ENDED = "ended"  # the session is gone; the smid is only in stale_h now
+
+
+@dataclass(eq=False)
+class Handover:
+    """What a resuming connection lends to the session task."""
+
+    transport: Transport
+    parser: StreamParser
+    negotiation: C2SNegotiation
+    pending: list[Event]
+    h: int
+    conn_id: str
+    # Set by the session task once it decided (resumed is then True or False).
+    accepted: trio.Event = field(default_factory=trio.Event)
+    # Set by the session task when it no longer uses the lent transport.
+    done: trio.Event = field(default_factory=trio.Event)
+    resumed: bool = False
+    lost_transport: bool = False
+
+
+@dataclass(eq=False)
+class ResumeSlot:
+    smid: str
+    jid: JID
+    session: Session
+    send_channel: trio.MemorySendChannel[Handover]
+    receive_channel: trio.MemoryReceiveChannel[Handover]
+    state: SlotState = SlotState.SERVING
+    parked_at: float = 0.0
+    evicted: bool = False
+    evict_scope: trio.CancelScope | None = None
+
+
+class ResumeRegistry:
+    """The SM ids with a live session on this node (the local half of `sm_session`)."""
+
+    def __init__(self, *, max_parked_per_user: int, max_parked: int) -> None:
+        self.slots: dict[str, ResumeSlot] = {}
+        self.parked: OrderedDict[str, ResumeSlot] = OrderedDict()
+        self.max_parked_per_user = max_parked_per_user
+        self.max_parked = max_parked
+        self.resumed = 0
+        self.failed = 0
+
+    def create(self, smid: str, jid: JID, session: Session) -> ResumeSlot:
+        # A buffer of one: the handover is put in with send_nowait in the same step as the
+        # claim, and only one claim per park can succeed.
+        send_channel, receive_channel = trio.open_memory_channel[Handover](1)
+        slot = ResumeSlot(smid, jid, session, send_channel, receive_channel)
+        self.slots[smid] = slot
+        return slot
+
+    def claim(self, smid: str, jid: JID, handover: Handover) -> ResumeSlot | None:
+        """Give `handover` to the session of `smid`, if `jid` may resume it right now."""
+        slot = self.slots.get(smid)
+        if (
+            slot is None
+            or slot.jid != jid
+            or slot.state
+            not in (
+                SlotState.SERVING,
+                SlotState.PARKED,
+            )
+        ):
+            self.failed += 1
+            return None
+        slot.send_channel.send_nowait(handover)
+        self._unpark(slot)
+        slot.state = SlotState.CLAIMED
+        return slot
+
+    def park(self, slot: ResumeSlot, now: float) -> list[ResumeSlot]:
+        """Mark `slot` parked; return the parked slots to evict to stay within the limits."""
+        slot.state = SlotState.PARKED
+        slot.parked_at = now
+        self.parked[slot.smid] = slot
+        evict: list[ResumeSlot] = []
+        same_user = [s for s in self.parked.values() if s.jid == slot.jid]
+        while len(same_user) > self.max_parked_per_user:
+            evict.append(same_user.pop(0))
+        for victim in evict:
+            self._unpark(victim)
+        while len(self.parked) > self.max_parked:
+            _, victim = self.parked.popitem(last=False)
+            evict.append(victim)
+        for victim in evict:
+            victim.evicted = True
+        return evict
+
+    def serving(self, slot: ResumeSlot) -> None:
+        """The session adopted a transport again (after a resume)."""
+        self._unpark(slot)
+        slot.state = SlotState.SERVING
+
+    def end(self, slot: ResumeSlot) -> Handover | None:
+        """The session ends. Returns a handover that was claimed in the meantime, if any.
+
+        When a claim came first the session must serve it instead of ending (the caller
+        then calls `serving`); otherwise the slot is gone and later claims fail.
+        """
+        try:
+            handover = slot.receive_channel.receive_nowait()
+        except trio.WouldBlock:
+            handover = None
+        if handover is not None:
+            return handover
+        self._unpark(slot)
+        slot.state = SlotState.ENDED
+        self.slots.pop(slot.smid, None)
+        return None
+
+    def _unpark(self, slot: ResumeSlot) -> None:
+        self.parked.pop(slot.smid, None)
+
+    def parked_count(self, jid: JID | None = None) -> int:
+        if jid is None:
+            return len(self.parked)
+        return sum(1 for s in self.parked.values() if s.jid == jid)

@@ -1,0 +1,650 @@
+"""XEP-0198 Stream Management (v1.6): h counters, the unacked buffer, ack decisions; sans-I/O.
+
+Theory of operation
+-------------------
+One `SMState` holds the stream-management half of one session. The I/O shell creates it
+when it accepts `<enable/>` (XEP-0198 section 3: both counters start at zero "when the
+server sends <enabled/>", section 4) and feeds it four facts:
+
+* `received()`      a stanza (message, presence, iq) came from the client. Nonzas, SM
+                    elements included, never count (section 1); the caller decides.
+* `sent(stanza)`    a stanza is about to be written to the client (call it *before* writing).
+* `acked(h)`        the client's `<a h/>` (section 4).
+* `resume(h)`       the client's `<resume h/>` on a new stream (section 5).
+
+and asks it for `answer()` (the `<a/>` for a client's `<r/>`), `unacked()` and
+`snapshot()`. The names follow MongooseIM's `sm_state`: `counter_in` is the server's h
+(stanzas handled from the client), `counter_out` the client's h as last acked,
+`send_count` the h the client would report having handled everything we sent.
+
+Invariants (all numbers are h values modulo 2**32, section 4; `h_add`/`h_diff` are the only
+h arithmetic):
+
+* `h_diff(send_count, counter_out)` stanzas are unacked; with buffering on they are exactly
+  `buffer`, oldest first: the i-th entry (from 1) is the stanza numbered `counter_out + i`.
+* An ack of h moves `counter_out` forward by `n = h_diff(h, counter_out)`. Which h are
+  acceptable is decided with serial-number arithmetic (RFC 1982): n == 0 is a repeated ack
+  (nothing to do); 1 <= n <= unacked drops n stanzas from the head; h at most 2**31 *behind*
+  `counter_out` is `AckBehind` (a stale or reordered ack, nothing changes); anything else
+  claims more than was sent: `HandledCountTooHigh` (section 6).
+* `buffer_size <= buffer_max` except right after `BufferOverflow`: the stanza that broke the
+  bound is appended before the raise, so `unacked()` still holds everything to reroute.
+  From then on `resumable` is False for good (STYLE S7).
+* A method either completes or raises with the state unchanged; the one exception is
+  `BufferOverflow`, which keeps the stanza on purpose (see above).
+
+Requests: with `ack` on, `sent()` returns True on every `ack_freq`-th stanza since the last
+request (the seed's `ack_freq`); the caller then writes `ack_request()` right after the
+stanza. The count restarts on `resume()`, where the caller should ask again after resending.
+
+How the shell maps the errors (STYLE E2):
+
+* `SmError`            -> `failed(exc.condition, exc.h, exc.text)`; the stream goes on (s6).
+* `HandledCountTooHigh`-> stream error `undefined-condition` plus its `extra`, the
+                          `handled_count_too_high(exc.h, exc.send_count)` child (s6); close.
+* `BufferOverflow`     -> stream error `resource-constraint`; the session ends and every
+                          stanza in `unacked()` is rerouted (the overflowing one included,
+                          so it must not have been written).
+* `AckBehind`          -> nothing on the wire; log and ignore.
+* `RemoteProtocolError` from `parse_ack` -> stream error `policy-violation`; close.
+
+Ownership: an `SMState` belongs to the task that owns its session (STYLE C3, C9) and moves
+with the session on resumption. It has no I/O, clock, logging or randomness: the SM-ID is
+made by a factory the caller passes to `enable()`. Nothing here awaits, so cancellation
+can never observe a half-applied update.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from gateway.errors import (
+    GatewayError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamErrorCondition,
+)
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import XML_LANG, Element
+
+#: h values are xs:unsignedInt and wrap from 2**32-1 back to 0 (XEP-0198 section 4).
+MOD: Final = 2**32
+#: Serial-number window (RFC 1982): an h up to this far behind the last ack is "behind".
+_HALF: Final = 2**31
+#: XML whitespace, removed around attribute values by the xs:* whiteSpace facet "collapse".
+_XML_SPACE: Final = " \t\n\r"
+#: xs:unsignedInt / xs:positiveInteger lexical form: an optional "+" and ASCII digits.
+_DIGITS: Final = re.compile(r"\+?[0-9]+")
+#: xs:boolean lexical space (XML Schema part 2, section 3.2.2); `resume` uses it (s3).
+_BOOLEANS: Final = {"true": True, "1": True, "false": False, "0": False}
+#: `<r/>` never changes, and Elements are immutable: one shared instance.
+_ACK_REQUEST: Final = Element(ns.SM, "r")
+
+
+def h_add(h: int, n: int = 1) -> int:
+    """`h` advanced by `n` stanzas, wrapping at 2**32 (XEP-0198 section 4)."""
+    return (h + n) % MOD
+
+
+def h_diff(newer: int, older: int) -> int:
+    """How many stanzas `newer` is ahead of `older`, modulo 2**32 (0 .. 2**32-1)."""
+    return (newer - older) % MOD
+
+
+def grant_max(requested: int | None, resume_timeout: float) -> int:
+    """The resumption time to grant in `<enabled max/>` (XEP-0198 section 3, STYLE S7).
+
+    Args:
+        requested: the client's `max` (seconds), None when it sent none.
+        resume_timeout: the configured `resume_timeout` (seconds, at least 1).
+
+    Returns:
+        `min(requested, resume_timeout)` in whole seconds; `resume_timeout` without a request.
+
+    Raises:
+        ValueError: `resume_timeout` is below one second or `requested` is not positive.
+    """
+    limit = int(resume_timeout)
+    if limit < 1:
+        raise ValueError(f"resume_timeout must be at least 1 s, got {resume_timeout!r}")
+    if requested is None:
+        return limit
+    if requested < 1:
+        raise ValueError(f"requested max must be positive, got {requested!r}")
+    return min(requested, limit)
+
+
+class SmCondition(enum.Enum):
+    """Conditions of `<failed/>`; values are RFC 6120 stanza error names (XEP-0198 s6)."""
+
+    #: A malformed `<enable/>` or `<resume/>` (bad `max`, `resume`, `h`, missing `previd`).
+    BAD_REQUEST = "bad-request"
+    #: `<resume/>` where resumption is not offered (section 5).
+    FEATURE_NOT_IMPLEMENTED = "feature-not-implemented"
+    #: The server failed while answering (e.g. a storage error during a lookup).
+    INTERNAL_SERVER_ERROR = "internal-server-error"
+    #: `previd` unknown, expired, not resumable any more, or another user's (section 5).
+    ITEM_NOT_FOUND = "item-not-found"
+    #: No room to keep another resumable session.
+    RESOURCE_CONSTRAINT = "resource-constraint"
+    #: `<enable/>` before bind or twice, `<resume/>` after bind (sections 3, 6).
+    UNEXPECTED_REQUEST = "unexpected-request"
+
+
+class SmError(GatewayError):
+    """An `<enable/>` or `<resume/>` is refused: answered with `failed(condition, h, text)`.
+
+    Args:
+        condition: the `<failed/>` condition.
+        h: the server's h to report (section 5: known for a timed-out session), or None.
+        text: an optional human-readable `<text/>`.
+    """
+
+    def __init__(
+        self, condition: SmCondition, h: int | None = None, text: str | None = None
+    ) -> None:
+        super().__init__(f"{condition.value}: {text}" if text else condition.value)
+        self.condition = condition
+        self.h = h
+        self.text = text
+
+
+class HandledCountTooHigh(RemoteProtocolError):
+    """The client acked more stanzas than were sent (XEP-0198 section 6).
+
+    A stream error `undefined-condition` whose `extra` is the `handled_count_too_high(h,
+    send_count)` child the shell adds to the `<stream:error/>` before closing.
+
+    Args:
+        h: the client's h.
+        send_count: the h that acks everything we sent.
+    """
+
+    def __init__(self, h: int, send_count: int) -> None:
+        super().__init__(
+            StreamErrorCondition.UNDEFINED_CONDITION,
+            "You acknowledged more stanzas than were sent",
+            extra=handled_count_too_high(h, send_count),
+        )
+        self.h = h
+        self.send_count = send_count
+
+
+class AckBehind(GatewayError):
+    """The client's h is behind its own last ack (up to 2**31 back); nothing was changed.
+
+    Not a `ProtocolError`: the shell may log it and go on (a reordered or stale ack).
+
+    Args:
+        h: the client's h.
+        counter_out: the h it acked before.
+    """
+
+    def __init__(self, h: int, counter_out: int) -> None:
+        super().__init__(f"ack h={h} is behind the last ack h={counter_out}")
+        self.h = h
+        self.counter_out = counter_out
+
+
+class BufferOverflow(RemoteProtocolError):
+    """The unacked buffer went over `buffer_max`: stream error `resource-constraint`.
+
+    The stanza that overflowed is already in the buffer and `resumable` is False; the
+    session ends and everything in `SMState.unacked()` is rerouted.
+
+    Args:
+        size: the buffer's length, `buffer_max + 1` on the first overflow.
+        buffer_max: the bound.
+    """
+
+    def __init__(self, size: int, buffer_max: int) -> None:
+        super().__init__(StreamErrorCondition.RESOURCE_CONSTRAINT, "too many unacked stanzas")
+        self.size = size
+        self.buffer_max = buffer_max
+
+
+@dataclass(frozen=True, slots=True)
+class EnableRequest:
+    """A parsed `<enable/>` (XEP-0198 section 3)."""
+
+    resume: bool
+    """The client asks for a resumable stream."""
+    max: int | None
+    """The client's preferred maximum resumption time in seconds, when given."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """A parsed `<resume/>` (XEP-0198 section 5)."""
+
+    previd: str
+    """The SM-ID of the stream to resume."""
+    h: int
+    """The client's h: the last stanza it handled on the old stream."""
+
+
+def _expect(el: Element, name: str) -> None:
+    if el.namespace != ns.SM or el.name != name:
+        raise LocalProtocolError(f"expected <{name} xmlns='{ns.SM}'/>, got {el.tag!r}")
+
+
+def _parse_unsigned(value: str | None) -> int | None:
+    """An xs:unsignedInt-style attribute value, or None when it is not one (any size)."""
+    if value is None:
+        return None
+    value = value.strip(_XML_SPACE)
+    if _DIGITS.fullmatch(value) is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() accepts: no h or max is that long
+        return None
+
+
+def _parse_h(value: str | None) -> int | None:
+    """An `h` attribute (xs:unsignedInt, 0 .. 2**32-1), or None when invalid."""
+    h = _parse_unsigned(value)
+    return h if h is not None and h < MOD else None
+
+
+def _check_h(h: int) -> None:
+    if not 0 <= h < MOD:
+        raise ValueError(f"h must be in 0..2**32-1, got {h!r}")
+
+
+def parse_enable(el: Element) -> EnableRequest:
+    """Read `<enable resume? max?/>` (XEP-0198 sections 3, 5; schema in section 12).
+
+    Args:
+        el: the `<enable/>` element.
+
+    Returns:
+        The request; `resume` defaults to False.
+
+    Raises:
+        SmError: BAD_REQUEST when `resume` is not an xs:boolean ("true", "1", "false", "0")
+            or `max` is not a positive integer.
+        LocalProtocolError: `el` is not an `<enable/>` in urn:xmpp:sm:3.
+    """
+    _expect(el, "enable")
+    raw_resume = el.get("resume")
+    resume = False
+    if raw_resume is not None:
+        parsed = _BOOLEANS.get(raw_resume.strip(_XML_SPACE))
+        if parsed is None:
+            raise SmError(SmCondition.BAD_REQUEST, text="'resume' must be true or false")
+        resume = parsed
+    raw_max = el.get("max")
+    max_ = None
+    if raw_max is not None:
+        max_ = _parse_unsigned(raw_max)
+        if max_ is None or max_ < 1:  # xs:positiveInteger
+            raise SmError(SmCondition.BAD_REQUEST, text="'max' must be a positive integer")
+    return EnableRequest(resume=resume, max=max_)
+
+
+def parse_resume(el: Element) -> ResumeRequest:
+    """Read `<resume previd h/>` (XEP-0198 section 5).
+
+    Args:
+        el: the `<resume/>` element.
+
+    Returns:
+        The request.
+
+    Raises:
+        SmError: BAD_REQUEST when `previd` is missing or empty, or `h` is missing or not
+            an unsigned 32-bit integer.
+        LocalProtocolError: `el` is not a `<resume/>` in urn:xmpp:sm:3.
+    """
+    _expect(el, "resume")
+    previd = el.get("previd")
+    if not previd:
+        raise SmError(SmCondition.BAD_REQUEST, text="'previd' is required")
+    h = _parse_h(el.get("h"))
+    if h is None:
+        raise SmError(SmCondition.BAD_REQUEST, text="'h' must be an unsigned 32-bit integer")
+    return ResumeRequest(previd=previd, h=h)
+
+
+def parse_ack(el: Element) -> int:
+    """Read the client's `<a h/>` (XEP-0198 section 4: "MUST possess an 'h' attribute").
+
+    `<failed/>` only answers `<enable/>` and `<resume/>` (section 6), so a broken `<a/>`
+    is a stream error. We follow MongooseIM (`handle_a`): `policy-violation`, "Invalid h
+    attribute".
+
+    Args:
+        el: the `<a/>` element.
+
+    Returns:
+        h, in 0 .. 2**32-1.
+
+    Raises:
+        RemoteProtocolError: POLICY_VIOLATION when `h` is missing or not an unsigned
+            32-bit integer.
+        LocalProtocolError: `el` is not an `<a/>` in urn:xmpp:sm:3.
+    """
+    _expect(el, "a")
+    h = _parse_h(el.get("h"))
+    if h is None:
+        raise RemoteProtocolError(StreamErrorCondition.POLICY_VIOLATION, "Invalid h attribute")
+    return h
+
+
+# -- builders (all in urn:xmpp:sm:3) -----------------------------------------------------
+
+
+def sm_feature() -> Element:
+    """`<sm xmlns='urn:xmpp:sm:3'/>` for the stream features (XEP-0198 section 2)."""
+    return Element(ns.SM, "sm")
+
+
+def enabled(smid: str | None, max_: int | None) -> Element:
+    """`<enabled/>` (XEP-0198 section 3), resumable when `smid` is given (section 5).
+
+    Args:
+        smid: the SM-ID; None for a stream that cannot be resumed.
+        max_: the granted resumption time in seconds (only with `smid`), or None.
+
+    Returns:
+        `<enabled id=smid resume='true' max=max_/>`, or a bare `<enabled/>` without `smid`.
+
+    Raises:
+        ValueError: `max_` without `smid`, or `max_` not positive.
+    """
+    if smid is None:
+        if max_ is not None:
+            raise ValueError("max is only sent for a resumable stream")
+        return Element(ns.SM, "enabled")
+    attrs = {"id": smid, "resume": "true"}
+    if max_ is not None:
+        if max_ < 1:
+            raise ValueError(f"max must be positive, got {max_!r}")
+        attrs["max"] = str(max_)
+    return Element(ns.SM, "enabled", attrs)
+
+
+def resumed(previd: str, h: int) -> Element:
+    """`<resumed previd h/>` with the server's h (XEP-0198 section 5)."""
+    _check_h(h)
+    return Element(ns.SM, "resumed", {"previd": previd, "h": str(h)})
+
+
+def failed(
+    condition: SmCondition | None = None, h: int | None = None, text: str | None = None
+) -> Element:
+    """`<failed h?>` with a stanza error condition (XEP-0198 sections 5, 6).
+
+    Args:
+        condition: the condition child (urn:ietf:params:xml:ns:xmpp-stanzas), if any.
+        h: the server's h, for a session that can no longer be resumed (section 5).
+        text: a `<text xml:lang='en'/>` after the condition; needs `condition`.
+
+    Returns:
+        The element.
+
+    Raises:
+        ValueError: `text` without `condition`, or `h` out of range.
+    """
+    attrs: dict[str, str] = {}
+    if h is not None:
+        _check_h(h)
+        attrs["h"] = str(h)
+    children: list[Element | str] = []
+    if condition is not None:
+        children.append(Element(ns.STANZAS_ERRORS, condition.value))
+        if text:
+            children.append(Element(ns.STANZAS_ERRORS, "text", {XML_LANG: "en"}, [text]))
+    elif text:
+        raise ValueError("a <failed/> text needs a condition")
+    return Element(ns.SM, "failed", attrs, children)
+
+
+def ack_request() -> Element:
+    """`<r/>`: ask the client for an ack (XEP-0198 section 4)."""
+    return _ACK_REQUEST
+
+
+def ack_answer(h: int) -> Element:
+    """`<a h/>` with the server's h (XEP-0198 section 4)."""
+    _check_h(h)
+    return Element(ns.SM, "a", {"h": str(h)})
+
+
+def handled_count_too_high(h: int, send_count: int) -> Element:
+    """The `<handled-count-too-high h send-count/>` child of the section 6 stream error.
+
+    It goes into `<stream:error>` after `<undefined-condition/>`.
+    """
+    _check_h(h)
+    _check_h(send_count)
+    return Element(ns.SM, "handled-count-too-high", {"h": str(h), "send-count": str(send_count)})
+
+
+# -- state -------------------------------------------------------------------------------
+
+
+class SMState:
+    """The XEP-0198 state of one session; see the module docstring.
+
+    Args:
+        buffer_max: the most unacked stanzas kept; None is the seed's `infinity`.
+        ack_freq: `sent()` asks for an `<r/>` every this many stanzas (>= 1).
+        ack: whether to ask for acks at all (the seed's `ack`).
+        buffering: keep sent stanzas until acked (the seed's `buffer`); needed to resume.
+        counter_in: the starting server h (0 after `<enabled/>`; other values for tests).
+        counter_out: the starting client h (nothing is unacked at the start).
+
+    Raises:
+        ValueError: a limit or counter is out of range.
+    """
+
+    __slots__ = (
+        "_enabled",
+        "ack",
+        "ack_freq",
+        "buffer",
+        "buffer_max",
+        "buffering",
+        "counter_in",
+        "counter_out",
+        "max",
+        "peer",
+        "resumable",
+        "send_count",
+        "sent_since_request",
+        "smid",
+    )
+
+    def __init__(
+        self,
+        *,
+        buffer_max: int | None,
+        ack_freq: int,
+        ack: bool = True,
+        buffering: bool = True,
+        counter_in: int = 0,
+        counter_out: int = 0,
+    ) -> None:
+        if buffer_max is not None and buffer_max < 1:
+            raise ValueError(f"buffer_max must be positive or None, got {buffer_max!r}")
+        if ack_freq < 1:
+            raise ValueError(f"ack_freq must be positive, got {ack_freq!r}")
+        _check_h(counter_in)
+        _check_h(counter_out)
+        #: Sent stanzas not yet acked, oldest first (empty unless `buffering`).
+        self.buffer: deque[Element] = deque()
+        self.buffer_max = buffer_max
+        self.ack_freq = ack_freq
+        self.ack = ack
+        self.buffering = buffering
+        #: The server's h: stanzas received from the client, mod 2**32.
+        self.counter_in = counter_in
+        #: The client's h from its last ack, mod 2**32.
+        self.counter_out = counter_out
+        #: The h that acks everything sent so far: `counter_out` + unacked, mod 2**32.
+        self.send_count = counter_out
+        #: Stanzas sent since the last `<r/>` (or since resumption).
+        self.sent_since_request = 0
+        #: The SM-ID, set by `enable()` for a resumable stream.
+        self.smid: str | None = None
+        #: True while the session may be resumed; False for good after an overflow.
+        self.resumable = False
+        #: The granted resumption time in seconds (the `max` of `<enabled/>`), if resumable.
+        self.max: int | None = None
+        #: Opaque to this module (the seed's `peer`): the shell's handle on the other
+        #: session during a resumption.
+        self.peer: object | None = None
+        self._enabled = False
+
+    @property
+    def buffer_size(self) -> int:
+        """Stanzas in the buffer."""
+        return len(self.buffer)
+
+    def __repr__(self) -> str:
+        # Counters only: stanza payloads stay out of logs (STYLE G4).
+        return (
+            f"<SMState smid={self.smid!r} in={self.counter_in} out={self.counter_out} "
+            f"sent={self.send_count} buffered={len(self.buffer)} resumable={self.resumable}>"
+        )
+
+    def enable(
+        self, request: EnableRequest, *, resume_timeout: float, new_smid: Callable[[], str]
+    ) -> Element:
+        """Answer `<enable/>` (XEP-0198 sections 3, 5).
+
+        Resumption is granted when the client asks for it and buffering is on (without a
+        buffer nothing could be resent): `smid` comes from `new_smid()`, `max` is
+        `grant_max(request.max, resume_timeout)`. Otherwise the answer is a bare
+        `<enabled/>` and `new_smid` is not called. Whether `<enable/>` is allowed at all
+        (after bind, once) is the caller's check (section 3).
+
+        Args:
+            request: the parsed `<enable/>`.
+            resume_timeout: the configured `resume_timeout` in seconds.
+            new_smid: makes a fresh SM-ID (>= 128 random bits, STYLE N2).
+
+        Returns:
+            The `<enabled/>` to send.
+
+        Raises:
+            LocalProtocolError: called twice.
+            ValueError: `resume_timeout` below one second (see `grant_max`).
+        """
+        if self._enabled:
+            raise LocalProtocolError("stream management is already enabled")
+        if not (request.resume and self.buffering):
+            self._enabled = True
+            return enabled(None, None)
+        granted = grant_max(request.max, resume_timeout)
+        self.smid, self.max = new_smid(), granted
+        self.resumable = self._enabled = True
+        return enabled(self.smid, granted)
+
+    def received(self) -> None:
+        """Count a stanza from the client (XEP-0198 section 4). Never call it for nonzas."""
+        self.counter_in = h_add(self.counter_in)
+
+    def sent(self, stanza: Element) -> bool:
+        """Record a stanza about to be written to the client (XEP-0198 section 4).
+
+        Args:
+            stanza: the stanza; kept in the buffer when buffering is on.
+
+        Returns:
+            True when `ack_request()` should follow it now (ack on, `ack_freq` stanzas
+            since the last request); the count restarts at once.
+
+        Raises:
+            BufferOverflow: the buffer now holds more than `buffer_max` stanzas. The stanza
+                is kept (do not write it: it is rerouted with the rest) and `resumable` is
+                now False; the request count does not advance.
+        """
+        self.send_count = h_add(self.send_count)
+        if self.buffering:
+            buffer = self.buffer
+            buffer.append(stanza)
+            if self.buffer_max is not None and len(buffer) > self.buffer_max:
+                self.resumable = False
+                raise BufferOverflow(len(buffer), self.buffer_max)
+        if not self.ack:
+            return False
+        count = self.sent_since_request + 1
+        if count >= self.ack_freq:
+            self.sent_since_request = 0
+            return True
+        self.sent_since_request = count
+        return False
+
+    def acked(self, h: int) -> list[Element]:
+        """Apply the client's `<a h/>` (XEP-0198 section 4; limits in section 6).
+
+        Args:
+            h: the client's h (from `parse_ack`).
+
+        Returns:
+            The newly acked stanzas, oldest first (`[]` for a repeated ack, or when
+            buffering is off).
+
+        Raises:
+            HandledCountTooHigh: h acks more than was sent; nothing changed.
+            AckBehind: h is behind the last ack; nothing changed.
+            ValueError: h is not in 0 .. 2**32-1.
+        """
+        _check_h(h)
+        count = h_diff(h, self.counter_out)
+        if count == 0:
+            return []
+        if count > h_diff(self.send_count, self.counter_out):
+            if count >= _HALF:  # h_diff(counter_out, h) in 1 .. 2**31 (RFC 1982)
+                raise AckBehind(h, self.counter_out)
+            raise HandledCountTooHigh(h, self.send_count)
+        self.counter_out = h
+        if not self.buffering:
+            return []
+        popleft = self.buffer.popleft
+        return [popleft() for _ in range(count)]
+
+    def answer(self) -> Element:
+        """The `<a h=counter_in/>` that answers the client's `<r/>` (XEP-0198 section 4)."""
+        return ack_answer(self.counter_in)
+
+    def resume(self, h: int) -> list[Element]:
+        """Apply `<resume h/>` and list what to resend (XEP-0198 section 5).
+
+        h is handled as in `acked()`; the stanzas still unacked are returned, oldest first,
+        and stay in the buffer until a later `<a/>` acks them. The request count restarts.
+        The caller answers `resumed(smid, counter_in)` first, then resends the list.
+
+        Args:
+            h: the client's h from `<resume/>`.
+
+        Returns:
+            The stanzas to resend, in order.
+
+        Raises:
+            SmError: ITEM_NOT_FOUND (with h=counter_in) when the session is not resumable.
+            HandledCountTooHigh: as in `acked()`; nothing changed.
+            AckBehind: as in `acked()`; nothing changed.
+            ValueError: h is not in 0 .. 2**32-1.
+        """
+        if not self.resumable:
+            raise SmError(SmCondition.ITEM_NOT_FOUND, h=self.counter_in)
+        self.acked(h)
+        self.sent_since_request = 0
+        return list(self.buffer)
+
+    def unacked(self) -> list[Element]:
+        """The buffered stanzas, oldest first (to reroute when the session ends, s4)."""
+        return list(self.buffer)
+
+    def snapshot(self) -> tuple[str | None, int]:
+        """`(smid, counter_in)`: what stale_h keeps after the session ends (section 5)."""
+        return (self.smid, self.counter_in)

@@ -26,6 +26,7 @@ import trio
 
 from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
+from gateway.core.blocking import in_threads, inline
 from gateway.core.connection import ServerContext, serve_connection
 from gateway.core.offline import OfflineService
 from gateway.core.resume import ResumeRegistry
@@ -97,35 +98,33 @@ async def serve_c2s(
 async def run_server(
     config: GatewayConfig,
     *,
+    inline_storage: bool = False,
     task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down gracefully.
 
     `task_status.started` gets the `ServerContext`; the bound ports are in
-    `ctx.listen_ports` (useful with port 0 in tests).
+    `ctx.listen_ports` (useful with port 0 in tests). `inline_storage` runs SQLite calls
+    in the trio thread instead of worker threads (tests with a mock clock, STYLE V3).
     """
     accounts = SqliteAccountStore(config.auth.database)
     roster_store = SqliteRosterStore(config.auth.database)
-    limiter = trio.CapacityLimiter(STORAGE_THREADS)
+    run_blocking = inline if inline_storage else in_threads(STORAGE_THREADS)
 
     async def account_exists(host: str, username: str) -> bool:
-        return await trio.to_thread.run_sync(accounts.user_exists, host, username, limiter=limiter)
+        return await run_blocking(accounts.user_exists, host, username)
 
     async def lookup_credentials(action: LookupCredentials) -> ScramCredentials | None:
-        return await trio.to_thread.run_sync(
-            accounts.get_credentials,
-            action.host,
-            action.username,
-            action.hash_name,
-            limiter=limiter,
+        return await run_blocking(
+            accounts.get_credentials, action.host, action.username, action.hash_name
         )
 
     sm_cfg = config.modules.mod_stream_management
     offline_store = SqliteOfflineStore(config.auth.database)
     router = Router(config.general.hosts, account_exists)
-    router.server_handler = ServerServices(RosterService(roster_store, limiter))
+    router.server_handler = ServerServices(RosterService(roster_store, run_blocking))
     router.offline = OfflineService(
-        offline_store, limiter, max_per_user=config.modules.mod_offline.max_per_user
+        offline_store, run_blocking, max_per_user=config.modules.mod_offline.max_per_user
     )
     stale_h = MemoryStaleHTable()
     ctx = ServerContext(

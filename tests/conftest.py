@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -76,22 +77,29 @@ def config(tmp_path: Path, cert_files: tuple[Path, Path]) -> GatewayConfig:
     return cfg
 
 
+async def start_gateway(nursery: trio.Nursery, config: GatewayConfig) -> ServerContext:
+    """An in-process gateway. Storage runs inline (no worker threads), so tests may use
+    `autojump_clock` (STYLE V3)."""
+    ctx: ServerContext = await nursery.start(
+        functools.partial(run_server, config, inline_storage=True)
+    )
+    return ctx
+
+
 @pytest.fixture
 async def gateway(nursery: trio.Nursery, config: GatewayConfig) -> ServerContext:
-    ctx: ServerContext = await nursery.start(run_server, config)
-    return ctx
+    return await start_gateway(nursery, config)
 
 
 Connect = Callable[..., Awaitable[RawClient]]
 
 
-@pytest.fixture
-async def connect(nursery: trio.Nursery, gateway: ServerContext) -> AsyncIterator[Connect]:
+def connector(nursery: trio.Nursery, gateway: ServerContext, clients: list[RawClient]) -> Connect:
     """Open a RawClient to listener `index` (0 starttls, 1 required, 2 none).
 
-    `memory=True` serves it over a trio memory stream pair instead of loopback TCP.
+    `memory=True` serves it over a trio memory stream pair instead of loopback TCP (use
+    it with `autojump_clock`: real sockets and a jumping clock do not mix).
     """
-    clients: list[RawClient] = []
 
     async def _connect(index: int = 0, *, memory: bool = False) -> RawClient:
         if memory:
@@ -105,7 +113,44 @@ async def connect(nursery: trio.Nursery, gateway: ServerContext) -> AsyncIterato
         clients.append(client)
         return client
 
-    yield _connect
+    return _connect
+
+
+@pytest.fixture
+async def connect(nursery: trio.Nursery, gateway: ServerContext) -> AsyncIterator[Connect]:
+    clients: list[RawClient] = []
+    yield connector(nursery, gateway, clients)
+    for client in clients:
+        with trio.move_on_after(1):
+            await client.stream.aclose()
+
+
+GatewayFactory = Callable[..., Awaitable[tuple[ServerContext, Connect]]]
+
+
+@pytest.fixture
+async def gateway_factory(
+    nursery: trio.Nursery, tmp_path: Path, cert_files: tuple[Path, Path]
+) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway with config sections overridden, e.g.
+    `await gateway_factory(modules={"mod_stream_management": {"buffer_max": 8}})`;
+    returns it and a connect function. Accounts: USERS with PASSWORD."""
+    clients: list[RawClient] = []
+    count = 0
+
+    async def _start(**overrides: object) -> tuple[ServerContext, Connect]:
+        nonlocal count
+        count += 1
+        directory = tmp_path / f"gateway{count}"
+        directory.mkdir()
+        cfg = make_config(directory, cert_files, **overrides)
+        with SqliteAccountStore(cfg.auth.database) as store:
+            for user in USERS:
+                store.add_user("localhost", user, PASSWORD)
+        ctx = await start_gateway(nursery, cfg)
+        return ctx, connector(nursery, ctx, clients)
+
+    yield _start
     for client in clients:
         with trio.move_on_after(1):
             await client.stream.aclose()

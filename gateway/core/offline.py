@@ -17,6 +17,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from gateway.core.blocking import RunBlocking
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
 from gateway.storage.offline_sqlite import SqliteOfflineStore, decode_stanza, encode_stanza
@@ -81,10 +82,10 @@ class OfflineService:
     """Stores messages for accounts without an available resource and flushes them."""
 
     def __init__(
-        self, store: SqliteOfflineStore, limiter: trio.CapacityLimiter, *, max_per_user: int
+        self, store: SqliteOfflineStore, run_blocking: RunBlocking, *, max_per_user: int
     ) -> None:
         self.store = store
-        self.limiter = limiter
+        self.run_blocking = run_blocking
         self.max_per_user = max_per_user
         self.locks = _UserLocks()
         self.stored = 0
@@ -112,9 +113,7 @@ class OfflineService:
             stamp = utc_stamp()
             stamped = stanza.append(delay_stamp(stamp, to.domain, "Offline Storage"))
             try:
-                stored = await trio.to_thread.run_sync(
-                    self._store, to, encode_stanza(stamped), stamp, limiter=self.limiter
-                )
+                stored = await self.run_blocking(self._store, to, encode_stanza(stamped), stamp)
             except StorageError:
                 log.exception("offline_store_failed", to=str(to))
                 stored = False
@@ -135,9 +134,7 @@ class OfflineService:
         """Send the stored messages to `session` (which is available now), oldest first."""
         bare = session.bare_jid
         async with self.locks.acquire(bare):
-            rows = await trio.to_thread.run_sync(
-                self.store.pop_all, bare.domain, bare.local or "", limiter=self.limiter
-            )
+            rows = await self.run_blocking(self.store.pop_all, bare.domain, bare.local or "")
             unsent: list[tuple[bytes, str]] = []
             for data, stamp in rows:
                 try:
@@ -150,7 +147,7 @@ class OfflineService:
             for data, stamp in unsent:
                 # The session closed while flushing: back into the store (the cap already
                 # counted them), never dropped.
-                await trio.to_thread.run_sync(
+                await self.run_blocking(
                     functools.partial(
                         self.store.store,
                         bare.domain,
@@ -158,8 +155,7 @@ class OfflineService:
                         data,
                         stamp,
                         max_per_user=self.max_per_user + len(rows),
-                    ),
-                    limiter=self.limiter,
+                    )
                 )
             self.flushed += len(rows) - len(unsent)
         if rows:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import secrets
 
-import trio
-
+from gateway.core.blocking import RunBlocking
 from gateway.core.router import Router
 from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaError, StanzaErrorCondition
@@ -24,9 +23,9 @@ MAX_GROUPS = 64
 
 
 class RosterService:
-    def __init__(self, store: SqliteRosterStore, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, store: SqliteRosterStore, run_blocking: RunBlocking) -> None:
         self.store = store
-        self.limiter = limiter
+        self.run_blocking = run_blocking
 
     async def handle(
         self,
@@ -39,9 +38,7 @@ class RosterService:
     ) -> Element:
         host, user = account.domain, account.local or ""
         if iq_type == "get":
-            items = await trio.to_thread.run_sync(
-                self.store.items, host, user, limiter=self.limiter
-            )
+            items = await self.run_blocking(self.store.items, host, user)
             if origin is not None:
                 origin.interested = True  # RFC 6121 section 2.1.3: an interested resource
             payload = Element(ns.ROSTER, "query", None, [_item_element(i) for i in items])
@@ -59,9 +56,7 @@ class RosterService:
         if contact.resource is not None:
             raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="roster items are bare JIDs")
         if el.get("subscription") == "remove":
-            removed = await trio.to_thread.run_sync(
-                self.store.remove, host, user, str(contact), limiter=self.limiter
-            )
+            removed = await self.run_blocking(self.store.remove, host, user, str(contact))
             if not removed:
                 raise StanzaError(StanzaErrorCondition.ITEM_NOT_FOUND)
             pushed = Element(ns.ROSTER, "item", {"jid": str(contact), "subscription": "remove"})
@@ -72,12 +67,11 @@ class RosterService:
                 raise StanzaError(StanzaErrorCondition.NOT_ACCEPTABLE, text="item too large")
             if len(set(groups)) != len(groups) or any(not g for g in groups):
                 raise StanzaError(StanzaErrorCondition.BAD_REQUEST, text="bad group list")
-            stored = await trio.to_thread.run_sync(
+            stored = await self.run_blocking(
                 self.store.upsert,
                 host,
                 user,
                 RosterItem(str(contact), name or None, "none", groups),
-                limiter=self.limiter,
             )
             pushed = _item_element(stored)
         self.push(router, account, pushed)

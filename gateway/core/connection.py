@@ -112,6 +112,8 @@ class ServerContext:
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
+    # Builds each session's SMState (tests inject counters near 2**32 here).
+    new_sm_state: Callable[..., SMState] = SMState
 
 
 class TransportLost(Exception):
@@ -523,7 +525,7 @@ class Connection:
         except SmError as exc:
             session.send_nonza(failed(exc.condition))
             return
-        sm = SMState(
+        sm = self.ctx.new_sm_state(
             buffer_max=cfg.buffer_max, ack_freq=cfg.ack_freq, ack=cfg.ack, buffering=cfg.buffer
         )
         assert session.full_jid is not None

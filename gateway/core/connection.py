@@ -88,7 +88,7 @@ from gateway.xmpp.sm import (
     parse_resume,
     resumed,
 )
-from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
+from gateway.xmpp.stanza import IQ_TYPES, StanzaKind, error_reply, stanza_kind
 
 log = structlog.get_logger(module=__name__)
 
@@ -171,6 +171,7 @@ class Connection:
         self.lent_from: Handover | None = None  # the handover whose transport we use
         self.lent_to: Handover | None = None  # our transport, lent to a parked session
         self.writer_lost = False
+        self.in_flight: list[Element] = []
         self.protocol_error: RemoteProtocolError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -228,6 +229,7 @@ class Connection:
                 for action in actions:
                     if isinstance(action, StartTls):
                         assert self.ctx.ssl_context is not None
+                        self._check_restart_point(events, index)
                         with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
                             await self.transport.start_tls(self.ctx.ssl_context)
                         self.parser.reset()
@@ -237,8 +239,11 @@ class Connection:
                         creds = await self.ctx.lookup_credentials(action)
                         actions_after = neg.provide_credentials(creds)
                         await self._write(neg.data_to_send())
+                        if any(isinstance(a, Authenticated) for a in actions_after):
+                            self._check_restart_point(events, index)
                         restart = self._after_auth(actions_after)
                     elif isinstance(action, Authenticated):
+                        self._check_restart_point(events, index)
                         restart = self._after_auth([action])
                     elif isinstance(action, BindRequested):
                         await self._bind(action)
@@ -253,8 +258,16 @@ class Connection:
                 if neg.auth_failures > failures:
                     log.info("auth_failed", failures=neg.auth_failures)
                 if restart:
-                    break  # bytes after a restart point belong to the new stream
+                    break  # the parser was reset: a new stream starts
         return Negotiated.BOUND
+
+    def _check_restart_point(self, events: list[Event], index: int) -> None:
+        """RFC 6120 5.4.3.3 / 6.4.6: nothing may follow <starttls/> or a successful SASL
+        exchange before the stream restart; say so instead of hanging on lost bytes."""
+        if index + 1 < len(events) or self.parser.has_partial_data:
+            raise RemoteProtocolError(
+                StreamErrorCondition.POLICY_VIOLATION, "data was pipelined across a stream restart"
+            )
 
     def _after_auth(self, actions: Sequence[object]) -> bool:
         for action in actions:
@@ -409,16 +422,18 @@ class Connection:
         ack_timeout = self.ctx.config.modules.mod_stream_management.ack_timeout
         try:
             async for element in receive:
-                requested = element is ACK_REQUEST
-                parts = [serialize(element)]
+                batch = [element]
                 while True:
                     try:
-                        element = receive.receive_nowait()
+                        batch.append(receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                    requested = requested or element is ACK_REQUEST
-                    parts.append(serialize(element))
-                await self._write(b"".join(parts))
+                # Until the write returns, the batch is in flight: handed back (without SM)
+                # if the session ends meanwhile, so nothing vanishes mid-write.
+                self.in_flight = batch
+                requested = any(e is ACK_REQUEST for e in batch)
+                await self._write(b"".join([serialize(e) for e in batch]))
+                self.in_flight = []
                 scope = self.ack_scope
                 if requested and ack_timeout and scope is not None and scope.deadline == math.inf:
                     scope.deadline = trio.current_time() + ack_timeout
@@ -444,6 +459,20 @@ class Connection:
         self.stanzas_in += 1
         if session.sm is not None:
             session.sm.received()
+        if kind is StanzaKind.IQ and (
+            element.get("id") is None or element.get("type") not in IQ_TYPES
+        ):
+            # RFC 6120 8.1.3 / 8.2.3: an iq needs an id and a known type.
+            if element.get("type") != "error":
+                session.send(
+                    error_reply(
+                        element.replace_attrs(**{"from": str(session.full_jid)}),
+                        StanzaErrorCondition.BAD_REQUEST,
+                        text="an iq needs an id and a type of get, set, result or error",
+                        from_=session.host or "",
+                    )
+                )
+            return
         full = str(session.full_jid)
         claimed = element.get("from")
         if claimed is not None and claimed != full:
@@ -487,7 +516,7 @@ class Connection:
             await self._enable(session, element)
         elif name == "r":
             if sm is None:
-                session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
+                log.debug("sm_request_without_enable")  # <failed/> is not defined for it
             else:
                 session.send_nonza(sm.answer())
         elif name == "a":
@@ -581,6 +610,12 @@ class Connection:
             resend = sm.resume(handover.h)
         except AckBehind:
             resend = sm.unacked()
+        except SmError:
+            # No longer resumable (its buffer overflowed while parked): the lender answers
+            # <failed/>, and this session ends and reroutes.
+            handover.resumed = False
+            handover.accepted.set()
+            return False
         except HandledCountTooHigh as exc:
             log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
             handover.resumed = False
@@ -692,7 +727,7 @@ class Connection:
         router = self.ctx.router
         if session.close_request is None:
             session.close_request = CloseRequest(None)
-        router.unbind(session)
+        held = router.unbind(session)
         slot = self.slot
         if slot is not None:
             raced = self.ctx.resume.end(slot)
@@ -708,11 +743,14 @@ class Connection:
                 await self.ctx.stale_h.put(
                     StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
                 )
-        await broadcast_unavailable(router, session)
+        # A session replaced by a conflict already said goodbye to its own resources.
+        await broadcast_unavailable(router, session, own_account=held)
         leftovers: list[Element] = []
         if sm is not None:
             leftovers = sm.unacked()
         elif self.outgoing_receive is not None:
+            leftovers = [e for e in self.in_flight if stanza_kind(e) is not None]
+            self.in_flight = []
             while True:
                 try:
                     leftovers.append(self.outgoing_receive.receive_nowait())
@@ -815,9 +853,11 @@ async def serve_connection(
         # unavailable and hands its stanzas back before it goes.
         with trio.CancelScope(shield=True):
             if conn.lent_to is None:
-                if conn.session is None or reason not in ("transport_lost",):
-                    await conn._close_transport(final if conn.session is None else b"")
-                else:
-                    await conn._close_transport(b"")
-            await conn.end_session()
+                await conn._close_transport(final)
+            try:
+                await conn.end_session()
+            except Exception:
+                # Still the per-connection boundary (C7): a storage fault while handing
+                # stanzas back must not take the listener and every other client down.
+                log.exception("session_end_failed")
             conn.log_closed(reason)

@@ -89,7 +89,7 @@ async def handle_presence(router: Router, session: Session, stanza: Element) -> 
 
 
 async def broadcast_unavailable(
-    router: Router, session: Session, stanza: Element | None = None
+    router: Router, session: Session, stanza: Element | None = None, *, own_account: bool = True
 ) -> None:
     """Send unavailable presence for `session` to its account's resources and directed peers.
 
@@ -106,7 +106,7 @@ async def broadcast_unavailable(
         )
     session.presence = None
     bare = session.bare_jid
-    if was_available:
+    if was_available and own_account:
         for other in router.available_resources(bare):
             other.send(stanza)
         session.send(stanza)

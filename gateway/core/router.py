@@ -27,6 +27,7 @@ import structlog
 from gateway.core.offline import OfflineService
 from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaErrorCondition, StreamErrorCondition
+from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
@@ -68,6 +69,15 @@ class Router:
         old = resources.get(resource)
         if old is not None and old is not session:
             log.info("session_replaced", old_conn_id=old.conn_id, resource=resource)
+            if old.presence is not None and old.full_jid is not None:
+                # The old session leaves now, before the new one takes the JID: its
+                # unavailable must not arrive after the new session's presence.
+                old.presence = None
+                gone = Element(
+                    ns.CLIENT, "presence", {"type": "unavailable", "from": str(old.full_jid)}
+                )
+                for other in self.available_resources(bare):
+                    other.send(gone)
             old.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")
         resources[resource] = session
         full = bare.with_resource(resource)
@@ -75,18 +85,20 @@ class Router:
         session.resource = resource
         return full
 
-    def unbind(self, session: Session) -> None:
-        """Remove `session` from the registry (only if it still holds its slot)."""
+    def unbind(self, session: Session) -> bool:
+        """Remove `session` from the registry; False when another session holds its JID."""
         if session.full_jid is None:
-            return
+            return False
         bare = session.full_jid.bare()
         resources = self.sessions.get(bare)
         if resources is None:
-            return
-        if resources.get(session.full_jid.resource or "") is session:
+            return False
+        held = resources.get(session.full_jid.resource or "") is session
+        if held:
             del resources[session.full_jid.resource or ""]
         if not resources:
             del self.sessions[bare]
+        return held
 
     def resources_of(self, bare: JID) -> list[Session]:
         return list(self.sessions.get(bare, {}).values())

@@ -248,9 +248,12 @@ class C2SNegotiation:
         requested_host: str | None = None
         if to is not None:
             try:
-                requested_host = JID.parse(to).domain
+                to_jid = JID.parse(to)
             except JIDError:
-                requested_host = None
+                to_jid = None
+            # RFC 6120 4.7.2: a client's 'to' is the bare domain of the service.
+            if to_jid is not None and to_jid.local is None and to_jid.resource is None:
+                requested_host = to_jid.domain
         # Answer with a header from the host asked for (or the first served) before any
         # stream error, RFC 6120 section 4.9.1.1.
         reply_host = requested_host if requested_host in self.settings.hosts else None

@@ -329,6 +329,15 @@ class StreamParser:
         #: Text callbacks appended next to earlier text in the open stanza (see _on_text).
         self._text_pieces = 0
 
+    @property
+    def has_partial_data(self) -> bool:
+        """Bytes of an unfinished element or token are buffered (not just whitespace).
+
+        Used at a stream restart (after STARTTLS or SASL success): whatever the peer sent
+        past the restart point cannot belong to the old stream.
+        """
+        return self._stanza_start >= 0 or self._held is not None or bool(self._tail.strip())
+
     def feed(self, data: bytes) -> list[Event]:
         """Parse more of the stream.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 
 import pytest
@@ -386,3 +387,70 @@ async def test_memory_stream_session_with_tls(connect: Connect, client_tls: ssl.
     client = await connect(0, memory=True)
     jid = await client.login("bob", PASSWORD, tls=client_tls, resource="mem")
     assert jid == "bob@localhost/mem"
+
+
+async def test_conflict_replacement_does_not_announce_the_new_session_offline(
+    connect: Connect, client_tls: ssl.SSLContext
+) -> None:
+    with trio.fail_after(10):
+        observer = await _logged_in(connect, "alice", client_tls, resource="obs")
+        await observer.send("<presence/>")
+        await observer.expect(ns.CLIENT, "presence")
+        old = await _logged_in(connect, "alice", client_tls, resource="same")
+        await old.send("<presence/>")
+        await observer.expect(ns.CLIENT, "presence")  # old available
+        new = await _logged_in(connect, "alice", client_tls, resource="same")
+        assert await old.expect_stream_error() == "conflict"
+        gone = await observer.expect(ns.CLIENT, "presence")
+        assert gone.get("type") == "unavailable"  # the old one left...
+        await new.send("<presence/>")
+        back = await observer.expect(ns.CLIENT, "presence")
+        assert back.get("type") is None  # ...and the new one is available, last word
+        await observer.send(
+            "<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+        )
+        assert (await observer.expect(ns.CLIENT, "iq")).get("id") == "p"  # nothing else came
+
+
+async def test_data_pipelined_after_sasl_success_is_a_stream_error_not_a_hang(
+    connect: Connect,
+) -> None:
+    with trio.fail_after(10):
+        client = await connect(2)
+        await client.open()
+        plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+        await client.send(
+            f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{plain}</auth>"
+            "<stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
+            "xmlns:stream='http://etherx.jabber.org/streams'>"
+        )
+        assert await client.expect_stream_error() == "policy-violation"
+
+
+async def test_iq_without_id_is_bad_request(connect: Connect, client_tls: ssl.SSLContext) -> None:
+    alice = await _logged_in(connect, "alice", client_tls)
+    await alice.send("<iq type='get' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    reply = await alice.expect(ns.CLIENT, "iq")
+    assert reply.get("type") == "error"
+    assert reply.find(ns.CLIENT, "error").find(ns.STANZAS_ERRORS, "bad-request") is not None  # type: ignore[union-attr]
+
+
+async def test_stream_to_a_full_jid_is_host_unknown(connect: Connect) -> None:
+    client = await connect(0)
+    await client.send(
+        "<stream:stream to='alice@localhost/x' version='1.0' xmlns='jabber:client' "
+        "xmlns:stream='http://etherx.jabber.org/streams'>"
+    )
+    assert await client.expect_stream_error() == "host-unknown"
+
+
+async def test_directed_presence_targets_are_bounded(
+    connect: Connect, client_tls: ssl.SSLContext
+) -> None:
+    from gateway.core.presence import MAX_DIRECTED
+
+    alice = await _logged_in(connect, "alice", client_tls)
+    await alice.send("".join(f"<presence to='u{i}@localhost'/>" for i in range(MAX_DIRECTED + 1)))
+    error = await alice.expect(ns.CLIENT, "presence")
+    assert error.get("type") == "error"
+    assert error.find(ns.CLIENT, "error").find(ns.STANZAS_ERRORS, "resource-constraint") is not None  # type: ignore[union-attr]

@@ -350,6 +350,9 @@ def _parse_sm(r: _Reader) -> StreamManagementConfig:
     backend = r.string("backend", d.backend)
     if backend not in ("memory", "redis"):
         raise r.error("backend", f"must be memory or redis, got {backend!r}")
+    if backend == "redis":
+        # Clusters share SM state in Redis (DESIGN 6); refuse rather than ignore it.
+        raise r.error("backend", "redis is not available yet; use memory")
     raw_max = r.raw("buffer_max")
     buffer_max: int | None
     if raw_max == "infinity":

@@ -172,6 +172,7 @@ class Connection:
         self.lent_to: Handover | None = None  # our transport, lent to a parked session
         self.writer_lost = False
         self.in_flight: list[Element] = []
+        self.request_sent_at: float | None = None
         self.protocol_error: RemoteProtocolError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -319,6 +320,12 @@ class Connection:
             neg.send(failed(exc.condition))
             await self._write(neg.data_to_send())
             return False
+        if not self.ctx.config.modules.mod_stream_management.buffer:
+            # XEP-0198 section 5: a server that does not support resumption answers
+            # feature-not-implemented (without a buffer nothing could be resent).
+            neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
+            await self._write(neg.data_to_send())
+            return False
         handover = Handover(
             transport=self.transport,
             parser=self.parser,
@@ -398,6 +405,12 @@ class Connection:
         with trio.CancelScope() as ack_scope:
             # Only the ack deadline (set by the writer after an <r/>) cancels this scope.
             self.ack_scope = ack_scope
+            ack_timeout = self.ctx.config.modules.mod_stream_management.ack_timeout
+            if self.request_sent_at is not None and ack_timeout:
+                # The <r/> that followed a resend on resumption was written before this
+                # reader existed.
+                ack_scope.deadline = self.request_sent_at + ack_timeout
+            self.request_sent_at = None
             outcome = await self._read_loop()
         self.ack_scope = None
         return outcome
@@ -648,6 +661,7 @@ class Connection:
             neg.send(stanza)
         if resend and sm.ack:
             neg.send(ACK_REQUEST)
+            self.request_sent_at = trio.current_time()
         handover.resumed = True
         handover.accepted.set()
         self.ctx.resume.resumed += 1
@@ -746,7 +760,7 @@ class Connection:
         # A session replaced by a conflict already said goodbye to its own resources.
         await broadcast_unavailable(router, session, own_account=held)
         leftovers: list[Element] = []
-        if sm is not None:
+        if sm is not None and sm.buffering:
             leftovers = sm.unacked()
         elif self.outgoing_receive is not None:
             leftovers = [e for e in self.in_flight if stanza_kind(e) is not None]

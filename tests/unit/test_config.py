@@ -255,7 +255,7 @@ def test_auth_keys_set_database_and_iterations(tmp_path: Path) -> None:
 
 def test_stream_management_keys_set_their_fields(tmp_path: Path) -> None:
     sm_data = {
-        "backend": "redis",
+        "backend": "memory",
         "buffer": False,
         "buffer_max": 5,
         "ack": False,
@@ -265,7 +265,7 @@ def test_stream_management_keys_set_their_fields(tmp_path: Path) -> None:
     }
     cfg = _load(tmp_path, modules={"mod_stream_management": sm_data})
     sm = cfg.modules.mod_stream_management
-    assert sm.backend == "redis"
+    assert sm.backend == "memory"
     assert sm.buffer is False
     assert sm.buffer_max == 5
     assert sm.ack is False
@@ -714,3 +714,14 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
 def test_duplicate_hosts_after_normalisation_are_kept_once() -> None:
     cfg = parse_config(_doc(general={"hosts": ["Example.org", "example.org."]}), file=FILE_NAME)
     assert cfg.general.hosts == ("example.org",)
+
+
+def test_redis_backend_is_refused_until_clusters_exist(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text(
+        "listen: {c2s: [{tls: none}]}\nmodules: {mod_stream_management: {backend: redis}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "modules.mod_stream_management.backend"
+    assert "not available yet" in str(info.value)

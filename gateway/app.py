@@ -170,6 +170,7 @@ async def _serve_until_signal(
 ) -> None:
     """Listeners and connection handlers, until SIGINT/SIGTERM; then the graceful stop."""
     async with trio.open_nursery() as handler_nursery:
+        ctx.handler_nursery = handler_nursery
         async with trio.open_nursery() as listener_nursery:
             ports: list[int] = []
             for listener in config.c2s:

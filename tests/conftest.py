@@ -105,7 +105,10 @@ def connector(nursery: trio.Nursery, gateway: ServerContext, clients: list[RawCl
         if memory:
             client_stream, server_stream = trio.testing.memory_stream_pair()
             transport = StreamTransport(server_stream, PeerInfo("192.0.2.7", 40000))
-            nursery.start_soon(serve_connection, gateway, gateway.config.c2s[index], transport)
+            assert gateway.handler_nursery is not None
+            gateway.handler_nursery.start_soon(
+                serve_connection, gateway, gateway.config.c2s[index], transport
+            )
             client = RawClient(client_stream)
         else:
             stream = await trio.open_tcp_stream("127.0.0.1", gateway.listen_ports[index])

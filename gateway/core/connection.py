@@ -94,6 +94,7 @@ log = structlog.get_logger(module=__name__)
 
 CLOSE_GRACE = 2.0  # seconds to write the closing bytes to a live transport
 TLS_HANDSHAKE_TIMEOUT = 15.0
+FLUSH_CHUNK = 100  # offline messages popped per step of a flush
 
 CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]
 
@@ -112,6 +113,9 @@ class ServerContext:
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
+    # Where connections run; transports accepted elsewhere (tests' memory streams) are
+    # served here too, so they end before the server closes its stores.
+    handler_nursery: trio.Nursery | None = None
     # Builds each session's SMState (tests inject counters near 2**32 here).
     new_sm_state: Callable[..., SMState] = SMState
 
@@ -173,6 +177,9 @@ class Connection:
         self.writer_lost = False
         self.in_flight: list[Element] = []
         self.request_sent_at: float | None = None
+        self.flushing = False
+        # Set when the writer wrote or the client acked: room for more offline messages.
+        self.room_changed = trio.Event()
         self.protocol_error: RemoteProtocolError | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -305,6 +312,7 @@ class Connection:
             session.close_request = self.close_request
         full = self.ctx.router.bind(session, neg.jid, action.resource)
         self.session = session
+        session.on_flush_request = self._start_flush
         neg.bind_result(action.iq, full)
         bind_jid(str(full))
         log.info("resource_bound")
@@ -375,6 +383,8 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self.serve_nursery = nursery
                 nursery.start_soon(self._writer)
+                if session.flush_pending:
+                    self._start_flush()
                 if self.slot is not None:
                     nursery.start_soon(self._watch, self.slot)
                 try:
@@ -447,6 +457,7 @@ class Connection:
                 requested = any(e is ACK_REQUEST for e in batch)
                 await self._write(b"".join([serialize(e) for e in batch]))
                 self.in_flight = []
+                self.room_changed.set()
                 scope = self.ack_scope
                 if requested and ack_timeout and scope is not None and scope.deadline == math.inf:
                     scope.deadline = trio.current_time() + ack_timeout
@@ -454,6 +465,44 @@ class Connection:
             self.writer_lost = True
             if self.session is not None and self.session.cancel_scope is not None:
                 self.session.cancel_scope.cancel()
+
+    def _start_flush(self) -> None:
+        """Start the offline flush on the serving nursery (one at a time per session)."""
+        if self.flushing or self.serve_nursery is None or self.ctx.router.offline is None:
+            return  # already running, or it starts when serving (re)starts
+        self.flushing = True
+        self.serve_nursery.start_soon(self._flush_offline)
+
+    def _flush_room(self) -> int:
+        """How many offline messages fit now without overflowing the queue or SM buffer."""
+        session = self.session
+        if session is None or session.outgoing is None:
+            return 0
+        stats = session.outgoing.statistics()
+        room = int(stats.max_buffer_size) - stats.current_buffer_used - 1
+        sm = session.sm
+        if sm is not None and sm.buffering and sm.buffer_max is not None:
+            # Leave a quarter of the buffer to live traffic.
+            room = min(room, sm.buffer_max - sm.buffer_size - sm.buffer_max // 4)
+        return min(room, FLUSH_CHUNK)
+
+    async def _flush_offline(self) -> None:
+        """XEP-0160 flush paced by the client: only what fits, more as it acks/reads."""
+        session = self.session
+        offline = self.ctx.router.offline
+        assert session is not None and offline is not None
+        try:
+            while session.flush_pending:
+                room = self._flush_room()
+                if room <= 0:
+                    self.room_changed = trio.Event()
+                    await self.room_changed.wait()
+                    continue
+                _sent, more = await offline.flush(session, room)
+                if not more:
+                    session.flush_pending = False
+        finally:
+            self.flushing = False
 
     async def _watch(self, slot: ResumeSlot) -> None:
         """Receive a handover while still serving; only cancels the serving scope (C9)."""
@@ -548,6 +597,7 @@ class Connection:
                 log.debug("sm_ack_behind", h=h)
             if self.ack_scope is not None:
                 self.ack_scope.deadline = math.inf  # the client is alive
+            self.room_changed.set()
         elif name == "resume":
             # XEP-0198 section 5: resumption comes instead of binding, not after it.
             session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))

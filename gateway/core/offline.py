@@ -111,7 +111,11 @@ class OfflineService:
                 )
                 return
             stamp = utc_stamp()
-            stamped = stanza.append(delay_stamp(stamp, to.domain, "Offline Storage"))
+            delay = stanza.find(ns.DELAY, "delay")
+            if delay is not None and delay.get("from") == to.domain:
+                stamped = stanza  # stored before and handed back: keep the first stamp
+            else:
+                stamped = stanza.append(delay_stamp(stamp, to.domain, "Offline Storage"))
             try:
                 stored = await self.run_blocking(self._store, to, encode_stanza(stamped), stamp)
             except StorageError:
@@ -130,34 +134,49 @@ class OfflineService:
             to.domain, to.local or "", data, stamp, max_per_user=self.max_per_user
         )
 
-    async def flush(self, session: Session) -> int:
-        """Send the stored messages to `session` (which is available now), oldest first."""
+    async def flush(self, session: Session, limit: int) -> tuple[int, bool]:
+        """Send up to `limit` stored messages to `session` (available now), oldest first.
+
+        Returns (messages sent, whether the store may hold more). Popping, sending and
+        putting back what the session refused are one shielded unit: a session closing
+        in the middle never makes popped messages vanish.
+        """
         bare = session.bare_jid
+        sent = 0
         async with self.locks.acquire(bare):
-            rows = await self.run_blocking(self.store.pop_all, bare.domain, bare.local or "")
-            unsent: list[tuple[bytes, str]] = []
-            for data, stamp in rows:
-                try:
-                    message = decode_stanza(data)
-                except StorageError:
-                    log.exception("offline_row_unreadable", to=str(bare))
-                    continue
-                if message.namespace == ns.CLIENT and not session.send(message):
-                    unsent.append((data, stamp))
-            for data, stamp in unsent:
-                # The session closed while flushing: back into the store (the cap already
-                # counted them), never dropped.
-                await self.run_blocking(
+            with trio.CancelScope(shield=True):
+                rows = await self.run_blocking(
                     functools.partial(
-                        self.store.store,
-                        bare.domain,
-                        bare.local or "",
-                        data,
-                        stamp,
-                        max_per_user=self.max_per_user + len(rows),
+                        self.store.pop_all, bare.domain, bare.local or "", limit=limit
                     )
                 )
-            self.flushed += len(rows) - len(unsent)
-        if rows:
-            log.info("offline_flushed", count=len(rows))
-        return len(rows)
+                unsent: list[tuple[bytes, str]] = []
+                for index, (data, _stamp) in enumerate(rows):
+                    try:
+                        message = decode_stanza(data)
+                    except StorageError:
+                        log.exception("offline_row_unreadable", to=str(bare))
+                        continue
+                    if message.namespace != ns.CLIENT:
+                        continue
+                    if not session.send(message):
+                        unsent = rows[index:]
+                        break
+                    sent += 1
+                for data, stamp in unsent:
+                    # The session is closing: back into the store (the cap already counted
+                    # them), never dropped.
+                    await self.run_blocking(
+                        functools.partial(
+                            self.store.store,
+                            bare.domain,
+                            bare.local or "",
+                            data,
+                            stamp,
+                            max_per_user=self.max_per_user + len(rows),
+                        )
+                    )
+        self.flushed += sent
+        if sent:
+            log.info("offline_flushed", count=sent)
+        return sent, len(rows) == limit and not unsent

@@ -76,8 +76,9 @@ async def handle_presence(router: Router, session: Session, stanza: Element) -> 
                 if other is not session and other.presence is not None:
                     session.send(other.presence)
             if priority >= 0 and router.offline is not None:
-                # XEP-0160 section 3: stored messages go out on initial presence.
-                await router.offline.flush(session)
+                # XEP-0160 section 3: stored messages go out on initial presence, paced
+                # by the session's owner so they fit its buffer (Session.request_flush).
+                session.request_flush()
         return
     if ptype == "unavailable":
         await broadcast_unavailable(router, session, stanza)

@@ -12,6 +12,7 @@ bounded memory channel and a cancel scope; they never touch the rest of its stat
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -77,6 +78,9 @@ class Session:
     close_request: CloseRequest | None = None
     cancel_scope: trio.CancelScope | None = None
     stanzas_out: int = 0
+    # Offline messages wait to be flushed (paced by the owner task, see connection.py).
+    flush_pending: bool = False
+    on_flush_request: Callable[[], None] | None = None
 
     @property
     def bare_jid(self) -> JID:
@@ -147,6 +151,12 @@ class Session:
             self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+    def request_flush(self) -> None:
+        """Ask the owner to send this account's offline messages (after initial presence)."""
+        self.flush_pending = True
+        if self.on_flush_request is not None:
+            self.on_flush_request()
 
     def close(self, condition: StreamErrorCondition | None = None, text: str | None = None) -> None:
         """Ask the owner task to end the stream (with a stream error when given)."""

@@ -669,6 +669,12 @@ class Connection:
         assert session is not None and slot is not None and session.sm is not None
         sm = session.sm
         neg = handover.negotiation
+        if session.close_request is not None:
+            # Someone ended this session (a bind conflict, shutdown, eviction, overflow)
+            # in the same step as the claim: the resume fails, the session ends.
+            handover.resumed = False
+            handover.accepted.set()
+            return False
         try:
             resend = sm.resume(handover.h)
         except AckBehind:
@@ -705,7 +711,6 @@ class Connection:
         neg.resumed(session.full_jid)
         self._new_outgoing(session)
         self.ctx.resume.serving(slot)
-        session.close_request = None
         neg.send(resumed(slot.smid, sm.counter_in))
         for stanza in resend:
             neg.send(stanza)
@@ -716,7 +721,12 @@ class Connection:
         handover.accepted.set()
         self.ctx.resume.resumed += 1
         log.info("session_resumed", new_conn_id=handover.conn_id, h=handover.h, resent=len(resend))
-        await self._write(neg.data_to_send())
+        try:
+            await self._write(neg.data_to_send())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # The new transport died at once: the reader notices and the session parks
+            # again with everything still in its buffer.
+            log.info("resumed_transport_lost")
         return True
 
     async def run_session(self) -> str:
@@ -744,8 +754,11 @@ class Connection:
                 await self._close_transport(b"")
                 handover = await self._park()
                 if handover is None and session.close_request is None:
-                    # Timed out: a claim that raced the deadline still wins (end() says).
+                    # Timed out. The h goes into stale_h before the slot ends, so a resume
+                    # that finds no slot can always learn it; a claim that raced the
+                    # deadline still wins (end() returns it).
                     assert self.slot is not None
+                    await self._record_stale_h()
                     handover = self.ctx.resume.end(self.slot)
                     if handover is None:
                         self.slot = None  # ended; stale_h recorded in _end_session
@@ -793,6 +806,8 @@ class Connection:
             session.close_request = CloseRequest(None)
         held = router.unbind(session)
         slot = self.slot
+        sm = session.sm
+        await self._record_stale_h()
         if slot is not None:
             raced = self.ctx.resume.end(slot)
             if raced is not None:
@@ -800,13 +815,8 @@ class Connection:
                 raced.resumed = False
                 raced.accepted.set()
             self.slot = None
-        sm = session.sm
         if sm is not None and sm.smid is not None:
             await self.ctx.sm_sessions.remove(sm.smid)
-            if self.ctx.config.modules.mod_stream_management.stale_h.enabled:
-                await self.ctx.stale_h.put(
-                    StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
-                )
         # A session replaced by a conflict already said goodbye to its own resources.
         await broadcast_unavailable(router, session, own_account=held)
         leftovers: list[Element] = []
@@ -824,6 +834,17 @@ class Connection:
             session.outgoing.close()
             session.outgoing = None
         await hand_back(router, session, leftovers)
+
+    async def _record_stale_h(self) -> None:
+        """With stale_h on, remember (smid, h, jid) of a session that ends (XEP-0198 5)."""
+        session = self.session
+        sm = session.sm if session is not None else None
+        if session is None or sm is None or sm.smid is None:
+            return
+        if self.ctx.config.modules.mod_stream_management.stale_h.enabled:
+            await self.ctx.stale_h.put(
+                StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
+            )
 
     def log_closed(self, reason: str) -> None:
         session = self.session

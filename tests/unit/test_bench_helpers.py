@@ -129,95 +129,221 @@ def test_scram_key_cache_derives_once_and_still_authenticates() -> None:
     assert bench.PBKDF2_RUNS() == before + 1
 
 
-# --- a whole run against a minimal fake server (no TLS, PLAIN, bind, SM, routing) ---------
+# --- resumption helpers ---------------------------------------------------------------------
 
 
-Route = tuple[trio.SocketStream, trio.Lock]
+@pytest.mark.parametrize(
+    ("messages", "groups"),
+    [(0, (0, 0, 0)), (1, (1, 0, 0)), (2, (2, 0, 0)), (6, (2, 2, 2)), (7, (3, 2, 2))],
+)
+def test_resume_groups_split_every_message(messages: int, groups: tuple[int, int, int]) -> None:
+    assert bench.resume_groups(messages) == groups
+    assert sum(groups) == messages
 
 
-async def _fake_server(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
-    parser = bench.StreamParser()
-    lock = trio.Lock()
+def _message(seq: int, kind: str = "chat") -> bench.Node:
+    node = bench.Node(bench.T_MESSAGE, {"type": kind})
+    body = bench.Node(bench.T_BODY, {})
+    body.text = f"{bench.RESUME_TAG} {seq} 123"
+    node.children.append(body)
+    return node
 
-    async def send_to(route: Route, data: bytes) -> None:
-        async with route[1]:
-            await route[0].send_all(data)
 
-    async def next_node() -> bench.Node:
-        while not parser.events:
-            data = b"" if parser.closed else await stream.receive_some(65536)
-            if not data:
-                raise trio.ClosedResourceError("client closed")
-            parser.feed(data)
-        return parser.events.popleft()
+def test_resume_track_counts_exactly_once_across_streams() -> None:
+    track = bench.ResumeTrack.create(before=4, parked=2)
+    for seq in (0, 1, 2):  # 3 was received but not handled before the cut
+        track.on_message(_message(seq))
+    assert track.handled_old() == 3
+    assert not track.complete()
+    track.resumed = True
+    for seq in (3, 4, 5):
+        track.on_message(_message(seq))
+    assert track.complete()
+    assert track.tally() == {
+        "lost": 0,
+        "duplicates": 0,
+        "resent_after_handled": 0,
+        "resent": 1,
+        "parked_delivered": 2,
+    }
+    track.on_message(_message(1))  # handled before the cut, resent anyway
+    track.on_message(_message(4))  # a parked one twice
+    track.on_message(_message(9))  # no such seq
+    track.on_message(_message(2, kind="error"))
+    tally = track.tally()
+    assert (tally["duplicates"], tally["resent_after_handled"], tally["resent"]) == (2, 1, 2)
+    assert track.foreign == 2
 
-    async def open_stream(features: bytes) -> None:
-        while parser.stream_attrs is None:
-            parser.feed(await stream.receive_some(65536))
-        await stream.send_all(HEADER + b"<stream:features>" + features + b"</stream:features>")
 
-    await open_stream(
-        b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN</mechanism>"
-        b"</mechanisms>"
-    )
-    auth = await next_node()
-    user = base64.b64decode(auth.text).split(b"\0")[1].decode()
-    await stream.send_all(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
-    parser = bench.StreamParser()
-    await open_stream(
-        b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><sm xmlns='urn:xmpp:sm:3'/>"
-    )
-    jid = f"{user}@localhost/r"
-    bind = await next_node()
-    await stream.send_all(
-        b"<iq type='result' id='" + bind.attrs["id"].encode() + b"'>"
-        b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>"
-        + jid.encode()
-        + b"</jid></bind></iq>"
-    )
-    await next_node()  # <enable/>
-    await stream.send_all(b"<enabled xmlns='urn:xmpp:sm:3' resume='true' id='x'/>")
-    routes[jid] = (stream, lock)
-    handled = 0
-    try:
-        while True:
-            node = await next_node()
-            if node.tag == bench.T_MESSAGE:
-                handled += 1
-                body = node.find(bench.T_BODY)
-                assert body is not None
-                await send_to(
-                    routes[node.attrs["to"]],
-                    b"<message type='chat' from='"
-                    + jid.encode()
-                    + b"'><body>"
-                    + body.text.encode()
-                    + b"</body></message><r xmlns='urn:xmpp:sm:3'/>",
+def test_resume_track_reports_lost() -> None:
+    track = bench.ResumeTrack.create(before=2, parked=1)
+    track.on_message(_message(0))
+    track.resumed = True
+    track.on_message(_message(2))
+    assert track.tally()["lost"] == 1
+    assert not track.complete()
+
+
+def test_h_behind_wraps_at_2_to_the_32() -> None:
+    assert bench._h_behind(5, 5) == 0
+    assert bench._h_behind(2, 2**32 - 3) == 5
+    assert bench._h_behind(10, 4) == 6
+
+
+# --- a whole run against a minimal fake server (no TLS, PLAIN, bind, SM with resumption,
+# routing); a lost transport parks the session, <resume/> after SASL picks it up ----------
+
+
+class FakeSmSession:
+    """One bound resource with resumable SM in the fake server."""
+
+    def __init__(self, jid: str, stream: trio.SocketStream) -> None:
+        self.jid = jid
+        self.smid = ""  # set by <enable/>
+        self.stream: trio.SocketStream | None = stream
+        self.lock = trio.Lock()
+        self.sent = 0  # stanzas sent to the client
+        self.unacked: list[tuple[int, bytes]] = []
+        self.handled = 0  # stanzas received from the client
+
+    async def deliver(self, stanza: bytes) -> None:
+        if not self.smid:
+            await self.write(stanza)
+            return
+        self.sent += 1
+        self.unacked.append((self.sent, stanza))
+        await self.write(stanza + b"<r xmlns='urn:xmpp:sm:3'/>")
+
+    async def write(self, data: bytes) -> None:
+        async with self.lock:
+            stream = self.stream
+            if stream is None:
+                return  # parked: kept in `unacked`
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(data)
+
+    def acked(self, h: int) -> None:
+        self.unacked = [(n, stanza) for n, stanza in self.unacked if n > h]
+
+
+class FakeServer:
+    def __init__(self, *, honour_resume_h: bool = True) -> None:
+        self.routes: dict[str, FakeSmSession] = {}
+        self.by_smid: dict[str, FakeSmSession] = {}
+        self.resumed = 0
+        self.sessions = 0
+        # False: a buggy server that resends everything not acked by <a/> on resume.
+        self.honour_resume_h = honour_resume_h
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        parser = bench.StreamParser()
+
+        async def next_node() -> bench.Node:
+            while not parser.events:
+                if parser.closed:
+                    raise EOFError("stream closed")
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise trio.BrokenResourceError("transport lost")
+                parser.feed(data)
+            return parser.events.popleft()
+
+        async def open_stream(features: bytes) -> None:
+            while parser.stream_attrs is None:
+                parser.feed(await stream.receive_some(65536))
+            await stream.send_all(HEADER + b"<stream:features>" + features + b"</stream:features>")
+
+        await open_stream(
+            b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN"
+            b"</mechanism></mechanisms>"
+        )
+        auth = await next_node()
+        user = base64.b64decode(auth.text).split(b"\0")[1].decode()
+        await stream.send_all(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+        parser = bench.StreamParser()
+        await open_stream(
+            b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><sm xmlns='urn:xmpp:sm:3'/>"
+        )
+        first = await next_node()
+        if first.tag == f"{bench.NS_SM} resume":
+            session = self.by_smid[first.attrs["previd"]]
+            assert session.jid.startswith(f"{user}@")
+            if self.honour_resume_h:
+                session.acked(int(first.attrs["h"]))
+            async with session.lock:
+                session.stream = stream
+                await stream.send_all(
+                    b"<resumed xmlns='urn:xmpp:sm:3' previd='%s' h='%d'/>"
+                    % (session.smid.encode(), session.handled)
+                    + b"".join(stanza for _, stanza in session.unacked)
+                    + b"<r xmlns='urn:xmpp:sm:3'/>"
                 )
-            elif node.tag == bench.T_SM_R:
-                await send_to(routes[jid], b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % handled)
-    except trio.ClosedResourceError:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await send_to(routes[jid], bench.STREAM_CLOSE)
+            self.resumed += 1
+        else:
+            self.sessions += 1
+            jid = f"{user}@localhost/r{self.sessions}"
+            session = self.routes[jid] = FakeSmSession(jid, stream)
+            await stream.send_all(
+                b"<iq type='result' id='" + first.attrs["id"].encode() + b"'>"
+                b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>"
+                + jid.encode()
+                + b"</jid></bind></iq>"
+            )
+        try:
+            while True:
+                node = await next_node()
+                if node.tag == f"{bench.NS_SM} enable":
+                    session.smid = f"sm-{session.jid}"
+                    self.by_smid[session.smid] = session
+                    await session.write(
+                        b"<enabled xmlns='urn:xmpp:sm:3' resume='true' id='%s'/>"
+                        % session.smid.encode()
+                    )
+                elif node.tag == bench.T_MESSAGE:
+                    session.handled += 1
+                    body = node.find(bench.T_BODY)
+                    assert body is not None
+                    await self.routes[node.attrs["to"]].deliver(
+                        b"<message type='chat' from='"
+                        + session.jid.encode()
+                        + b"'><body>"
+                        + body.text.encode()
+                        + b"</body></message>"
+                    )
+                elif node.tag == bench.T_SM_R:
+                    await session.write(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % session.handled)
+                elif node.tag == bench.T_SM_A:
+                    session.acked(int(node.attrs["h"]))
+        except EOFError:  # </stream:stream>: the session ends
+            await session.write(bench.STREAM_CLOSE)
+            self.routes.pop(session.jid, None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            async with session.lock:  # transport lost: park (unless already resumed)
+                if session.stream is stream:
+                    session.stream = None
+
+
+async def _run_bench(
+    argv: list[str], server: FakeServer | None = None
+) -> tuple[int, bench.Reporter, FakeServer]:
+    server = server or FakeServer()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, host="127.0.0.1"), server.serve, 0
+        )
+        port = listeners[0].socket.getsockname()[1]
+        argv = ["--port", str(port), "--no-require-tls", "--idle-seconds", "0", *argv]
+        cfg = bench.Config.from_args(bench.parse_args(argv))
+        report = bench.Reporter(as_json=False)
+        with trio.fail_after(30):
+            status = await bench.run(cfg, report)
+        nursery.cancel_scope.cancel()
+    return status, report, server
 
 
 async def test_run_against_fake_server(capsys: pytest.CaptureFixture[str]) -> None:
-    routes: dict[str, Route] = {}
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, host="127.0.0.1"),
-            functools.partial(_fake_server, routes=routes),
-            0,
-        )
-        port = listeners[0].socket.getsockname()[1]
-        argv = ["--port", str(port), "-n", "4", "-p", "2", "-m", "30", "--no-require-tls"]
-        argv += ["--idle-seconds", "0", "--window", "4", "--server-pid", str(os.getpid())]
-        args = bench.parse_args(argv)
-        cfg = bench.Config.from_args(args)
-        report = bench.Reporter(as_json=False)
-        with trio.fail_after(20):
-            status = await bench.run(cfg, report)
-        nursery.cancel_scope.cancel()
+    argv = ["-n", "4", "-p", "2", "-m", "30", "--window", "4", "--server-pid", str(os.getpid())]
+    status, report, _ = await _run_bench(argv)
     out = capsys.readouterr().out
     assert status == 0, out
     logins = report.figures["logins"]
@@ -228,7 +354,71 @@ async def test_run_against_fake_server(capsys: pytest.CaptureFixture[str]) -> No
     assert logins["mechanisms"] == ["PLAIN"]
     assert logins["sm_enabled"] == 4
     assert (messages["sent"], messages["delivered"], messages["lost"]) == (60, 60, 0)
+    assert messages["sm_senders"] == 4
     assert messages["sm_acks_received"] > 0
     assert messages["sm_unacked"] == 0
+    assert messages["sm_r_answered"] > 0
+    assert report.figures["resume"] == {"skipped": "not requested (--resume 0)"}
     assert "idle memory:" in out
     assert "messages: 2 pairs x 30" in out
+    assert "resume:" not in out
+
+
+async def test_unacked_counts_tail_not_covered_by_ack_every() -> None:
+    # 15 messages per sender, <r/> after every 7th: the last one is asked about at the end.
+    argv = ["-n", "2", "-p", "1", "-m", "30", "--ack-every", "7", "--window", "4"]
+    status, report, _ = await _run_bench(argv)
+    messages = report.figures["messages"]
+    assert isinstance(messages, dict)
+    assert status == 0
+    assert messages["sm_unacked"] == 0
+    assert messages["sm_acks_received"] == 2 * (2 + 1)
+
+
+async def test_no_sm_reports_no_sm_figures() -> None:
+    argv = ["-n", "2", "-p", "1", "-m", "10", "--no-sm", "--resume", "1"]
+    status, report, _ = await _run_bench(argv)
+    messages = report.figures["messages"]
+    assert isinstance(messages, dict)
+    assert status == 0
+    assert messages["sm_senders"] == 0
+    assert messages["sm_acks_received"] is None
+    assert messages["sm_unacked"] is None
+    assert report.figures["resume"] == {"skipped": "SM off (--no-sm)"}
+
+
+async def test_resume_scenario_against_fake_server(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["-n", "8", "-p", "2", "-m", "10", "--resume", "3", "--resume-messages", "7"]
+    argv += ["--resume-parked", "2", "--resume-concurrency", "2"]
+    status, report, server = await _run_bench(argv)
+    out = capsys.readouterr().out
+    assert status == 0, out
+    resume = report.figures["resume"]
+    assert isinstance(resume, dict)
+    assert server.resumed == 3
+    assert (resume["sessions"], resume["resumed"], resume["failed"]) == (3, 3, 0)
+    assert (resume["acked_before_cut"], resume["unhandled_before_cut"]) == (3, 2)
+    assert resume["planned"] == 3 * 9
+    assert (resume["lost"], resume["duplicates"], resume["h_mismatches"]) == (0, 0, 0)
+    assert resume["resent"] == resume["resent_expected"] == 3 * 2
+    assert resume["parked_delivered"] == resume["parked_expected"] == 3 * 2
+    assert resume["incomplete_phases"] == []
+    assert resume["p50_ms"] is not None
+    assert resume["max_ms"] >= resume["p99_ms"] >= resume["p50_ms"]
+    assert "resume: 3/3 sessions resumed" in out
+
+
+async def test_resume_scenario_catches_resent_handled_messages(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["-n", "4", "-p", "1", "-m", "4", "--resume", "2", "--resume-messages", "6"]
+    status, report, _ = await _run_bench(argv, FakeServer(honour_resume_h=False))
+    out = capsys.readouterr().out
+    resume = report.figures["resume"]
+    assert isinstance(resume, dict)
+    assert status == 1, out
+    assert resume["resumed"] == 2
+    assert resume["lost"] == 0
+    # The 2 per session handled but never acked with <a/> came back on the new stream.
+    assert resume["resent_after_handled"] == resume["duplicates"] == 2 * 2
+    assert "handled before the cut and resent: 4" in out

@@ -50,8 +50,8 @@ log = structlog.get_logger(module=__name__)
 STORAGE_THREADS = 4
 
 
-def make_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
-    """The server TLS context, or None when no listener uses TLS."""
+def make_ssl_context(config: GatewayConfig, *, alpn: str | None = None) -> ssl.SSLContext | None:
+    """The server TLS context (with an ALPN protocol), or None when no listener uses TLS."""
     if all(listener.tls is TlsMode.NONE for listener in config.c2s):
         return None
     assert config.tls.certfile is not None and config.tls.keyfile is not None
@@ -63,6 +63,8 @@ def make_ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
         raise ConfigError(
             str(config.path), "tls.certfile", f"cannot load the certificate/key pair: {exc}"
         ) from exc
+    if alpn is not None:
+        context.set_alpn_protocols([alpn])
     return context
 
 
@@ -132,6 +134,8 @@ async def run_server(
         router=router,
         lookup_credentials=lookup_credentials,
         ssl_context=make_ssl_context(config),
+        # XEP-0368: direct TLS announces the ALPN protocol "xmpp-client".
+        direct_tls_context=make_ssl_context(config, alpn="xmpp-client"),
         resume=ResumeRegistry(
             max_parked_per_user=sm_cfg.max_parked_per_user, max_parked=sm_cfg.max_parked
         ),

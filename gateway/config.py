@@ -30,7 +30,7 @@ class TlsMode(enum.Enum):
 
     STARTTLS = "starttls"  # offered, optional (PLAIN refused until TLS is up)
     REQUIRED = "required"  # STARTTLS mandatory before SASL
-    DIRECT = "direct"  # XEP-0368 direct TLS (issue 4)
+    DIRECT = "direct"  # XEP-0368 direct TLS: TLS from the first byte, ALPN xmpp-client
     NONE = "none"  # plain TCP, e.g. TLS terminated by a trusted proxy
 
 
@@ -326,8 +326,6 @@ def _parse_c2s(r: _Reader) -> ListenerConfig:
         proxy_protocol=r.boolean("proxy_protocol", d.proxy_protocol),
     )
     r.done()
-    if listener.tls is TlsMode.DIRECT:
-        raise r.error("tls", "direct TLS (XEP-0368) is not available yet; use starttls")
     if listener.proxy_protocol:
         raise r.error("proxy_protocol", "the PROXY protocol is not available yet")
     return listener

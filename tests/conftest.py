@@ -57,6 +57,7 @@ def make_config(
                 {"ip": "127.0.0.1", "port": 0, "tls": "starttls"},
                 {"ip": "127.0.0.1", "port": 0, "tls": "required"},
                 {"ip": "127.0.0.1", "port": 0, "tls": "none"},
+                {"ip": "127.0.0.1", "port": 0, "tls": "direct"},
             ]
         },
         "tls": {"certfile": str(certfile), "keyfile": str(keyfile)},

@@ -116,6 +116,7 @@ class ServerContext:
     # Where connections run; transports accepted elsewhere (tests' memory streams) are
     # served here too, so they end before the server closes its stores.
     handler_nursery: trio.Nursery | None = None
+    direct_tls_context: ssl.SSLContext | None = None
     # Builds each session's SMState (tests inject counters near 2**32 here).
     new_sm_state: Callable[..., SMState] = SMState
 
@@ -151,7 +152,10 @@ class Connection:
         self.conn_id = secrets.token_hex(4)
         cfg = ctx.config.general
         self.parser = StreamParser(max_stanza_size=cfg.max_stanza_size, max_depth=cfg.max_depth)
-        tls_possible = ctx.ssl_context is not None and listener.tls is not TlsMode.NONE
+        tls_possible = ctx.ssl_context is not None and listener.tls in (
+            TlsMode.STARTTLS,
+            TlsMode.REQUIRED,
+        )
         self.negotiation = C2SNegotiation(
             NegotiationSettings(
                 hosts=frozenset(cfg.hosts),
@@ -890,6 +894,12 @@ async def serve_connection(
         with conn.scope:
             if ctx.draining:
                 raise RemoteProtocolError(StreamErrorCondition.SYSTEM_SHUTDOWN)
+            if listener.tls is TlsMode.DIRECT:
+                # XEP-0368: TLS from the first byte; the stream that follows is secure.
+                assert ctx.direct_tls_context is not None
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await transport.start_tls(ctx.direct_tls_context)
+                neg.secure = True
             deadline = trio.current_time() + ctx.config.general.negotiation_timeout
             result = Negotiated.CLIENT_CLOSED
             with trio.CancelScope(deadline=deadline) as negotiation_scope:

@@ -7,6 +7,7 @@ import ssl
 
 import pytest
 import trio
+import trustme
 
 from gateway.core.connection import ServerContext
 from gateway.xmpp import namespaces as ns
@@ -454,3 +455,26 @@ async def test_directed_presence_targets_are_bounded(
     error = await alice.expect(ns.CLIENT, "presence")
     assert error.get("type") == "error"
     assert error.find(ns.CLIENT, "error").find(ns.STANZAS_ERRORS, "resource-constraint") is not None  # type: ignore[union-attr]
+
+
+async def test_direct_tls_listener_negotiates_alpn_xmpp_client_and_offers_no_starttls(
+    gateway: ServerContext, ca: trustme.CA
+) -> None:
+    """XEP-0368: TLS from the first byte, ALPN "xmpp-client"; the stream inside is secure."""
+    with trio.fail_after(10):
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.set_alpn_protocols(["xmpp-client"])
+        tcp = await trio.open_tcp_stream("127.0.0.1", gateway.listen_ports[3])
+        tls = trio.SSLStream(tcp, context, server_hostname="localhost")
+        await tls.do_handshake()
+        assert tls.selected_alpn_protocol() == "xmpp-client"
+        client = RawClient(tls)
+        features = await client.open()
+        assert features.find(ns.TLS, "starttls") is None
+        assert "PLAIN" in _mechanisms(features)
+        assert (await client.auth("alice", PASSWORD, "PLAIN")).name == "success"
+        client.parser.reset()
+        await client.open()
+        assert await client.bind("direct") == "alice@localhost/direct"
+        await client.close()

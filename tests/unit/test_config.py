@@ -647,9 +647,9 @@ def test_websocket_listener_is_still_validated_first(tmp_path: Path) -> None:
     _refusal(tmp_path, _doc(listen=listen), "listen.websocket[0].pth")
 
 
-def test_direct_tls_is_refused_as_not_available_yet(tmp_path: Path) -> None:
-    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"tls": "direct"}]}), "listen.c2s[0].tls")
-    assert "not available yet" in exc.message
+def test_direct_tls_listener_needs_the_certificate(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(listen={"c2s": [{"tls": "direct"}]}), "tls.certfile")
+    assert "required by a TLS listener" in exc.message
 
 
 def test_proxy_protocol_is_refused_as_not_available_yet(tmp_path: Path) -> None:

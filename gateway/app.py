@@ -35,6 +35,7 @@ from gateway.core.router import Router
 from gateway.core.services import ServerServices
 from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondition
 from gateway.logsetup import configure_logging
+from gateway.net.tcp import unwrap_proxy
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
@@ -92,7 +93,14 @@ async def serve_c2s(
             await trio.aclose_forcefully(stream)
             return
         peer = PeerInfo(ip=str(host), port=int(port))
-        await serve_connection(ctx, listener, StreamTransport(stream, peer))
+        inner: trio.abc.Stream = stream
+        if listener.proxy_protocol:
+            unwrapped = await unwrap_proxy(stream, peer, ctx.config.trusted_proxies)
+            if unwrapped is None:
+                await trio.aclose_forcefully(stream)
+                return
+            inner, peer = unwrapped
+        await serve_connection(ctx, listener, StreamTransport(inner, peer))
 
     await trio.serve_listeners(handle, listeners, handler_nursery=handler_nursery)
 

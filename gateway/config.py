@@ -326,8 +326,6 @@ def _parse_c2s(r: _Reader) -> ListenerConfig:
         proxy_protocol=r.boolean("proxy_protocol", d.proxy_protocol),
     )
     r.done()
-    if listener.proxy_protocol:
-        raise r.error("proxy_protocol", "the PROXY protocol is not available yet")
     return listener
 
 

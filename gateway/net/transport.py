@@ -24,7 +24,8 @@ class PeerInfo:
     proxy_ip: str | None = None
 
     def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        address = f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return f"{address} via {self.proxy_ip}" if self.via_proxy else address
 
 
 class Transport(Protocol):

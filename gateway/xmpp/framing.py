@@ -10,13 +10,13 @@ where TCP has `</stream:stream>`; `<open/>` and `<close/>` are in the framing na
 the gateway (STYLE T3), so `C2SNegotiation` and the session never know the transport.
 
 Input. `WebSocketFraming` owns one hardened `StreamParser` for the connection's life. At
-construction it feeds that parser a synthetic root, the same start tag a TCP client sends
-(`<stream:stream xmlns='jabber:client' xmlns:stream=...>`); from then on each message is fed
-as the next child of that root, so it is parsed exactly once, by the same code, limits and
-restricted-XML rules as a TCP stanza, and gives the same `Element`. Reusing one parser costs
-about a quarter of creating a fresh expat parser per message. After each message exactly one
-`ElementReceived` and no unfinished markup must be left; anything else was not one complete
-document (RFC 7395 section 3.3.3). The element is then classified:
+construction it feeds that parser a synthetic root start tag that declares nothing
+(`<framed>`); from then on each message is fed as the next child of that root, so it is
+parsed exactly once, by the same code, limits and restricted-XML rules as a TCP stanza.
+Reusing one parser costs about a quarter of creating a fresh expat parser per message.
+After each message exactly one `ElementReceived` and no unfinished markup must be left;
+anything else was not one complete document (RFC 7395 section 3.3.3). The element is then
+classified:
 
 * `<open/>` in the framing namespace -> `StreamOpened` with namespace `streams`, name
   `stream`, the `<open/>`'s attributes and default namespace `jabber:client`, exactly what
@@ -30,10 +30,15 @@ The parser's root never ends, so stream restarts (RFC 7395 section 3.7: the clie
 sends a new `<open/>`) need no reset here; `C2SNegotiation` decides whether an `<open/>` is
 allowed now, as it does for a TCP header.
 
-Because each message is read inside that synthetic root, a message that leaves out its
-namespace declarations is read as it would be on TCP: `<message>` is `jabber:client` and the
-`stream:` prefix is bound. RFC 7395 section 3.3.3 requires the declarations; accepting
-their absence (as Prosody does) costs nothing and makes the two transports agree exactly.
+The synthetic root binds no namespace and no prefix, so every message means exactly what
+it means as a standalone document (RFC 7395 section 3.3.3: "complete with all relevant
+namespace and language declarations"), and gives the same `Element` the TCP path gives for
+the same stanza. A root that declared `jabber:client` would accept `<message>` without
+`xmlns` (Prosody's leniency) but would also move the unqualified children of a
+`<stream:error>` into `jabber:client`, misreading valid messages; so it does not, and a
+top-level element in no namespace is refused instead, loudly, rather than reaching the
+negotiation as an unknown element. Strophe.js (behind converse.js) sets
+`xmlns='jabber:client'` on every stanza it sends.
 
 Errors (`RemoteProtocolError`; the framing then stays failed, like the parser):
 
@@ -43,11 +48,13 @@ Errors (`RemoteProtocolError`; the framing then stays failed, like the parser):
   element, `</stream:stream>`): `not-well-formed`, since a standalone document has one
   root and no text outside it (RFC 7395 section 3.3.3; XML 1.0 section 2.1);
 * a stream header that is not `<open/>`/`<close/>` in the framing namespace (a
-  `<stream:stream>` start tag, `<open/>` in another namespace) or a stanza before the first
-  `<open/>`: `invalid-namespace` (RFC 7395 sections 3.3.2 and 3.4);
+  `<stream:stream>` start tag, `<open/>` in another namespace), a stanza before the first
+  `<open/>`, a top-level element in no namespace: `invalid-namespace` (RFC 7395 sections
+  3.3.2, 3.3.3 and 3.4; RFC 6120 section 4.9.3.10);
 * `<open/>` or `<close/>` with content: `bad-format` (they are empty elements);
 * everything the parser refuses, with the parser's condition: `restricted-xml` (DTD,
-  comment, processing instruction), `not-well-formed`, `policy-violation` (depth).
+  comment, processing instruction), `not-well-formed` (also an unbound prefix, such as
+  `stream:` not declared by the message), `policy-violation` (depth).
 
 An XML declaration at the start of a message is allowed, though NOT RECOMMENDED (RFC 7395
 section 3.3.3): it is checked (UTF-8 only, else `unsupported-encoding`) and dropped, since
@@ -79,10 +86,8 @@ from gateway.xmpp.serializer import serialize
 
 __all__ = ["WebSocketFraming", "close_message", "element_message", "open_message"]
 
-#: The root every message is parsed inside: what a TCP c2s client opens its stream with.
-_CONTEXT: Final = (
-    "<stream:stream xmlns='" + ns.CLIENT + "' xmlns:stream='" + ns.STREAM + "'>"
-).encode()
+#: The root every message is parsed inside; it declares nothing (see the module docstring).
+_CONTEXT: Final = b"<framed>"
 
 #: Local names that need a closer look: the framing headers and their look-alikes.
 _HEADER_NAMES: Final = frozenset({"open", "close", "stream"})
@@ -92,15 +97,14 @@ _STREAM_CLOSED: Final = StreamClosed()
 #: `<close/>` without `see-other-uri`, the common case, built once.
 _CLOSE: Final = '<close xmlns="' + ns.FRAMING + '"/>'
 
-_S: Final = rb"[ \t\r\n]"
 #: An XML declaration (XML 1.0 section 2.8, production XMLDecl); group 1 or 2 = encoding.
 _XML_DECL: Final = re.compile(
-    rb"<\?xml" + _S + rb"+version" + _S + rb"*=" + _S + rb"*(?:'1\.[0-9]+'|\"1\.[0-9]+\")"
-    rb"(?:" + _S + rb"+encoding" + _S + rb"*=" + _S + rb"*"
-    rb"(?:'([A-Za-z][A-Za-z0-9._-]*)'|\"([A-Za-z][A-Za-z0-9._-]*)\"))?"
-    rb"(?:" + _S + rb"+standalone" + _S + rb"*=" + _S + rb"*(?:'(?:yes|no)'|\"(?:yes|no)\"))?"
-    + _S
-    + rb"*\?>"
+    rb"""<\?xml [ \t\r\n]+ version [ \t\r\n]* = [ \t\r\n]* (?: '1\.[0-9]+' | "1\.[0-9]+" )
+    (?: [ \t\r\n]+ encoding [ \t\r\n]* = [ \t\r\n]*
+        (?: '([A-Za-z][A-Za-z0-9._-]*)' | "([A-Za-z][A-Za-z0-9._-]*)" ) )?
+    (?: [ \t\r\n]+ standalone [ \t\r\n]* = [ \t\r\n]* (?: '(?:yes|no)' | "(?:yes|no)" ) )?
+    [ \t\r\n]* \?>""",
+    re.VERBOSE,
 )
 
 
@@ -125,6 +129,36 @@ def _without_xml_declaration(data: bytes) -> bytes:
     return data[match.end() :]
 
 
+def _message_error(
+    condition: StreamErrorCondition, text: str | None, data: bytes
+) -> RemoteProtocolError:
+    """The error for a message the parser refused or that is not one element.
+
+    Only called on failure, so the checks below cost nothing on the normal path.
+
+    Args:
+        condition: what the parser (or the one-element check) found.
+        text: its description.
+        data: the message as given to the parser.
+    """
+    start = data.lstrip(b" \t\r\n")
+    if start.startswith(b"<stream:stream"):
+        # The pre-RFC draft's framing: a TCP stream header as a message (RFC 7395 3.3.2).
+        return RemoteProtocolError(
+            StreamErrorCondition.INVALID_NAMESPACE,
+            f"stream headers are <open/> and <close/> in {ns.FRAMING}",
+        )
+    if start.startswith(b"<!DOCTYPE"):
+        # Legal in a standalone document's prolog, refused by XMPP (RFC 6120 section
+        # 11.1); inside the synthetic root expat only reports misplaced markup.
+        return RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "document type declaration")
+    if condition is StreamErrorCondition.BAD_FORMAT:
+        # The parser's "text at stream level": text outside the root element of a
+        # standalone document is a well-formedness error (XML 1.0 section 2.1).
+        return RemoteProtocolError(StreamErrorCondition.NOT_WELL_FORMED, "text outside the element")
+    return RemoteProtocolError(condition, text)
+
+
 def _is_empty(element: Element) -> bool:
     """No child elements and no text other than white space."""
     return all(isinstance(child, str) and not child.strip() for child in element.children)
@@ -137,7 +171,7 @@ class WebSocketFraming:
 
     Args:
         max_stanza_size: most UTF-8 bytes in one message (and so in one stanza); more is
-            `policy-violation`. At least the size of the synthetic root (about 80 bytes).
+            `policy-violation`. At least the size of the synthetic root (8 bytes).
         max_depth: deepest element nesting inside a stanza (the stanza is depth 1), as
             for `StreamParser`.
 
@@ -204,22 +238,18 @@ class WebSocketFraming:
         try:
             events = parser.feed(data)
         except RemoteProtocolError as exc:
-            if exc.condition is StreamErrorCondition.BAD_FORMAT:
-                # The parser's "text at stream level": text outside the root element of
-                # a standalone document is a well-formedness error (XML 1.0 section 2.1).
-                raise RemoteProtocolError(
-                    StreamErrorCondition.NOT_WELL_FORMED, "text outside the element"
-                ) from exc
-            raise
+            raise _message_error(exc.condition, exc.text, data) from exc
         if len(events) != 1 or parser.has_partial_data:
             if not events and not parser.has_partial_data:
                 return []  # white space only
-            raise self._not_one_element(text)
+            raise _message_error(
+                StreamErrorCondition.NOT_WELL_FORMED, "a message must be exactly one element", data
+            )
         event = events[0]
         if type(event) is not ElementReceived:
-            # `</stream:stream>` ended the synthetic root: not a document on its own.
+            # `</framed>` ended the synthetic root: an end tag alone is not a document.
             raise RemoteProtocolError(
-                StreamErrorCondition.NOT_WELL_FORMED, "</stream:stream> is not a message"
+                StreamErrorCondition.NOT_WELL_FORMED, "an end tag is not a message"
             )
         element = event.element
         if element.name in _HEADER_NAMES:
@@ -229,6 +259,10 @@ class WebSocketFraming:
         if not self._is_opened:
             raise RemoteProtocolError(
                 StreamErrorCondition.INVALID_NAMESPACE, "the first message must be <open/>"
+            )
+        if not element.namespace:
+            raise RemoteProtocolError(
+                StreamErrorCondition.INVALID_NAMESPACE, "the element must declare its namespace"
             )
         return events
 
@@ -258,18 +292,6 @@ class WebSocketFraming:
             )
         return None
 
-    def _not_one_element(self, text: str) -> RemoteProtocolError:
-        """The error for a message that is not one complete element."""
-        if text.lstrip().startswith("<stream:stream"):
-            # The pre-RFC draft's framing: an unclosed <stream:stream> start tag.
-            return RemoteProtocolError(
-                StreamErrorCondition.INVALID_NAMESPACE,
-                f"stream headers are <open/> and <close/> in {ns.FRAMING}",
-            )
-        return RemoteProtocolError(
-            StreamErrorCondition.NOT_WELL_FORMED, "a message must be exactly one element"
-        )
-
 
 # -- output (RFC 7395 sections 3.3.3, 3.4, 3.5, 3.6) ---------------------------------------
 
@@ -288,8 +310,8 @@ def element_message(element: Element) -> str:
         The message text.
 
     Raises:
-        ValueError: the element is in no namespace (a reader could not tell it from a
-            `jabber:client` element), or the serializer refuses it.
+        ValueError: the element is in no namespace (not a valid top-level element; our
+            own reader refuses it too), or the serializer refuses it.
     """
     if not element.namespace:
         raise ValueError("a top-level element needs a namespace")

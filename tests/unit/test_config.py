@@ -652,10 +652,9 @@ def test_direct_tls_listener_needs_the_certificate(tmp_path: Path) -> None:
     assert "required by a TLS listener" in exc.message
 
 
-def test_proxy_protocol_is_refused_as_not_available_yet(tmp_path: Path) -> None:
-    data = _doc(listen={"c2s": [{"tls": "none", "proxy_protocol": True}]})
-    exc = _refusal(tmp_path, data, "listen.c2s[0].proxy_protocol")
-    assert "not available yet" in exc.message
+def test_proxy_protocol_listener_is_accepted(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, listen={"c2s": [{"tls": "none", "proxy_protocol": True}]})
+    assert cfg.c2s[0].proxy_protocol is True
 
 
 # -- refusals: the file itself ----------------------------------------------------------------

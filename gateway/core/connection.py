@@ -57,7 +57,8 @@ from gateway.errors import (
     StreamErrorCondition,
 )
 from gateway.logsetup import bind_connection, bind_jid
-from gateway.net.transport import Transport
+from gateway.net.transport import StreamTransport
+from gateway.net.wire import StreamWire, TransportLost, Wire
 from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleH, StaleHTable
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -68,13 +69,13 @@ from gateway.xmpp.negotiation import (
     C2SNegotiation,
     LookupCredentials,
     NegotiationSettings,
+    Output,
     ResumeRequested,
     StartTls,
     StreamEnded,
 )
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened, StreamParser
 from gateway.xmpp.sasl import ScramCredentials
-from gateway.xmpp.serializer import serialize
 from gateway.xmpp.sm import (
     AckBehind,
     HandledCountTooHigh,
@@ -121,10 +122,6 @@ class ServerContext:
     new_sm_state: Callable[..., SMState] = SMState
 
 
-class TransportLost(Exception):
-    """The peer went away without closing its stream."""
-
-
 class Outcome(enum.Enum):
     """How serving one transport ended."""
 
@@ -145,24 +142,25 @@ class Negotiated(enum.Enum):
 class Connection:
     """State of one connection task (owned by it; see module docstring)."""
 
-    def __init__(self, ctx: ServerContext, listener: ListenerConfig, transport: Transport) -> None:
+    def __init__(self, ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int) -> None:
         self.ctx = ctx
-        self.listener = listener
-        self.transport = transport
+        self.wire = wire
+        self.tls = tls
+        self.port = port
         self.conn_id = secrets.token_hex(4)
         cfg = ctx.config.general
-        self.parser = StreamParser(max_stanza_size=cfg.max_stanza_size, max_depth=cfg.max_depth)
-        tls_possible = ctx.ssl_context is not None and listener.tls in (
-            TlsMode.STARTTLS,
-            TlsMode.REQUIRED,
+        tls_possible = (
+            ctx.ssl_context is not None
+            and wire.supports_starttls
+            and tls in (TlsMode.STARTTLS, TlsMode.REQUIRED)
         )
         self.negotiation = C2SNegotiation(
             NegotiationSettings(
                 hosts=frozenset(cfg.hosts),
                 tls_available=tls_possible,
-                tls_required=listener.tls is TlsMode.REQUIRED,
-                secure=transport.peer.secure,
-                plain_without_tls=listener.tls is TlsMode.NONE,
+                tls_required=tls_possible and tls is TlsMode.REQUIRED,
+                secure=wire.peer.secure,
+                plain_without_tls=tls is TlsMode.NONE,
                 max_auth_failures=cfg.max_auth_failures,
                 stream_management=True,
             )
@@ -185,8 +183,6 @@ class Connection:
         # Set when the writer wrote or the client acked: room for more offline messages.
         self.room_changed = trio.Event()
         self.protocol_error: RemoteProtocolError | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.stanzas_in = 0
         self.started = time.monotonic()
 
@@ -201,27 +197,19 @@ class Connection:
 
     # -- I/O helpers ----------
 
-    async def _write(self, data: bytes) -> None:
-        if data:
-            self.bytes_out += len(data)
-            await self.transport.send(data)
+    async def _flush(self) -> None:
+        """Write what the negotiation queued."""
+        await self.wire.write(self.negotiation.take_output())
 
-    async def _read_events(self) -> list[Event]:
-        data = await self.transport.receive()
-        if not data:
-            raise TransportLost("end of stream")
-        self.bytes_in += len(data)
-        return self.parser.feed(data)
-
-    async def _close_transport(self, final: bytes) -> None:
-        """Write `final` (best effort, bounded) and close the current transport."""
+    async def _close_transport(self, final: Sequence[Output]) -> None:
+        """Write `final` (best effort, bounded) and close the current wire."""
         with trio.move_on_after(CLOSE_GRACE, shield=True):
             if final:
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
-                    await self._write(final)
-            await self.transport.aclose()
+                    await self.wire.write(final)
+            await self.wire.aclose()
         if self.lent_from is not None:
             self.lent_from.done.set()
             self.lent_from = None
@@ -232,25 +220,25 @@ class Connection:
         """Run the negotiation until a resource is bound or a session resumed."""
         neg = self.negotiation
         while not neg.is_established:
-            events = await self._read_events()
+            events = await self.wire.read_events()
             for index, event in enumerate(events):
                 failures = neg.auth_failures
                 actions = neg.receive(event)
-                await self._write(neg.data_to_send())
+                await self._flush()
                 restart = False
                 for action in actions:
                     if isinstance(action, StartTls):
                         assert self.ctx.ssl_context is not None
                         self._check_restart_point(events, index)
                         with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                            await self.transport.start_tls(self.ctx.ssl_context)
-                        self.parser.reset()
+                            await self.wire.start_tls(self.ctx.ssl_context)
+                        self.wire.restart()
                         neg.tls_established()
                         restart = True
                     elif isinstance(action, LookupCredentials):
                         creds = await self.ctx.lookup_credentials(action)
                         actions_after = neg.provide_credentials(creds)
-                        await self._write(neg.data_to_send())
+                        await self._flush()
                         if any(isinstance(a, Authenticated) for a in actions_after):
                             self._check_restart_point(events, index)
                         restart = self._after_auth(actions_after)
@@ -276,7 +264,7 @@ class Connection:
     def _check_restart_point(self, events: list[Event], index: int) -> None:
         """RFC 6120 5.4.3.3 / 6.4.6: nothing may follow <starttls/> or a successful SASL
         exchange before the stream restart; say so instead of hanging on lost bytes."""
-        if index + 1 < len(events) or self.parser.has_partial_data:
+        if index + 1 < len(events) or self.wire.has_partial_data:
             raise RemoteProtocolError(
                 StreamErrorCondition.POLICY_VIOLATION, "data was pipelined across a stream restart"
             )
@@ -284,7 +272,7 @@ class Connection:
     def _after_auth(self, actions: Sequence[object]) -> bool:
         for action in actions:
             if isinstance(action, Authenticated):
-                self.parser.reset()
+                self.wire.restart()
                 bind_jid(str(action.jid))
                 log.info("authenticated", mechanism=self.negotiation.mechanism)
                 return True
@@ -304,7 +292,7 @@ class Connection:
         assert neg.jid is not None
         session = Session(
             conn_id=self.conn_id,
-            conn=f"{self.transport.kind} {self.transport.peer}",
+            conn=f"{self.wire.kind} {self.wire.peer}",
             outgoing=None,
             notopen=False,
             type=SessionType.C2S,
@@ -320,7 +308,7 @@ class Connection:
         neg.bind_result(action.iq, full)
         bind_jid(str(full))
         log.info("resource_bound")
-        await self._write(neg.data_to_send())
+        await self._flush()
 
     async def _resume(self, element: Element, pipelined: list[Event]) -> bool:
         """The lender's side of XEP-0198 section 5: hand this transport to the session."""
@@ -330,17 +318,16 @@ class Connection:
             request = parse_resume(element)
         except SmError as exc:
             neg.send(failed(exc.condition))
-            await self._write(neg.data_to_send())
+            await self._flush()
             return False
         if not self.ctx.config.modules.mod_stream_management.buffer:
             # XEP-0198 section 5: a server that does not support resumption answers
             # feature-not-implemented (without a buffer nothing could be resent).
             neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
-            await self._write(neg.data_to_send())
+            await self._flush()
             return False
         handover = Handover(
-            transport=self.transport,
-            parser=self.parser,
+            wire=self.wire,
             negotiation=neg,
             pending=pipelined,
             h=request.h,
@@ -359,7 +346,7 @@ class Connection:
         log.info("sm_resume_failed", smid=request.previd, stale_h=stale)
         # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
         neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
-        await self._write(neg.data_to_send())
+        await self._flush()
         return False
 
     async def _stale_h_for(self, smid: str, jid: JID) -> int | None:
@@ -441,7 +428,7 @@ class Connection:
                     raise RemoteProtocolError(
                         StreamErrorCondition.NOT_WELL_FORMED, "stream header inside the stream"
                     )
-            events = await self._read_events()
+            events = await self.wire.read_events()
 
     async def _writer(self) -> None:
         receive = self.outgoing_receive
@@ -459,7 +446,7 @@ class Connection:
                 # if the session ends meanwhile, so nothing vanishes mid-write.
                 self.in_flight = batch
                 requested = any(e is ACK_REQUEST for e in batch)
-                await self._write(b"".join([serialize(e) for e in batch]))
+                await self.wire.write(batch)
                 self.in_flight = []
                 self.room_changed.set()
                 scope = self.ack_scope
@@ -692,7 +679,7 @@ class Connection:
         except HandledCountTooHigh as exc:
             log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
             handover.resumed = False
-            final = neg.stream_error_bytes(
+            neg.queue_stream_error(
                 StreamErrorCondition.UNDEFINED_CONDITION,
                 "you acknowledged more stanzas than were sent",
                 handled_count_too_high(exc.h, exc.send_count),
@@ -701,14 +688,14 @@ class Connection:
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
-                    await handover.transport.send(final)
-                await handover.transport.aclose()
+                    await handover.wire.write(neg.take_output())
+                await handover.wire.aclose()
             handover.lost_transport = True
             handover.accepted.set()
             handover.done.set()
             return False
-        # Switch this task to the lent stream (transport, parser, negotiation state).
-        self.transport, self.parser, self.negotiation = handover.transport, handover.parser, neg
+        # Switch this task to the lent stream (wire, negotiation state).
+        self.wire, self.negotiation = handover.wire, neg
         self.pending = handover.pending
         self.lent_from = handover
         assert session.full_jid is not None
@@ -726,7 +713,7 @@ class Connection:
         self.ctx.resume.resumed += 1
         log.info("session_resumed", new_conn_id=handover.conn_id, h=handover.h, resent=len(resend))
         try:
-            await self._write(neg.data_to_send())
+            await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # The new transport died at once: the reader notices and the session parks
             # again with everything still in its buffer.
@@ -745,17 +732,16 @@ class Connection:
             if outcome is Outcome.HANDOVER:
                 # XEP-0198 section 5: the old transport is still attached: close it first.
                 handover = self.handover_in
-                await self._close_transport(
-                    self.negotiation.stream_error_bytes(
-                        StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
-                    )
+                self.negotiation.queue_stream_error(
+                    StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
                 )
+                await self._close_transport(self.negotiation.take_output())
             elif (
                 outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT)
                 and resumable
                 and not self.ctx.draining
             ):
-                await self._close_transport(b"")
+                await self._close_transport([])
                 handover = await self._park()
                 if handover is None and session.close_request is None:
                     # Timed out. The h goes into stale_h before the slot ends, so a resume
@@ -768,26 +754,29 @@ class Connection:
                         self.slot = None  # ended; stale_h recorded in _end_session
                         return "resume_timeout"
             else:
-                await self._close_transport(self._final_bytes(outcome))
+                await self._close_transport(self._final_units(outcome))
                 return self._reason(outcome)
             if handover is None:
                 return "closed"
             if not await self._adopt(handover):
                 return "resume_failed"
 
-    def _final_bytes(self, outcome: Outcome) -> bytes:
+    def _final_units(self, outcome: Outcome) -> list[Output]:
         neg = self.negotiation
         session = self.session
         request = session.close_request if session is not None else self.close_request
         if outcome is Outcome.PROTOCOL_ERROR and self.protocol_error is not None:
             exc = self.protocol_error
             log.info("stream_error", condition=exc.condition.value, text=exc.text)
-            return neg.stream_error_bytes(exc.condition, exc.text, exc.extra)
+            neg.queue_stream_error(exc.condition, exc.text, exc.extra)
+            return neg.take_output()
         if outcome is Outcome.CLOSE_REQUESTED and request is not None and request.condition:
-            return neg.stream_error_bytes(request.condition, request.text)
+            neg.queue_stream_error(request.condition, request.text)
+            return neg.take_output()
         if outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT):
-            return b""
-        return neg.close_bytes()
+            return []
+        neg.queue_close()
+        return neg.take_output()
 
     def _reason(self, outcome: Outcome) -> str:
         session = self.session
@@ -856,8 +845,8 @@ class Connection:
             "connection_closed",
             reason=reason,
             duration=round(time.monotonic() - self.started, 3),
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
+            bytes_in=self.wire.bytes_in,
+            bytes_out=self.wire.bytes_out,
             stanzas_in=self.stanzas_in,
             stanzas_out=session.stanzas_out if session else 0,
         )
@@ -880,25 +869,32 @@ async def hand_back(router: Router, session: Session, stanzas: list[Element]) ->
 
 
 async def serve_connection(
-    ctx: ServerContext, listener: ListenerConfig, transport: Transport
+    ctx: ServerContext, listener: ListenerConfig, transport: StreamTransport
 ) -> None:
+    """Serve one accepted TCP connection (plain, STARTTLS, direct TLS, PROXY-unwrapped)."""
+    cfg = ctx.config.general
+    parser = StreamParser(max_stanza_size=cfg.max_stanza_size, max_depth=cfg.max_depth)
+    await serve_wire(ctx, StreamWire(transport, parser), tls=listener.tls, port=listener.port)
+
+
+async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int) -> None:
     """Serve one client connection from accept to close (the per-connection boundary)."""
-    conn = Connection(ctx, listener, transport)
-    bind_connection(conn.conn_id, str(transport.peer), transport.kind)
-    log.info("connection_opened", listener_port=listener.port)
+    conn = Connection(ctx, wire, tls=tls, port=port)
+    bind_connection(conn.conn_id, str(wire.peer), wire.kind)
+    log.info("connection_opened", listener_port=port)
     ctx.connections.add(conn)
     reason = "closed"
-    final = b""
+    final: list[Output] = []
     neg = conn.negotiation
     try:
         with conn.scope:
             if ctx.draining:
                 raise RemoteProtocolError(StreamErrorCondition.SYSTEM_SHUTDOWN)
-            if listener.tls is TlsMode.DIRECT:
+            if tls is TlsMode.DIRECT and wire.supports_starttls:
                 # XEP-0368: TLS from the first byte; the stream that follows is secure.
                 assert ctx.direct_tls_context is not None
                 with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                    await transport.start_tls(ctx.direct_tls_context)
+                    await wire.start_tls(ctx.direct_tls_context)
                 neg.secure = True
             deadline = trio.current_time() + ctx.config.general.negotiation_timeout
             result = Negotiated.CLIENT_CLOSED
@@ -917,19 +913,21 @@ async def serve_connection(
                 reason = await conn.run_session()
             else:
                 reason = "client_closed"
-                final = neg.close_bytes()
+                neg.queue_close()
+                final = neg.take_output()
         if conn.close_request is not None and conn.session is None and conn.lent_to is None:
             request = conn.close_request
             reason = request.condition.value if request.condition else "closed"
-            final = (
-                neg.stream_error_bytes(request.condition, request.text)
-                if request.condition
-                else neg.close_bytes()
-            )
+            if request.condition:
+                neg.queue_stream_error(request.condition, request.text)
+            else:
+                neg.queue_close()
+            final = neg.take_output()
     except RemoteProtocolError as exc:
         reason = exc.condition.value
         log.info("stream_error", condition=exc.condition.value, text=exc.text)
-        final = neg.stream_error_bytes(exc.condition, exc.text, exc.extra)
+        neg.queue_stream_error(exc.condition, exc.text, exc.extra)
+        final = neg.take_output()
     except (TransportLost, trio.BrokenResourceError, trio.ClosedResourceError):
         reason = "transport_lost"
     except trio.TooSlowError:
@@ -941,7 +939,8 @@ async def serve_connection(
         # STYLE C7: the one place allowed to catch everything; our bug, not the client's.
         log.exception("internal_error")
         reason = "internal-server-error"
-        final = neg.stream_error_bytes(StreamErrorCondition.INTERNAL_SERVER_ERROR)
+        neg.queue_stream_error(StreamErrorCondition.INTERNAL_SERVER_ERROR)
+        final = neg.take_output()
     finally:
         ctx.connections.discard(conn)
         # Shielded: a cancelled connection (shutdown) still leaves the router, broadcasts

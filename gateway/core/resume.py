@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.core.session import Session
-from gateway.net.transport import Transport
+from gateway.net.wire import Wire
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import C2SNegotiation
-from gateway.xmpp.parser import Event, StreamParser
+from gateway.xmpp.parser import Event
 
 
 class SlotState(enum.Enum):
@@ -53,8 +53,7 @@ class SlotState(enum.Enum):
 class Handover:
     """What a resuming connection lends to the session task."""
 
-    transport: Transport
-    parser: StreamParser
+    wire: Wire
     negotiation: C2SNegotiation
     pending: list[Event]
     h: int

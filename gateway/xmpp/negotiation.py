@@ -155,6 +155,37 @@ Action = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Our stream header (TCP) or <open/> (WebSocket)."""
+
+    from_: str
+    id_: str
+    lang: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Our stream footer (TCP) or <close/> (WebSocket)."""
+
+
+STREAM_END: Final = StreamEnd()
+Output = Element | StreamStart | StreamEnd
+
+
+def render_stream(units: list[Output]) -> bytes:
+    """Output units as the bytes of a TCP stream."""
+    parts: list[bytes] = []
+    for unit in units:
+        if isinstance(unit, Element):
+            parts.append(serialize(unit))
+        elif isinstance(unit, StreamStart):
+            parts.append(stream_header(from_=unit.from_, id_=unit.id_, lang=unit.lang))
+        else:
+            parts.append(STREAM_FOOTER)
+    return b"".join(parts)
+
+
 def _new_stream_id() -> str:
     return secrets.token_urlsafe(12)
 
@@ -179,7 +210,7 @@ class C2SNegotiation:
         self.auth_failures = 0
         self.mechanism: str | None = None  # the SASL mechanism that succeeded
         self._header_sent = False
-        self._out: list[bytes] = []
+        self._out: list[Output] = []
         self._new_id = stream_id_factory
         self._scram: ScramServer | None = None
         self._mechanism: str | None = None
@@ -188,33 +219,47 @@ class C2SNegotiation:
 
     # -- output ----------
 
+    def take_output(self) -> list[Output]:
+        """Everything queued since the last call, as units the transport renders (a TCP
+        stream as bytes, WebSocket as RFC 7395 messages)."""
+        out, self._out = self._out, []
+        return out
+
     def data_to_send(self) -> bytes:
-        """Everything queued for the wire since the last call."""
-        data = b"".join(self._out)
-        self._out.clear()
-        return data
+        """Everything queued since the last call, rendered for a TCP stream."""
+        return render_stream(self.take_output())
 
     def send(self, element: Element) -> None:
         """Queue one element on this stream."""
-        self._out.append(serialize(element))
+        self._out.append(element)
+
+    def queue_stream_error(
+        self, condition: StreamErrorCondition, text: str | None = None, extra: object = None
+    ) -> None:
+        """Queue (our header if never sent,) the stream error and the end of the stream."""
+        if not self._header_sent:
+            self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
+        self.send(stream_error(condition, text, extra if isinstance(extra, Element) else None))
+        self._out.append(STREAM_END)
+        self.phase = Phase.CLOSED
+
+    def queue_close(self) -> None:
+        """Queue (our header if never sent and) the end of the stream: an orderly close."""
+        if not self._header_sent:
+            self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
+        self._out.append(STREAM_END)
+        self.phase = Phase.CLOSED
 
     def stream_error_bytes(
         self, condition: StreamErrorCondition, text: str | None = None, extra: object = None
     ) -> bytes:
-        """Queued bytes, then (our header if never sent,) the stream error and the footer."""
-        if not self._header_sent:
-            self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
-        self.send(stream_error(condition, text, extra if isinstance(extra, Element) else None))
-        self._out.append(STREAM_FOOTER)
-        self.phase = Phase.CLOSED
+        """`queue_stream_error`, then everything queued as TCP bytes."""
+        self.queue_stream_error(condition, text, extra)
         return self.data_to_send()
 
     def close_bytes(self) -> bytes:
-        """Queued bytes and our stream footer, for an orderly close."""
-        if not self._header_sent:
-            self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
-        self._out.append(STREAM_FOOTER)
-        self.phase = Phase.CLOSED
+        """`queue_close`, then everything queued as TCP bytes."""
+        self.queue_close()
         return self.data_to_send()
 
     @property
@@ -298,7 +343,7 @@ class C2SNegotiation:
 
     def _send_header(self, host: str) -> None:
         self.stream_id = self._new_id()
-        self._out.append(stream_header(from_=host, id_=self.stream_id, lang=self.lang))
+        self._out.append(StreamStart(host, self.stream_id, self.lang))
         self._header_sent = True
 
     def _mechanisms(self) -> list[str]:

@@ -109,7 +109,7 @@ def test_config_option_may_come_before_the_command(config: Path) -> None:
     [
         ("port: 0", "port: 70000", "listen.c2s[0].port: must be between 0 and 65535, got 70000"),
         ("hosts:", "hostz:", "general.hostz: unknown key"),
-        ("tls: none", "tls: direct", "listen.c2s[0].tls: direct TLS (XEP-0368) is not available"),
+        ("tls: none", "tls: direct", "tls.certfile: is required by a TLS listener"),
         ("tls: none", "tls: starttls", "tls.certfile: is required by a TLS listener"),
         ("[localhost, example.org]", "[]", "general.hosts: must name at least one domain"),
     ],

@@ -37,6 +37,7 @@ from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondi
 from gateway.logsetup import configure_logging
 from gateway.net.tcp import unwrap_proxy
 from gateway.net.transport import PeerInfo, StreamTransport
+from gateway.net.websocket import serve_websocket
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.storage.roster_sqlite import SqliteRosterStore
@@ -53,7 +54,8 @@ STORAGE_THREADS = 4
 
 def make_ssl_context(config: GatewayConfig, *, alpn: str | None = None) -> ssl.SSLContext | None:
     """The server TLS context (with an ALPN protocol), or None when no listener uses TLS."""
-    if all(listener.tls is TlsMode.NONE for listener in config.c2s):
+    modes = [listener.tls for listener in config.c2s] + [w.tls for w in config.websocket]
+    if all(mode is TlsMode.NONE for mode in modes):
         return None
     assert config.tls.certfile is not None and config.tls.keyfile is not None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -189,6 +191,11 @@ async def _serve_until_signal(
                 sockets = await listener_nursery.start(serve_c2s, ctx, listener, handler_nursery)
                 ports.extend(s.socket.getsockname()[1] for s in sockets)
             ctx.listen_ports = ports
+            for ws_listener in config.websocket:
+                sockets = await listener_nursery.start(
+                    serve_websocket, ctx, ws_listener, handler_nursery
+                )
+                ctx.websocket_ports.extend(s.socket.getsockname()[1] for s in sockets)
             task_status.started(ctx)
             async for signum in signals:
                 log.info("shutdown_requested", signal=signal.Signals(signum).name)

@@ -338,6 +338,11 @@ def _parse_websocket(r: _Reader) -> WebSocketListenerConfig:
         tls=r.choice("tls", TlsMode, d.tls),
     )
     r.done()
+    if listener.tls not in (TlsMode.NONE, TlsMode.DIRECT):
+        # RFC 7395 section 3.9: no STARTTLS over WebSocket; wss is TLS from the start.
+        raise r.error("tls", "must be none (ws://, or TLS at a proxy) or direct (wss://)")
+    if not listener.path.startswith("/"):
+        raise r.error("path", f"must start with /, got {listener.path!r}")
     return listener
 
 
@@ -428,9 +433,6 @@ def parse_config(
     )
     websocket = tuple(_parse_websocket(r) for r in listen.items("websocket"))
     listen.done()
-    if websocket:
-        # RFC 7395 serving lands with the WebSocket issue; refuse rather than ignore.
-        raise ConfigError(file, "listen.websocket", "WebSocket listeners are not available yet")
     if not c2s and not websocket:
         raise ConfigError(file, "listen", "no listener configured")
 
@@ -447,7 +449,8 @@ def parse_config(
         keyfile=t.path_value("keyfile", None, base),
     )
     t.done()
-    if any(listener.tls is not TlsMode.NONE for listener in c2s):
+    tls_modes = [listener.tls for listener in c2s] + [listener.tls for listener in websocket]
+    if any(mode is not TlsMode.NONE for mode in tls_modes):
         for name in ("certfile", "keyfile"):
             value: Path | None = getattr(tls, name)
             if value is None:

@@ -114,6 +114,7 @@ class ServerContext:
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
+    websocket_ports: list[int] = field(default_factory=list)
     # Where connections run; transports accepted elsewhere (tests' memory streams) are
     # served here too, so they end before the server closes its stores.
     handler_nursery: trio.Nursery | None = None

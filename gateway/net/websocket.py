@@ -1,0 +1,209 @@
+"""WebSocket listeners (RFC 7395) with trio-websocket, and the health endpoint (STYLE T3).
+
+Each accepted TCP connection's HTTP request head is read first (bounded in size and time):
+`GET /healthz` is answered here (200 while serving, 503 while draining, for load
+balancers); another path than the listener's gets 404; anything else is replayed into
+trio-websocket's handshake. The handshake requires the `xmpp` subprotocol (RFC 7395
+section 3.1). Behind a trusted proxy the client address comes from `Forwarded` or
+`X-Forwarded-For`, walked right to left past trusted hops; from anyone else those headers
+are ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+import trio
+from trio_websocket import wrap_server_stream
+
+from gateway.config import TlsMode, WebSocketListenerConfig
+from gateway.core.connection import ServerContext, serve_wire
+from gateway.net.tcp import PrefixStream
+from gateway.net.transport import PeerInfo
+from gateway.net.wire import MessageWire
+from gateway.xmpp.framing import WebSocketFraming
+from gateway.xmpp.proxy_protocol import is_trusted
+
+log = structlog.get_logger(module=__name__)
+
+MAX_REQUEST_HEAD: Final = 8192
+REQUEST_HEAD_TIMEOUT: Final = 10.0
+SUBPROTOCOL: Final = "xmpp"
+# Bounded, small: a full queue stops reading from the socket (backpressure).
+MESSAGE_QUEUE_SIZE: Final = 4
+
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+async def read_request_head(stream: trio.abc.Stream) -> bytes | None:
+    """The bytes up to the end of the HTTP request head (what follows is kept too)."""
+    data = b""
+    with trio.move_on_after(REQUEST_HEAD_TIMEOUT):
+        while b"\r\n\r\n" not in data:
+            if len(data) > MAX_REQUEST_HEAD:
+                return None
+            chunk = bytes(await stream.receive_some(4096))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+    return None
+
+
+def parse_head(data: bytes) -> tuple[str, str, dict[str, str]] | None:
+    """(method, path, lower-cased headers) of an HTTP/1.1 request head, or None."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return parts[0], parts[1], headers
+
+
+def client_address(tcp_peer: PeerInfo, headers: dict[str, str], trusted: Networks) -> PeerInfo:
+    """The real client behind trusted proxies (RFC 7239 Forwarded, or X-Forwarded-For)."""
+    if not is_trusted(tcp_peer.ip, trusted):
+        return tcp_peer
+    hops: list[str] = []
+    if "forwarded" in headers:
+        for element in headers["forwarded"].split(","):
+            for pair in element.split(";"):
+                key, _, value = pair.strip().partition("=")
+                if key.lower() == "for":
+                    hops.append(_strip_node(value.strip().strip('"')))
+    elif "x-forwarded-for" in headers:
+        hops = [h.strip() for h in headers["x-forwarded-for"].split(",") if h.strip()]
+    client = None
+    for hop in reversed(hops):  # right to left: the nearest hop first
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # an obfuscated or garbled hop: stop believing what lies beyond
+        client = hop
+        if not is_trusted(hop, trusted):
+            break
+    if client is None:
+        return tcp_peer
+    secure = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower() == "https"
+    return PeerInfo(client, 0, secure=secure, via_proxy=True, proxy_ip=tcp_peer.ip)
+
+
+def _strip_node(node: str) -> str:
+    """RFC 7239 node: "[v6]:port", "v4:port" or an address."""
+    if node.startswith("["):
+        return node[1:].split("]", 1)[0]
+    if node.count(":") == 1:
+        return node.split(":", 1)[0]
+    return node
+
+
+def _http_response(status: str, body: bytes) -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def serve_websocket(
+    ctx: ServerContext,
+    listener: WebSocketListenerConfig,
+    handler_nursery: trio.Nursery,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept WebSocket (and health check) connections on one listener until cancelled."""
+    listeners = await trio.open_tcp_listeners(listener.port, host=listener.ip)
+    task_status.started(listeners)
+    log.info(
+        "listening",
+        kind="websocket",
+        address=[_address(sock) for sock in listeners],
+        path=listener.path,
+        tls=listener.tls.value,
+    )
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        tcp_peer = PeerInfo(str(host), int(port))
+        inner: trio.abc.Stream = stream
+        try:
+            if listener.tls is TlsMode.DIRECT:
+                assert ctx.ssl_context is not None
+                tls = trio.SSLStream(stream, ctx.ssl_context, server_side=True)
+                with trio.fail_after(REQUEST_HEAD_TIMEOUT):
+                    await tls.do_handshake()
+                inner = tls
+                tcp_peer = PeerInfo(tcp_peer.ip, tcp_peer.port, secure=True)
+            raw = await read_request_head(inner)
+            parsed = parse_head(raw) if raw is not None else None
+            if raw is None or parsed is None:
+                await inner.send_all(_http_response("400 Bad Request", b"bad request\n"))
+                return
+            _method, target, headers = parsed
+            path = target.split("?", 1)[0]
+            if path == "/healthz" and "upgrade" not in headers:
+                if ctx.draining:
+                    await inner.send_all(_http_response("503 Service Unavailable", b"draining\n"))
+                else:
+                    await inner.send_all(_http_response("200 OK", b"ok\n"))
+                return
+            if path != listener.path:
+                await inner.send_all(_http_response("404 Not Found", b"not found\n"))
+                return
+            await _serve_upgrade(ctx, listener, PrefixStream(raw, inner), tcp_peer, headers)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+            pass
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await trio.aclose_forcefully(inner)
+
+    await trio.serve_listeners(handle, listeners, handler_nursery=handler_nursery)
+
+
+async def _serve_upgrade(
+    ctx: ServerContext,
+    listener: WebSocketListenerConfig,
+    stream: trio.abc.Stream,
+    tcp_peer: PeerInfo,
+    headers: dict[str, str],
+) -> None:
+    general = ctx.config.general
+    async with trio.open_nursery() as ws_nursery:
+        request = await wrap_server_stream(
+            ws_nursery,
+            stream,
+            message_queue_size=MESSAGE_QUEUE_SIZE,
+            # Frames past this close the socket with 1009; smaller oversized stanzas get
+            # the stream error policy-violation from the framing.
+            max_message_size=general.max_stanza_size + 1024,
+        )
+        if SUBPROTOCOL not in request.proposed_subprotocols:
+            # RFC 7395 section 3.1: the xmpp subprotocol is required.
+            await request.reject(400, body=b"the xmpp WebSocket subprotocol is required\n")
+            return
+        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        peer = client_address(tcp_peer, headers, ctx.config.trusted_proxies)
+        framing = WebSocketFraming(
+            max_stanza_size=general.max_stanza_size, max_depth=general.max_depth
+        )
+        await serve_wire(ctx, MessageWire(ws, peer, framing), tls=listener.tls, port=listener.port)
+        ws_nursery.cancel_scope.cancel()
+
+
+def _address(sock: trio.SocketListener) -> str:
+    host, port, *_ = sock.socket.getsockname()
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,210 @@
+"""WebSocket listeners (RFC 7395): login, chat with a TCP client, resume across transports,
+the health endpoint, and the errors for malformed WebSocket traffic."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import HandshakeError as WsHandshakeError
+
+from gateway.core.connection import ServerContext
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from gateway.xmpp.framing import WebSocketFraming
+from gateway.xmpp.parser import ElementReceived, StreamClosed, StreamOpened
+from tests.conftest import PASSWORD, GatewayFactory
+
+FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
+OPEN = f"<open xmlns='{FRAMING}' to='localhost' version='1.0'/>"
+WS = {
+    "listen": {
+        "c2s": [{"ip": "127.0.0.1", "port": 0, "tls": "none"}],
+        "websocket": [{"ip": "127.0.0.1", "port": 0, "path": "/xmpp-websocket"}],
+    }
+}
+
+
+class WsClient:
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.framing = WebSocketFraming(max_stanza_size=10_000_000, max_depth=64)
+
+    async def send(self, text: str) -> None:
+        await self.ws.send_message(text)
+
+    async def receive(self) -> Element | str:
+        """The next element, or "open"/"close" for the framing elements."""
+        events = self.framing.receive_message(str(await self.ws.get_message()))
+        event = events[0]
+        if isinstance(event, StreamOpened):
+            return "open"
+        if isinstance(event, StreamClosed):
+            return "close"
+        assert isinstance(event, ElementReceived)
+        return event.element
+
+    async def element(self) -> Element:
+        got = await self.receive()
+        assert isinstance(got, Element), got
+        return got
+
+    async def login(self, user: str, resource: str) -> None:
+        await self.send(OPEN)
+        assert await self.receive() == "open"
+        features = await self.element()
+        mechanisms = [m.text for m in features.find(ns.SASL, "mechanisms").elements()]  # type: ignore[union-attr]
+        assert "PLAIN" in mechanisms
+        assert features.find(ns.TLS, "starttls") is None  # RFC 7395 3.9
+        plain = base64.b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
+        await self.send(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{plain}</auth>")
+        assert (await self.element()).name == "success"
+        await self.send(OPEN)  # RFC 7395 3.7: the restart is a new <open/>
+        assert await self.receive() == "open"
+        await self.element()  # features
+        await self.send(
+            f"<iq xmlns='jabber:client' type='set' id='b'><bind xmlns='{ns.BIND}'>"
+            f"<resource>{resource}</resource></bind></iq>"
+        )
+        assert (await self.element()).get("type") == "result"
+
+
+@contextlib.asynccontextmanager
+async def _ws(
+    ctx: ServerContext, *, subprotocols: list[str] | None = None
+) -> AsyncIterator[WsClient]:
+    url = f"ws://127.0.0.1:{ctx.websocket_ports[0]}/xmpp-websocket"
+    async with open_websocket_url(url, subprotocols=subprotocols or ["xmpp"]) as ws:
+        assert ws.subprotocol == "xmpp"
+        yield WsClient(ws)
+
+
+async def test_websocket_client_logs_in_and_chats_with_a_tcp_client(
+    gateway_factory: GatewayFactory,
+) -> None:
+    with trio.fail_after(10):
+        ctx, connect = await gateway_factory(**WS)
+        tcp = await connect(0)
+        await tcp.login("bob", PASSWORD, mechanism="PLAIN", resource="desk")
+        async with _ws(ctx) as browser:
+            await browser.login("alice", "browser")
+            await browser.send(
+                "<message xmlns='jabber:client' to='bob@localhost/desk' type='chat'>"
+                "<body>from the web</body></message>"
+            )
+            msg = await tcp.expect(ns.CLIENT, "message")
+            assert msg.get("from") == "alice@localhost/browser"
+            await tcp.send(
+                "<message to='alice@localhost/browser' type='chat'><body>hi web</body></message>"
+            )
+            back = await browser.element()
+            assert back.find_text(ns.CLIENT, "body") == "hi web"
+            await browser.send(f"<close xmlns='{FRAMING}'/>")
+            assert await browser.receive() == "close"
+
+
+async def test_session_resumes_from_websocket_to_tcp_and_back(
+    gateway_factory: GatewayFactory,
+) -> None:
+    with trio.fail_after(15):
+        ctx, connect = await gateway_factory(**WS)
+        bob = await connect(0)
+        await bob.login("bob", PASSWORD, mechanism="PLAIN", resource="desk")
+        smid = ""
+        async with _ws(ctx) as browser:
+            await browser.login("alice", "phone")
+            await browser.send(f"<enable xmlns='{ns.SM}' resume='true'/>")
+            smid = (await browser.element()).get("id") or ""
+            await bob.send(
+                "<message to='alice@localhost/phone' type='chat'><body>m1</body></message>"
+            )
+            assert (await browser.element()).find_text(ns.CLIENT, "body") == "m1"
+            await trio.aclose_forcefully(browser.ws._stream)  # the network is gone, no close
+        await bob.send("<message to='alice@localhost/phone' type='chat'><body>m2</body></message>")
+        # Resume over TCP with h=0: m1 and m2 come again (m1 was never acked).
+        tcp = await connect(0)
+        await tcp.open()
+        assert (await tcp.auth("alice", PASSWORD, "PLAIN")).name == "success"
+        tcp.parser.reset()
+        await tcp.open()
+        await tcp.send(f"<resume xmlns='{ns.SM}' previd='{smid}' h='0'/>")
+        assert (await tcp.expect(ns.SM, "resumed")).get("previd") == smid
+        bodies: list[str | None] = []
+        while len(bodies) < 2:
+            element = await tcp.receive()
+            if element.name == "message":
+                bodies.append(element.find_text(ns.CLIENT, "body"))
+        assert bodies == ["m1", "m2"]
+        await tcp.send(f"<a xmlns='{ns.SM}' h='2'/>")
+        await trio.aclose_forcefully(tcp.stream)
+        # ...and back to WebSocket.
+        async with _ws(ctx) as browser:
+            await browser.send(OPEN)
+            assert await browser.receive() == "open"
+            await browser.element()
+            plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+            await browser.send(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{plain}</auth>")
+            assert (await browser.element()).name == "success"
+            await browser.send(OPEN)
+            assert await browser.receive() == "open"
+            await browser.element()
+            await browser.send(f"<resume xmlns='{ns.SM}' previd='{smid}' h='2'/>")
+            assert (await browser.element()).name == "resumed"
+
+
+async def test_health_endpoint_answers_load_balancers(gateway_factory: GatewayFactory) -> None:
+    with trio.fail_after(10):
+        ctx, _ = await gateway_factory(**WS)
+        for draining, status in ((False, b"200"), (True, b"503")):
+            ctx.draining = draining
+            stream = await trio.open_tcp_stream("127.0.0.1", ctx.websocket_ports[0])
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = b""
+            while chunk := await stream.receive_some():
+                response += chunk
+            assert response.split(b" ")[1] == status
+        ctx.draining = False
+
+
+async def test_handshake_without_the_xmpp_subprotocol_is_refused(
+    gateway_factory: GatewayFactory,
+) -> None:
+    with trio.fail_after(10):
+        ctx, _ = await gateway_factory(**WS)
+        url = f"ws://127.0.0.1:{ctx.websocket_ports[0]}/xmpp-websocket"
+        with pytest.raises(WsHandshakeError):
+            async with open_websocket_url(url, subprotocols=["chat"]):
+                pass
+
+
+@pytest.mark.parametrize(
+    ("message", "condition"),
+    [
+        (b"<message xmlns='jabber:client'/>", "bad-format"),  # a binary frame
+        ("<message xmlns='jabber:client'/><message xmlns='jabber:client'/>", "not-well-formed"),
+        ("x" * 300_000, "policy-violation"),
+    ],
+    ids=["binary-frame", "two-stanzas-in-one-frame", "oversized"],
+)
+async def test_malformed_websocket_traffic_gets_rfc7395_errors(
+    gateway_factory: GatewayFactory, message: str | bytes, condition: str
+) -> None:
+    with trio.fail_after(10):
+        ctx, _ = await gateway_factory(**WS)
+        async with _ws(ctx) as browser:
+            await browser.send(OPEN)
+            assert await browser.receive() == "open"
+            await browser.element()
+            await browser.ws.send_message(message)
+            try:
+                error = await browser.element()
+            except ConnectionClosed:
+                assert condition == "policy-violation"  # beyond the frame limit: 1009
+                return
+            assert error.tag == (ns.STREAM, "error")
+            assert error.elements().__next__().name == condition
+            assert await browser.receive() == "close"

@@ -636,13 +636,23 @@ def test_no_listener_at_all_is_refused(tmp_path: Path) -> None:
 # -- refusals: features that are not there yet -------------------------------------------------
 
 
-def test_websocket_listener_is_refused_as_not_available_yet(tmp_path: Path) -> None:
-    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"port": 5280}]}
-    exc = _refusal(tmp_path, _doc(listen=listen), "listen.websocket")
-    assert "not available yet" in exc.message
+def test_websocket_listener_defaults_and_keys(tmp_path: Path) -> None:
+    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"port": 5290, "path": "/ws"}]}
+    cfg = _load(tmp_path, listen=listen)
+    assert cfg.websocket[0].port == 5290
+    assert cfg.websocket[0].path == "/ws"
+    assert cfg.websocket[0].tls.value == "none"
 
 
-def test_websocket_listener_is_still_validated_first(tmp_path: Path) -> None:
+def test_websocket_listener_refuses_starttls_and_relative_paths(tmp_path: Path) -> None:
+    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"tls": "starttls"}]}
+    exc = _refusal(tmp_path, _doc(listen=listen), "listen.websocket[0].tls")
+    assert "wss" in exc.message
+    listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"path": "ws"}]}
+    _refusal(tmp_path, _doc(listen=listen), "listen.websocket[0].path")
+
+
+def test_websocket_listener_unknown_key_is_refused(tmp_path: Path) -> None:
     listen = {"c2s": PLAIN_LISTENER["c2s"], "websocket": [{"port": 5280, "pth": "/ws"}]}
     _refusal(tmp_path, _doc(listen=listen), "listen.websocket[0].pth")
 

@@ -50,6 +50,7 @@ from gateway.xmpp.sasl import ScramCredentials
 log = structlog.get_logger(module=__name__)
 
 STORAGE_THREADS = 4
+CLOSE_DEADLINE = 10.0  # seconds for streams to close and sessions to hand back, at exit
 
 
 def make_ssl_context(config: GatewayConfig, *, alpn: str | None = None) -> ssl.SSLContext | None:
@@ -200,16 +201,31 @@ async def _serve_until_signal(
             async for signum in signals:
                 log.info("shutdown_requested", signal=signal.Signals(signum).name)
                 break
+            await drain(ctx, signals)
             listener_nursery.cancel_scope.cancel()
         await shutdown(ctx, handler_nursery)
 
 
+async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:
+    """Draining: for `shutdown_grace` seconds new streams get system-shutdown and /healthz
+    answers 503 (load balancers move away) while open streams go on. A second signal
+    ends the grace at once."""
+    ctx.draining = True
+    grace = ctx.config.general.shutdown_grace
+    log.info("draining", grace=grace, connections=len(ctx.connections))
+    with trio.move_on_after(grace):
+        async for signum in signals:
+            log.info("shutdown_hurried", signal=signal.Signals(signum).name)
+            break
+
+
 async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
-    """Close every stream with system-shutdown; cancel what is left after the grace."""
+    """Close every stream with system-shutdown; parked sessions end (their stanzas go to
+    offline storage); whatever is still running after CLOSE_DEADLINE is cancelled."""
     ctx.draining = True
     for conn in list(ctx.connections):
         conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, "the server is shutting down")
-    handler_nursery.cancel_scope.deadline = trio.current_time() + ctx.config.general.shutdown_grace
+    handler_nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DEADLINE
 
 
 # -- CLI --------------------------------------------------------------------------------------

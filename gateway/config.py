@@ -55,7 +55,8 @@ class GeneralConfig:
     send_queue_size: int = 1000
     """Stanzas queued for one slow client before it is closed with resource-constraint."""
     shutdown_grace: float = 5.0
-    """Seconds given to open streams to close after SIGINT/SIGTERM."""
+    """Seconds of draining after SIGINT/SIGTERM (new streams refused, /healthz 503)
+    before open streams are closed with system-shutdown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,9 @@ class WebSocketListenerConfig:
     port: int = 5280
     path: str = "/xmpp-websocket"
     tls: TlsMode = TlsMode.NONE
+    ping_interval: float = 30.0
+    """Seconds between WebSocket pings; a ping unanswered for as long closes the socket
+    (the session parks if resumable). 0 disables."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +340,7 @@ def _parse_websocket(r: _Reader) -> WebSocketListenerConfig:
         port=r.integer("port", d.port, 0, 65535),
         path=r.string("path", d.path),
         tls=r.choice("tls", TlsMode, d.tls),
+        ping_interval=r.seconds("ping_interval", d.ping_interval, 0, 3600),
     )
     r.done()
     if listener.tls not in (TlsMode.NONE, TlsMode.DIRECT):

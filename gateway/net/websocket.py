@@ -11,13 +11,14 @@ are ignored.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Sequence
 from typing import Final
 
 import structlog
 import trio
-from trio_websocket import wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from gateway.config import TlsMode, WebSocketListenerConfig
 from gateway.core.connection import ServerContext, serve_wire
@@ -196,12 +197,30 @@ async def _serve_upgrade(
             await request.reject(400, body=b"the xmpp WebSocket subprotocol is required\n")
             return
         ws = await request.accept(subprotocol=SUBPROTOCOL)
+        if listener.ping_interval:
+            ws_nursery.start_soon(_keepalive, ws, stream, listener.ping_interval)
         peer = client_address(tcp_peer, headers, ctx.config.trusted_proxies)
         framing = WebSocketFraming(
             max_stanza_size=general.max_stanza_size, max_depth=general.max_depth
         )
         await serve_wire(ctx, MessageWire(ws, peer, framing), tls=listener.tls, port=listener.port)
         ws_nursery.cancel_scope.cancel()
+
+
+async def _keepalive(ws: WebSocketConnection, stream: trio.abc.Stream, interval: float) -> None:
+    """WebSocket ping/pong: a peer that stops answering is gone (the read side then sees
+    the close and a resumable session parks)."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as scope:
+                await ws.ping()
+            if scope.cancelled_caught:
+                log.info("websocket_ping_timeout")
+                with trio.move_on_after(interval):  # the peer may not answer the close either
+                    await ws.aclose(code=1001, reason="ping timeout")
+                await trio.aclose_forcefully(stream)
+                return
 
 
 def _address(sock: trio.SocketListener) -> str:

@@ -515,6 +515,7 @@ __all__ = [
     "LoggingConfig",
     "StreamManagementConfig",
     "TlsMode",
+    "WebSocketListenerConfig",
     "load_config",
     "parse_config",
 ]

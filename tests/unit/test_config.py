@@ -25,6 +25,7 @@ from gateway.config import (
     LoggingConfig,
     StreamManagementConfig,
     TlsMode,
+    WebSocketListenerConfig,
     load_config,
     parse_config,
 )
@@ -88,7 +89,9 @@ def test_shipped_config_loads_with_the_documented_values(tmp_path: Path) -> None
     assert cfg.general == GeneralConfig()
     assert cfg.general.hosts == ("localhost",)
     assert cfg.c2s == (ListenerConfig("127.0.0.1", 5222, TlsMode.STARTTLS, False),)
-    assert cfg.websocket == ()
+    assert cfg.websocket == (
+        WebSocketListenerConfig("127.0.0.1", 5280, "/xmpp-websocket", TlsMode.NONE, 30.0),
+    )
     assert cfg.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),)
     assert cfg.tls.certfile == certfile
     assert cfg.tls.keyfile == keyfile

@@ -145,6 +145,9 @@ class GatewayConfig:
     c2s: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     websocket: tuple[WebSocketListenerConfig, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    forwarded_header: str = "x-forwarded-for"
+    """The one header trusted proxies maintain on WebSocket requests: x-forwarded-for or
+    forwarded (RFC 7239). The other is ignored, so a client cannot inject it."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     modules: ModulesConfig = field(default_factory=ModulesConfig)
@@ -448,6 +451,12 @@ def parse_config(
         except ValueError as exc:
             raise root.error("trusted_proxies", f"{cidr!r} is not a CIDR network") from exc
 
+    forwarded_header = root.string("forwarded_header", "x-forwarded-for").lower()
+    if forwarded_header not in ("x-forwarded-for", "forwarded"):
+        raise root.error(
+            "forwarded_header", f"must be x-forwarded-for or forwarded, got {forwarded_header!r}"
+        )
+
     t = root.section("tls")
     tls = TlsConfig(
         certfile=t.path_value("certfile", None, base),
@@ -499,6 +508,7 @@ def parse_config(
         c2s=c2s,
         websocket=websocket,
         trusted_proxies=tuple(proxies),
+        forwarded_header=forwarded_header,
         tls=tls,
         auth=auth,
         modules=ModulesConfig(mod_stream_management=sm, mod_offline=offline),

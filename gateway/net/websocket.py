@@ -71,18 +71,24 @@ def parse_head(data: bytes) -> tuple[str, str, dict[str, str]] | None:
     return parts[0], parts[1], headers
 
 
-def client_address(tcp_peer: PeerInfo, headers: dict[str, str], trusted: Networks) -> PeerInfo:
-    """The real client behind trusted proxies (RFC 7239 Forwarded, or X-Forwarded-For)."""
+def client_address(
+    tcp_peer: PeerInfo,
+    headers: dict[str, str],
+    trusted: Networks,
+    header: str = "x-forwarded-for",
+) -> PeerInfo:
+    """The real client behind trusted proxies, from the one configured header
+    (`forwarded_header`: X-Forwarded-For, or RFC 7239 Forwarded); the other is ignored."""
     if not is_trusted(tcp_peer.ip, trusted):
         return tcp_peer
     hops: list[str] = []
-    if "forwarded" in headers:
+    if header == "forwarded" and "forwarded" in headers:
         for element in headers["forwarded"].split(","):
             for pair in element.split(";"):
                 key, _, value = pair.strip().partition("=")
                 if key.lower() == "for":
                     hops.append(_strip_node(value.strip().strip('"')))
-    elif "x-forwarded-for" in headers:
+    elif header == "x-forwarded-for" and "x-forwarded-for" in headers:
         hops = [h.strip() for h in headers["x-forwarded-for"].split(",") if h.strip()]
     client = None
     for hop in reversed(hops):  # right to left: the nearest hop first
@@ -108,11 +114,11 @@ def _strip_node(node: str) -> str:
     return node
 
 
-def _http_response(status: str, body: bytes) -> bytes:
+def _http_response(status: str, body: bytes, *, head: bool = False) -> bytes:
     return (
         f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
-    ).encode() + body
+    ).encode() + (b"" if head else body)
 
 
 async def serve_websocket(
@@ -154,13 +160,16 @@ async def serve_websocket(
             if raw is None or parsed is None:
                 await inner.send_all(_http_response("400 Bad Request", b"bad request\n"))
                 return
-            _method, target, headers = parsed
+            method, target, headers = parsed
             path = target.split("?", 1)[0]
             if path == "/healthz" and "upgrade" not in headers:
-                if ctx.draining:
-                    await inner.send_all(_http_response("503 Service Unavailable", b"draining\n"))
-                else:
-                    await inner.send_all(_http_response("200 OK", b"ok\n"))
+                status, body = (
+                    ("503 Service Unavailable", b"draining\n")
+                    if ctx.draining
+                    else ("200 OK", b"ok\n")
+                )
+                # HEAD gets the headers only (RFC 9110 9.3.2).
+                await inner.send_all(_http_response(status, body, head=method == "HEAD"))
                 return
             if path != listener.path:
                 await inner.send_all(_http_response("404 Not Found", b"not found\n"))
@@ -199,7 +208,9 @@ async def _serve_upgrade(
         ws = await request.accept(subprotocol=SUBPROTOCOL)
         if listener.ping_interval:
             ws_nursery.start_soon(_keepalive, ws, stream, listener.ping_interval)
-        peer = client_address(tcp_peer, headers, ctx.config.trusted_proxies)
+        peer = client_address(
+            tcp_peer, headers, ctx.config.trusted_proxies, ctx.config.forwarded_header
+        )
         framing = WebSocketFraming(
             max_stanza_size=general.max_stanza_size, max_depth=general.max_depth
         )

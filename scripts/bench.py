@@ -3,14 +3,20 @@
 
 One trio process opens N client sessions over plain TCP sockets (no XMPP library), each
 doing STARTTLS, SASL (SCRAM-SHA-256, else SCRAM-SHA-1, else PLAIN), bind and XEP-0198,
-then runs three scenarios:
+then runs up to four scenarios:
 
 1. logins: N logins with bounded concurrency -> logins/s, p50/p99 login time, failures.
 2. idle memory: server RSS before the logins and with the N sessions idle -> KiB/session
    (needs --server-pid; read from /proc/PID/status VmRSS).
 3. messages: P pairs of the logged-in sessions exchange M messages per pair at an offered
    total rate R msgs/s (0: as fast as a per-sender in-flight window allows) -> delivered
-   msgs/s, p50/p99 end-to-end latency (send time stamped in the body), lost messages.
+   msgs/s, p50/p99 end-to-end latency (send time stamped in the body), lost messages;
+   with SM, the <a/> received and the stanzas still unacknowledged at the end.
+4. resumption (--resume K): K sessions with resumable SM receive numbered messages (some
+   acked, some handled but not acked, some received but never handled), lose their
+   transports abruptly, receive more while parked, then all K reconnect at once and send
+   <resume previd h/> -> p50/p99/max of <resume/> -> <resumed/>, failures, and whether
+   every message was handled exactly once across the old and the new stream.
 
 Incoming XML is parsed incrementally with expat; SCRAM is gateway.xmpp.sasl.ScramClient
 (the repository root is put on sys.path), with its PBKDF2 memoised per salt. Every wait has
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ipaddress
 import json
 import math
@@ -81,6 +88,7 @@ T_OPTIONAL: Final = f"{NS_SESSION} optional"
 T_SM: Final = f"{NS_SM} sm"
 T_SM_ENABLED: Final = f"{NS_SM} enabled"
 T_SM_FAILED: Final = f"{NS_SM} failed"
+T_SM_RESUMED: Final = f"{NS_SM} resumed"
 T_SM_R: Final = f"{NS_SM} r"
 T_SM_A: Final = f"{NS_SM} a"
 T_MESSAGE: Final = f"{NS_CLIENT} message"
@@ -95,6 +103,10 @@ RECV_SIZE: Final = 65536
 MAX_BATCH: Final = 64
 # Stand-in for an unknown stream-error / SASL-failure condition.
 UNKNOWN: Final = "unknown"
+# XEP-0198 counters wrap at 2**32 (section 4).
+H_MOD: Final = 2**32
+# Body prefix of the resumption scenario's messages ("R <seq> <stamp>").
+RESUME_TAG: Final = "R"
 
 
 class BenchError(Exception):
@@ -276,6 +288,10 @@ class Config:
     label: str
     warmup: bool
     no_sm: bool
+    resume: int
+    resume_messages: int
+    resume_parked: int
+    resume_concurrency: int
     ssl_context: ssl.SSLContext
 
     @classmethod
@@ -303,6 +319,10 @@ class Config:
             label=args.label,
             warmup=args.warmup,
             no_sm=args.no_sm,
+            resume=args.resume,
+            resume_messages=args.resume_messages,
+            resume_parked=args.resume_parked,
+            resume_concurrency=args.resume_concurrency,
             ssl_context=make_ssl_context(),
         )
 
@@ -317,6 +337,88 @@ class MessageStats:
     first_send_ns: int = 0
     last_recv_ns: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+
+
+def resume_groups(messages: int) -> tuple[int, int, int]:
+    """Split the M_r messages sent before the cut: (acked, handled not acked, unhandled).
+
+    The first group is handled and acknowledged with <a h/>, the second handled while <r/>
+    goes unanswered (only the <resume h/> tells the server), the third received but not
+    handled (h excludes it: the server must resend it on the new stream).
+    """
+    third = messages // 3
+    return messages - 2 * third, third, third
+
+
+@dataclass
+class ResumeTrack:
+    """One resuming session's view of its partner's numbered messages ("R seq stamp").
+
+    Sequence numbers below `before` are sent while the session is connected, the others
+    while it is parked. `old` and `new` count how often each was *handled* on the stream
+    before the cut and on the resumed one. While `drop` is set, stanzas arrive but are not
+    handled: a client that read the bytes and died before processing them leaves them out
+    of its h, so the server must resend them after <resume/>.
+    """
+
+    before: int
+    old: bytearray
+    new: bytearray
+    resumed: bool = False
+    drop: bool = False
+    dropped: int = 0
+    foreign: int = 0  # messages of no scenario seq (bounces, unparsable bodies)
+
+    @classmethod
+    def create(cls, before: int, parked: int) -> ResumeTrack:
+        return cls(before, bytearray(before + parked), bytearray(before + parked))
+
+    @property
+    def total(self) -> int:
+        return len(self.old)
+
+    def handled_old(self) -> int:
+        """Distinct sequence numbers handled on the old stream."""
+        return self.total - self.old.count(0)
+
+    def on_message(self, node: Node) -> None:
+        """Record a handled message (the caller has counted it in h)."""
+        body = node.find(T_BODY)
+        parts = body.text.split() if body is not None else []
+        if node.attrs.get("type") == "error" or len(parts) != 3 or parts[0] != RESUME_TAG:
+            self.foreign += 1
+            return
+        seq = int(parts[1])
+        if not 0 <= seq < self.total:
+            self.foreign += 1
+            return
+        counts = self.new if self.resumed else self.old
+        counts[seq] = min(255, counts[seq] + 1)
+
+    def complete(self) -> bool:
+        """Every sequence number handled at least once."""
+        return all(a or b for a, b in zip(self.old, self.new, strict=True))
+
+    def tally(self) -> dict[str, int]:
+        """Exactly-once check across both streams."""
+        lost = duplicates = resent_handled = resent = parked = 0
+        for seq, (old, new) in enumerate(zip(self.old, self.new, strict=True)):
+            if old + new == 0:
+                lost += 1
+            duplicates += max(0, old + new - 1)
+            if old and new:
+                resent_handled += 1  # handled before the cut (in h), sent again anyway
+            if new and seq < self.before:
+                resent += 1
+            if new and seq >= self.before:
+                parked += 1
+        return {
+            "lost": lost,
+            "duplicates": duplicates,
+            "resent_after_handled": resent_handled,
+            "resent": resent,
+            "parked_delivered": parked,
+        }
 
 
 def _xml_attr(value: str) -> bytes:
@@ -343,6 +445,15 @@ class Session:
         self.h_out = 0  # stanzas sent since <enabled/>
         self.acks = 0  # <a/> received
         self.acked_h = 0  # the last <a h=''/> value
+        self.r_sent_h = 0  # h_out when we last sent <r/>
+        self.r_answered = 0  # the server's <r/> we answered
+        self.sm_id = ""  # <enabled id=''/> when resumable
+        self.sm_max = ""  # <enabled max=''/>
+        self.mute_acks = False  # leave the server's <r/> unanswered
+        self.track: ResumeTrack | None = None
+        self.bounces = 0  # <message type='error'/> received
+        self.tcp: trio.SocketStream | None = None
+        self.reader_scope = trio.CancelScope()
         self.peer: Session | None = None
         self.window = trio.Semaphore(cfg.window)
         self.seen: bytearray | None = None
@@ -391,9 +502,59 @@ class Session:
 
     async def login(self) -> None:
         """Connect, STARTTLS, authenticate, bind, enable SM (no timeout of its own)."""
+        features = await self._connect_authenticated()
+        await self._bind(features)
+        if features.find(T_SM) is not None and not self.cfg.no_sm:
+            await self.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+            node = await self.next_node()
+            if node.tag == T_SM_ENABLED:
+                self.sm = True
+                if node.attrs.get("resume") in ("true", "1"):
+                    self.sm_id = node.attrs.get("id", "")
+                    self.sm_max = node.attrs.get("max", "")
+            elif node.tag != T_SM_FAILED:
+                raise BenchError(f"unexpected answer to <enable/>: {node.tag!r}")
+
+    async def resume(self) -> tuple[int, int]:
+        """Reconnect and resume the SM session.
+
+        Returns ns from sending <resume/> to receiving <resumed/>, and the server's h in
+        <resumed/> (-1 when missing). The resent stanzas that follow <resumed/> stay queued
+        in the parser for the reader.
+        """
+        features = await self._connect_authenticated()
+        if features.find(T_SM) is None:
+            raise BenchError("no <sm/> offered after SASL")
+        h = self.h_in % H_MOD
+        request = (
+            b"<resume xmlns='urn:xmpp:sm:3' previd=" + _xml_attr(self.sm_id) + b" h='%d'/>" % h
+        )
+        start = time.perf_counter_ns()
+        await self.send(request)
+        node = await self.next_node()
+        elapsed = time.perf_counter_ns() - start
+        if node.tag == T_SM_FAILED:
+            raise BenchError(f"<failed><{node.first_child_name() or UNKNOWN}/></failed>")
+        if node.tag != T_SM_RESUMED:
+            raise BenchError(f"unexpected answer to <resume/>: {node.tag!r}")
+        return elapsed, int(node.attrs.get("h", "-1"))
+
+    async def cut(self) -> None:
+        """Lose the transport abruptly: stop reading, close the TCP socket (no TLS
+        close_notify, no </stream:stream>), as when a phone drops off the network."""
+        self.closing = True
+        self.reader_scope.cancel()
+        await self.reader_done.wait()
+        if self.tcp is not None:
+            await self.tcp.aclose()
+        self.stream = None
+
+    async def _connect_authenticated(self) -> Node:
+        """Connect, STARTTLS, SASL; return the features of the restarted stream."""
         cfg = self.cfg
+        self.closing = False
         tcp = await trio.open_tcp_stream(cfg.host, cfg.port)
-        self.stream = tcp
+        self.stream = self.tcp = tcp
         features = await self.open_stream()
         if features.find(T_STARTTLS) is not None:
             await self.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -407,15 +568,7 @@ class Session:
         elif cfg.require_tls:
             raise BenchError("server does not offer STARTTLS")
         await self._authenticate(features)
-        features = await self.open_stream()
-        await self._bind(features)
-        if features.find(T_SM) is not None and not cfg.no_sm:
-            await self.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-            node = await self.next_node()
-            if node.tag == T_SM_ENABLED:
-                self.sm = True
-            elif node.tag != T_SM_FAILED:
-                raise BenchError(f"unexpected answer to <enable/>: {node.tag!r}")
+        return await self.open_stream()
 
     async def _authenticate(self, features: Node) -> None:
         mechanisms_node = features.find(T_MECHANISMS)
@@ -512,25 +665,52 @@ class Session:
     # after login ------------------------------------------------------------------------
 
     async def run_reader(self) -> None:
-        """Consume the stream until it ends: count stanzas, answer <r/>, time messages."""
-        assert self.stream is not None
+        """Consume the stream until it ends: count stanzas, answer <r/>, time messages.
+
+        `cut()` cancels it through `reader_scope`; each stream gets a fresh scope/event.
+        """
+        stream = self.stream
+        assert stream is not None
         try:
-            while True:
-                ack_due = self._drain_events()
-                if self.parser.closed:
-                    break
-                if ack_due and not self.closing:
-                    await self.send(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self.h_in)
-                data = await self.stream.receive_some(RECV_SIZE)
-                if not data:
-                    break
-                self.parser.feed(data)
+            with self.reader_scope:
+                while True:
+                    ack_due = self._drain_events()
+                    if self.parser.closed:
+                        break
+                    if ack_due and not self.closing and not self.mute_acks:
+                        self.r_answered += 1
+                        await self.send_ack()
+                    data = await stream.receive_some(RECV_SIZE)
+                    if not data:
+                        break
+                    self.parser.feed(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, BenchError, ValueError) as exc:
             # ValueError: a non-numeric h='' or body from a broken server.
             if not self.closing:
                 self.reader_error = str(exc) or type(exc).__name__
         finally:
             self.reader_done.set()
+
+    def start_reader(self, nursery: trio.Nursery) -> None:
+        """Run a reader for the current stream in `nursery`."""
+        self.reader_scope = trio.CancelScope()
+        self.reader_done = trio.Event()
+        self.reader_error = ""
+        nursery.start_soon(self.run_reader)
+
+    async def send_ack(self) -> None:
+        await self.send(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % (self.h_in % H_MOD))
+
+    async def send_numbered(self, to: str, seqs: range) -> None:
+        """Send the resumption scenario's messages `seqs` to `to`, then one <r/> with SM."""
+        head = b"<message type='chat' to=" + _xml_attr(to) + b"><body>R "
+        stamp = time.perf_counter_ns()
+        parts = [head + b"%d %d</body></message>" % (seq, stamp) for seq in seqs]
+        self.h_out += len(parts)
+        if self.sm:
+            parts.append(SM_REQUEST)
+            self.r_sent_h = self.h_out
+        await self.send(b"".join(parts))
 
     def _drain_events(self) -> bool:
         """Handle the parsed elements; return whether an <a/> answer is due."""
@@ -539,9 +719,17 @@ class Session:
         while events:
             node = events.popleft()
             tag = node.tag
+            track = self.track
+            if track is not None and track.drop:
+                # Received but never handled: not in h, no <a/> (the client "crashed").
+                track.dropped += tag in (T_MESSAGE, T_IQ, T_PRESENCE)
+                continue
             if tag == T_MESSAGE:
                 self.h_in += 1
-                self._on_message(node)
+                if track is not None:
+                    track.on_message(node)
+                else:
+                    self._on_message(node)
             elif tag == T_SM_R:
                 ack_due = True
             elif tag == T_SM_A:
@@ -556,8 +744,10 @@ class Session:
     def _on_message(self, node: Node) -> None:
         stats = self.stats
         if stats is None:
+            self.bounces += node.attrs.get("type") == "error"
             return
         if node.attrs.get("type") == "error":
+            self.bounces += 1
             # A bounce of one of our own messages: free its window slot.
             stats.errors += 1
             self.window.release()
@@ -623,6 +813,7 @@ class Session:
                 self.h_out += 1
                 if ack_every and self.h_out % ack_every == 0:
                     parts.append(SM_REQUEST)
+                    self.r_sent_h = self.h_out
             stats.sent += batch
             seq += batch
             await self.send(b"".join(parts))
@@ -701,7 +892,7 @@ async def scenario_logins(cfg: Config, nursery: trio.Nursery, report: Reporter) 
             mechanisms.add(session.mechanism)
             sm_on += session.sm
             sessions.append(session)
-            nursery.start_soon(session.run_reader)
+            session.start_reader(nursery)
 
     cpu0 = time.process_time()
     server_cpu0 = read_cpu_seconds(cfg.server_pid) if cfg.server_pid else None
@@ -840,11 +1031,19 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
                     nursery.start_soon(session.run_sender, count, duration, t0)
     timed_out = phase.cancelled_caught
     await poll_until(lambda: stats.unique + stats.errors >= stats.sent, cfg.drain_timeout)
-    # Give the last <a/> answers to our <r/> a moment (they follow the deliveries).
+    sm_senders = [s for s, _ in senders if s.sm]
     if cfg.ack_every:
+        # A sender whose count is not a multiple of --ack-every never asked about its last
+        # messages: ask once now, so "unacked" means unacknowledged, not unasked.
+        async with trio.open_nursery() as requests:
+            for s in sm_senders:
+                if s.r_sent_h != s.h_out and not s.reader_done.is_set():
+                    s.r_sent_h = s.h_out
+                    requests.start_soon(_send_quietly, s, SM_REQUEST)
+        # Give the last <a/> answers to our <r/> a moment (they follow the deliveries).
         await poll_until(
-            lambda: all(s.acked_h >= s.h_out for s, _ in senders if s.sm),
-            min(1.0, cfg.drain_timeout),
+            lambda: all(_h_behind(s.h_out, s.acked_h) == 0 for s in sm_senders),
+            min(2.0, cfg.drain_timeout),
         )
     client_cpu = time.process_time() - cpu0
     server_cpu = _server_cpu_since(cfg, server_cpu0)
@@ -854,8 +1053,7 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
     rate = stats.unique / (span_ns / 1e9) if span_ns > 0 else 0.0
     p50 = percentile(stats.latencies_ns, 50)
     p99 = percentile(stats.latencies_ns, 99)
-    acks = sum(s.acks for s, _ in senders)
-    unacked = sum(max(0, s.h_out - s.acked_h) for s, _ in senders if s.sm)
+    sm_figures = _sm_figures(cfg, sm_senders)
     reader_errors = sorted({s.reader_error for s, _ in senders if s.reader_error})
     offered = f"{cfg.rate:.0f} msgs/s offered" if cfg.rate > 0 else "max rate"
     report.figures["messages"] = {
@@ -873,8 +1071,7 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
         "msgs_per_s": round(rate, 1),
         "p50_ms": _ms(p50),
         "p99_ms": _ms(p99),
-        "sm_acks_received": acks,
-        "sm_unacked": unacked,
+        **sm_figures,
         "timed_out": timed_out,
         "reader_errors": reader_errors,
         "client_cpu_s": round(client_cpu, 2),
@@ -886,7 +1083,7 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
         f"{stats.unique} delivered in {span_ns / 1e9:.2f} s -> {rate:.0f} msgs/s "
         f"({offered}, window {cfg.window}); latency p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)}; "
         f"lost {lost}, errors {stats.errors}, duplicates {stats.duplicates}; "
-        f"SM <a/> received {acks}, unacked {unacked}; client CPU {client_cpu:.2f} s, "
+        f"{_fmt_sm(sm_figures, len(senders))}; client CPU {client_cpu:.2f} s, "
         f"server CPU {_fmt_s(server_cpu)}{_fmt_per_cpu(stats.unique, server_cpu, 'msgs')}"
     )
     if timed_out:
@@ -894,6 +1091,303 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
     for error in reader_errors[:5]:
         report.line(f"  messages: session error: {error}")
     return lost
+
+
+def _h_behind(sent: int, acked: int) -> int:
+    """Stanzas sent but not yet acknowledged, with XEP-0198's 2**32 wrap-around."""
+    return (sent - acked) % H_MOD
+
+
+async def _send_quietly(session: Session, data: bytes) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await session.send(data)
+
+
+def _sm_figures(cfg: Config, sm_senders: list[Session]) -> dict[str, object]:
+    """Stream-management figures of the senders that enabled SM (None when none did)."""
+    if not sm_senders:
+        return {
+            "sm_senders": 0,
+            "sm_acks_received": None,
+            "sm_unacked": None,
+            "sm_r_answered": None,
+        }
+    return {
+        "sm_senders": len(sm_senders),
+        "sm_acks_received": sum(s.acks for s in sm_senders),
+        # Without --ack-every nothing is ever requested: unacked says nothing then.
+        "sm_unacked": (
+            sum(_h_behind(s.h_out, s.acked_h) for s in sm_senders) if cfg.ack_every else None
+        ),
+        "sm_r_answered": sum(s.r_answered for s in sm_senders),
+    }
+
+
+def _fmt_sm(figures: dict[str, object], senders: int) -> str:
+    if not figures["sm_senders"]:
+        return "SM off"
+    return (
+        f"SM on {figures['sm_senders']}/{senders} senders: <a/> received "
+        f"{figures['sm_acks_received']}, unacked at the end {figures['sm_unacked']}, "
+        f"server <r/> answered {figures['sm_r_answered']}"
+    )
+
+
+@dataclass
+class ResumeRun:
+    """Outcome of the reconnect phase of the resumption scenario."""
+
+    resume_ns: list[int] = field(default_factory=list)
+    reconnect_ns: list[int] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    resumed: list[Session] = field(default_factory=list)
+    h_mismatches: list[str] = field(default_factory=list)
+
+
+async def scenario_resume(
+    cfg: Config, report: Reporter, sessions: list[Session], nursery: trio.Nursery
+) -> int:
+    """Run the resumption scenario; return failures + lost + duplicates + h mismatches."""
+    if cfg.resume == 0:
+        report.figures["resume"] = {"skipped": "not requested (--resume 0)"}
+        return 0
+    live = [s for s in sessions if not s.reader_done.is_set()]
+    resumable = [s for s in live if s.sm_id]
+    count = min(cfg.resume, len(resumable), len(live) // 2)
+    if count == 0:
+        reason = (
+            "SM off (--no-sm)"
+            if cfg.no_sm
+            else f"{len(resumable)} of {len(live)} live sessions enabled resumable SM"
+        )
+        report.figures["resume"] = {"skipped": reason}
+        report.line(f"resume: skipped ({reason})")
+        return 0 if cfg.no_sm else 1
+    # The last resumable sessions (not the message pairs when N allows), each paired with
+    # a partner among the other live sessions.
+    targets = resumable[-count:]
+    chosen = set(targets)
+    partners = [s for s in live if s not in chosen][:count]
+    pairs = list(zip(targets, partners, strict=True))
+    acked_n, unacked_n, unhandled_n = resume_groups(cfg.resume_messages)
+    before, parked_n = cfg.resume_messages, cfg.resume_parked
+    tracks: dict[Session, ResumeTrack] = {}
+    for target, partner in pairs:
+        target.stats = partner.stats = None
+        target.peer = partner.peer = None
+        tracks[target] = target.track = ResumeTrack.create(before, parked_n)
+    incomplete: list[str] = []
+
+    async def send_range(low: int, high: int) -> None:
+        if high > low:
+            async with trio.open_nursery() as senders:
+                for target, partner in pairs:
+                    senders.start_soon(_send_numbered_quietly, partner, target.jid, low, high)
+
+    async def phase(name: str, ready: Callable[[], bool]) -> None:
+        if not await poll_until(ready, cfg.drain_timeout):
+            incomplete.append(name)
+
+    # 1. Connected: handled and acknowledged (an unsolicited <a/>, XEP-0198 section 4).
+    await send_range(0, acked_n)
+    await phase("acked", lambda: all(t.handled_old() >= acked_n for t in tracks.values()))
+    async with trio.open_nursery() as acks:
+        for target in targets:
+            acks.start_soon(_send_ack_quietly, target)
+    # 2. Handled, but the server's <r/> goes unanswered: only <resume h/> will say so.
+    for target in targets:
+        target.mute_acks = True
+    await send_range(acked_n, acked_n + unacked_n)
+    await phase(
+        "handled", lambda: all(t.handled_old() >= acked_n + unacked_n for t in tracks.values())
+    )
+    # 3. Received, never handled (left out of h): the server must resend them.
+    for track in tracks.values():
+        track.drop = True
+    await send_range(acked_n + unacked_n, before)
+    await phase("unhandled", lambda: all(t.dropped >= unhandled_n for t in tracks.values()))
+    # 4. Cut every transport, let the server notice, then send to the parked sessions.
+    async with trio.open_nursery() as cuts:
+        for target in targets:
+            cuts.start_soon(target.cut)
+    await trio.sleep(0.5)
+    await send_range(before, before + parked_n)
+    await phase(
+        "parked sends acked",
+        lambda: all(_h_behind(p.h_out, p.acked_h) == 0 for p in partners if p.sm),
+    )
+    # 5. Reconnect all at once (bounded) and resume.
+    cpu0 = time.process_time()
+    server_cpu0 = read_cpu_seconds(cfg.server_pid) if cfg.server_pid else None
+    start = time.perf_counter()
+    run = await _reconnect_all(cfg, targets, nursery)
+    wall = time.perf_counter() - start
+    client_cpu = time.process_time() - cpu0
+    server_cpu = _server_cpu_since(cfg, server_cpu0)
+    # 6. Wait for the resent and parked messages, then a moment for any duplicates.
+    await phase("delivery", lambda: all(tracks[t].complete() for t in run.resumed))
+    await trio.sleep(0.25)
+    return _report_resume(
+        cfg,
+        report,
+        pairs,
+        tracks,
+        run,
+        incomplete,
+        wall=wall,
+        client_cpu=client_cpu,
+        server_cpu=server_cpu,
+    )
+
+
+async def _send_numbered_quietly(partner: Session, to: str, low: int, high: int) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await partner.send_numbered(to, range(low, high))
+
+
+async def _send_ack_quietly(session: Session) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await session.send_ack()
+
+
+async def _reconnect_all(cfg: Config, targets: list[Session], nursery: trio.Nursery) -> ResumeRun:
+    run = ResumeRun()
+    limiter = trio.CapacityLimiter(cfg.resume_concurrency)
+
+    async def one(target: Session) -> None:
+        async with limiter:
+            assert target.track is not None
+            target.track.drop = False
+            target.track.resumed = True
+            target.mute_acks = False
+            start = time.perf_counter_ns()
+            try:
+                with trio.fail_after(cfg.login_timeout):
+                    elapsed, server_h = await target.resume()
+            except (
+                BenchError,
+                GatewayError,
+                OSError,
+                ValueError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+            ) as exc:
+                reason = "timeout" if isinstance(exc, trio.TooSlowError) else str(exc)
+                reason = reason or type(exc).__name__
+                run.failures[reason] = run.failures.get(reason, 0) + 1
+                target.closing = True
+                if target.tcp is not None:
+                    with trio.move_on_after(1):
+                        await target.tcp.aclose()
+                target.stream = None
+                return
+            run.reconnect_ns.append(time.perf_counter_ns() - start)
+            run.resume_ns.append(elapsed)
+            if server_h != target.h_out % H_MOD:
+                # Everything we sent before the cut was handled (its <a/> came back).
+                run.h_mismatches.append(f"<resumed h='{server_h}'/>, sent {target.h_out}")
+            run.resumed.append(target)
+            target.start_reader(nursery)
+
+    async with trio.open_nursery() as reconnects:
+        for target in targets:
+            reconnects.start_soon(one, target)
+    return run
+
+
+def _report_resume(
+    cfg: Config,
+    report: Reporter,
+    pairs: list[tuple[Session, Session]],
+    tracks: dict[Session, ResumeTrack],
+    run: ResumeRun,
+    incomplete: list[str],
+    *,
+    wall: float,
+    client_cpu: float,
+    server_cpu: float | None,
+) -> int:
+    count = len(pairs)
+    acked_n, unacked_n, unhandled_n = resume_groups(cfg.resume_messages)
+    totals = dict.fromkeys(
+        ("lost", "duplicates", "resent_after_handled", "resent", "parked_delivered"), 0
+    )
+    for target in run.resumed:
+        for key, value in tracks[target].tally().items():
+            totals[key] += value
+    resumed_set = set(run.resumed)
+    # Messages to sessions that failed to resume and that they had not handled: where they
+    # went (offline storage, bounce) is the server's business, not checked here.
+    unverified = sum(t.total - t.handled_old() for s, t in tracks.items() if s not in resumed_set)
+    foreign = sum(t.foreign for t in tracks.values())
+    bounces = sum(p.bounces for _, p in pairs)
+    reader_errors = sorted({s.reader_error for s in run.resumed if s.reader_error})
+    ok = len(run.resumed)
+    p50, p99 = percentile(run.resume_ns, 50), percentile(run.resume_ns, 99)
+    worst = max(run.resume_ns) if run.resume_ns else math.nan
+    rc50, rc99 = percentile(run.reconnect_ns, 50), percentile(run.reconnect_ns, 99)
+    per_session = cfg.resume_messages + cfg.resume_parked
+    report.figures["resume"] = {
+        "requested": cfg.resume,
+        "sessions": count,
+        "resumed": ok,
+        "failed": count - ok,
+        "failures": run.failures,
+        "concurrency": cfg.resume_concurrency,
+        "seconds": round(wall, 3),
+        "resumptions_per_s": round(ok / wall, 1) if wall > 0 else 0.0,
+        "p50_ms": _ms(p50),
+        "p99_ms": _ms(p99),
+        "max_ms": _ms(worst),
+        "reconnect_p50_ms": _ms(rc50),
+        "reconnect_p99_ms": _ms(rc99),
+        "messages_per_session": per_session,
+        "acked_before_cut": acked_n,
+        "handled_unacked_before_cut": unacked_n,
+        "unhandled_before_cut": unhandled_n,
+        "sent_while_parked": cfg.resume_parked,
+        "planned": count * per_session,
+        "lost": totals["lost"],
+        "duplicates": totals["duplicates"],
+        "resent_after_handled": totals["resent_after_handled"],
+        "resent": totals["resent"],
+        "resent_expected": ok * unhandled_n,
+        "parked_delivered": totals["parked_delivered"],
+        "parked_expected": ok * cfg.resume_parked,
+        "unverified": unverified,
+        "foreign_messages": foreign,
+        "partner_bounces": bounces,
+        "h_mismatches": len(run.h_mismatches),
+        "incomplete_phases": incomplete,
+        "reader_errors": reader_errors,
+        "client_cpu_s": round(client_cpu, 2),
+        "server_cpu_s": server_cpu,
+    }
+    report.line(
+        f"resume: {ok}/{count} sessions resumed in {wall:.2f} s "
+        f"({cfg.resume_concurrency} in flight); <resume/> -> <resumed/> p50 {fmt_ms(p50)}, "
+        f"p99 {fmt_ms(p99)}, max {fmt_ms(worst)}; reconnect (TCP+TLS+SASL+resume) "
+        f"p50 {fmt_ms(rc50)}, p99 {fmt_ms(rc99)}; failures {count - ok}; client CPU "
+        f"{client_cpu:.2f} s, server CPU {_fmt_s(server_cpu)}"
+    )
+    report.line(
+        f"  resume messages: {count} x {per_session} (before the cut {acked_n} acked, "
+        f"{unacked_n} handled unacked, {unhandled_n} unhandled; {cfg.resume_parked} while "
+        f"parked): lost {totals['lost']}, duplicates {totals['duplicates']} (handled before "
+        f"the cut and resent: {totals['resent_after_handled']}), resent "
+        f"{totals['resent']}/{ok * unhandled_n}, parked delivered "
+        f"{totals['parked_delivered']}/{ok * cfg.resume_parked}; unverified {unverified} "
+        f"(failed sessions), partner bounces {bounces}, h mismatches {len(run.h_mismatches)}"
+    )
+    for reason, n in sorted(run.failures.items(), key=lambda kv: -kv[1])[:5]:
+        report.line(f"  resume failure x{n}: {reason}")
+    for mismatch in run.h_mismatches[:3]:
+        report.line(f"  resume h mismatch: {mismatch}")
+    if incomplete:
+        report.line(f"  resume phases that timed out: {', '.join(incomplete)}")
+    for error in reader_errors[:5]:
+        report.line(f"  resume: session error after resuming: {error}")
+    return count - ok + totals["lost"] + totals["duplicates"] + len(run.h_mismatches)
 
 
 async def poll_until(predicate: Callable[[], bool], limit_s: float) -> bool:
@@ -935,6 +1429,7 @@ async def run(cfg: Config, report: Reporter) -> int:
     report.line(
         f"bench {cfg.label}: {cfg.host}:{cfg.port} domain {cfg.domain}, {cfg.clients} clients, "
         f"{cfg.pairs} pairs x {cfg.messages} messages, rate {cfg.rate or 'max'}"
+        + (f", resume {cfg.resume}" if cfg.resume else "")
     )
     rss_before = read_rss_kib(cfg.server_pid) if cfg.server_pid else None
     status = 0
@@ -951,6 +1446,8 @@ async def run(cfg: Config, report: Reporter) -> int:
             status = 1
         await scenario_idle_memory(cfg, report, rss_before, len(result.sessions))
         if await scenario_messages(cfg, report, result.sessions):
+            status = 1
+        if await scenario_resume(cfg, report, result.sessions, readers):
             status = 1
         await close_all(result.sessions)
         readers.cancel_scope.cancel()
@@ -970,8 +1467,22 @@ scenarios (in this order, on the same sessions):
                offered at R msgs/s in total (0: as fast as the --window of messages in
                flight per sender allows). delivered msgs/s = delivered / (last receive -
                first send); latency is receive time - send time stamped in the body.
-               With SM, a <r/> follows every --ack-every messages; every <r/> from the
-               server is answered with <a h=.../>.
+               With SM, a <r/> follows every --ack-every messages (and one after a
+               sender's last message); every <r/> from the server is answered with
+               <a h=.../>; "unacked" is what the server had not acknowledged at the end.
+  resume       (--resume K, needs resumable SM) K sessions that got <enabled resume/>,
+               each with a partner among the other sessions. The partner sends it
+               --resume-messages numbered messages: the first third (rounded up) are
+               handled and acked (<a h/>), the next third handled while the server's
+               <r/> goes unanswered, the last third received but not handled (as if the
+               client died before processing them: not in its h). Then the K TCP
+               sockets are closed (no TLS close_notify, no </stream:stream>), the
+               partners send --resume-parked more, and all K reconnect at once (at most
+               --resume-concurrency in flight): STARTTLS, SASL, <resume previd h/>.
+               Reported: <resume/> -> <resumed/> p50/p99/max, the whole reconnect, and
+               whether every message was handled exactly once across the old and new
+               streams (the unhandled third and the parked ones are expected once on the
+               new stream, nothing handled before the cut may come again).
 
 The server's CPU seconds per phase (/proc/PID/stat) are shown with --server-pid; the
 bench's own CPU seconds are shown too: if they approach the phase's wall time, the bench,
@@ -1016,6 +1527,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not enable XEP-0198 even when offered (compare servers without SM)",
     )
+    add("--resume", type=int, default=0, help="sessions in the resumption scenario, 0 = skip")
+    add("--resume-messages", type=int, default=6, help="messages per session before the cut")
+    add("--resume-parked", type=int, default=3, help="messages per session while parked (3)")
+    add("--resume-concurrency", type=int, default=100, help="resumptions in flight (100)")
     add(
         "--warmup",
         action="store_true",
@@ -1023,10 +1538,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add("--json", action="store_true", help="print one JSON object on stdout (lines on stderr)")
     args = parser.parse_args(argv)
-    for name in ("clients", "concurrency", "window"):
+    for name in ("clients", "concurrency", "window", "resume_concurrency"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    for name in ("pairs", "messages", "rate", "ack_every"):
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in (
+        "pairs",
+        "messages",
+        "rate",
+        "ack_every",
+        "resume",
+        "resume_messages",
+        "resume_parked",
+    ):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     return args

@@ -8,7 +8,9 @@
 # (loopback, a free port, STARTTLS required, JSON logs at warning level), creates N accounts
 # bench0..bench{N-1} with password "secret" through `xmpp-gateway user import` (random salts,
 # as in production), starts the gateway pinned to CPU 0, runs bench.py pinned to CPU 1 with
-# --server-pid, then stops the gateway with SIGTERM and removes the directory.
+# --server-pid, then stops the gateway with SIGTERM and removes the directory. Stream
+# management (XEP-0198) is on with the gateway's defaults (ack every stanza, buffer_max 100,
+# resume_timeout 600 s); bench.py --no-sm leaves it unused.
 set -euo pipefail
 
 N=${1:-500}
@@ -80,5 +82,24 @@ status=0
     --clients "$N" --pairs "$P" --messages "$M" --server-pid "$GATEWAY_PID" \
     --label "xmpp-gateway $VERSION" "$@" || status=$?
 errors=$(grep -c '"level": "error"' "$WORK/gateway.log" || true)
-echo "gateway_bench: gateway error lines: $errors (KEEP_LOG=1 shows the log)" >&2
+warnings=$(grep -c '"level": "warning"' "$WORK/gateway.log" || true)
+echo "gateway_bench: gateway error lines: $errors, warning lines: $warnings (KEEP_LOG=1 shows the log)" >&2
+if ((errors + warnings > 0)); then
+    # The most frequent events among them, so a bad run says what went wrong.
+    "$PYTHON" - "$WORK/gateway.log" <<'PY' >&2 || true
+import collections, json, sys
+
+counts = collections.Counter()
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        counts[("unparsed", line.strip()[:80])] += 1
+        continue
+    if entry.get("level") in ("error", "warning"):
+        counts[(entry.get("level"), str(entry.get("event"))[:80])] += 1
+for (level, event), count in counts.most_common(5):
+    print(f"gateway_bench:   {level} x{count}: {event}")
+PY
+fi
 exit "$status"

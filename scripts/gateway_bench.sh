@@ -11,6 +11,8 @@
 # --server-pid, then stops the gateway with SIGTERM and removes the directory. Stream
 # management (XEP-0198) is on with the gateway's defaults (ack every stanza, buffer_max 100,
 # resume_timeout 600 s); bench.py --no-sm leaves it unused.
+# Environment: PYTHON, KEEP_LOG=1 (print the gateway's log at the end), GATEWAY_LOG_LEVEL
+# (warning; info logs every login, park and resume).
 set -euo pipefail
 
 N=${1:-500}
@@ -52,7 +54,7 @@ listen:
   c2s: [{ip: 127.0.0.1, port: $PORT, tls: ${BENCH_TLS:-required}}]
 tls: {certfile: certs/$DOMAIN.pem, keyfile: certs/$DOMAIN.key}
 auth: {database: data/accounts.sqlite}
-logging: {level: warning, format: json}
+logging: {level: ${GATEWAY_LOG_LEVEL:-warning}, format: json}
 YAML
 
 started_ms=$((${EPOCHREALTIME/[.,]/} / 1000))

@@ -8,76 +8,32 @@ accounts created by the CLI (`user add`, `user import`) and a certificate made b
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import slixmpp
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.live import ROOT, live_gateway
+from tests.helpers.live import LiveGateway as LiveServer
+from tests.helpers.live import free_port as _free_port
+from tests.helpers.live import gateway_cli as _gateway
+
+__all__ = ["PASSWORD", "ROOT", "LiveServer", "_free_port", "_gateway"]  # used by other tests
+
 PASSWORD = "s3cret-Ü-pass"
-
-
-@dataclass
-class LiveServer:
-    port: int
-    config: Path
-    log: Path
-    cert: Path
-    proc: subprocess.Popen[bytes]
-
-    def log_events(self) -> list[dict[str, object]]:
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gateway(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
-
-
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LiveServer]:
-    certs = tmp_path / "certs"
-    made = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(certs)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
-    port = _free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""
-general: {{hosts: [localhost]}}
+CONFIG = """
+general: {hosts: [localhost]}
 listen:
-  c2s: [{{ip: 127.0.0.1, port: {port}, tls: required}}]
-tls: {{certfile: certs/localhost.pem, keyfile: certs/localhost.key}}
-auth: {{database: data/accounts.sqlite}}
-logging: {{level: info, format: json}}
+  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]
+tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}
+auth: {database: data/accounts.sqlite}
+logging: {level: info, format: json}
 """
-    )
+
+
+def _add_users(config: Path) -> None:
     added = _gateway(
         "user", "add", "alice@localhost", "--password", PASSWORD, "--config", str(config)
     )
@@ -92,28 +48,19 @@ logging: {{level: info, format: json}}
     listed = _gateway("user", "list", "--config", str(config))
     assert listed.stdout.split() == ["alice@localhost", "bob@localhost", "carol@localhost"]
 
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = LiveServer(port, config, log, certs / "localhost.pem", proc)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
-            time.sleep(0.05)
-    yield server
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    with live_gateway(
+        tmp_path,
+        CONFIG,
+        password=PASSWORD,
+        users=(),
+        certs=True,
+        check_config=False,
+        setup=_add_users,
+    ) as server:
+        yield server
 
 
 def _client(jid: str, server: LiveServer) -> slixmpp.ClientXMPP:

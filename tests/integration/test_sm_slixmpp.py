@@ -19,18 +19,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import signal
 import socket
+import string
 import struct
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import slixmpp
 
-from tests.integration.test_slixmpp import PASSWORD, ROOT, LiveServer, _free_port, _gateway
+from tests.helpers.live import LiveGateway as LiveServer
+from tests.helpers.live import live_gateway
+from tests.integration.test_slixmpp import PASSWORD
 
 WAIT = 20.0  # seconds: the bound on every single wait below
 SHORT_RESUME_TIMEOUT = 2  # seconds (real time: the gateway is a subprocess)
@@ -94,66 +94,22 @@ class CutProxy:
             task.cancel()
 
 
-@contextlib.contextmanager
-def _live_server(tmp_path: Path, sm_options: str) -> Iterator[LiveServer]:
-    """The gateway subprocess (STARTTLS required), with `sm_options` for stream management."""
-    certs = tmp_path / "certs"
-    made = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(certs)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
-    port = _free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""
-general: {{hosts: [localhost]}}
+CONFIG = """
+general: {hosts: [localhost]}
 listen:
-  c2s: [{{ip: 127.0.0.1, port: {port}, tls: required}}]
-tls: {{certfile: certs/localhost.pem, keyfile: certs/localhost.key}}
-auth: {{database: data/accounts.sqlite}}
+  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]
+tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}
+auth: {database: data/accounts.sqlite}
 modules:
-  mod_stream_management: {{{sm_options}}}
-logging: {{level: info, format: json}}
+  mod_stream_management: {$sm_options}
+logging: {level: info, format: json}
 """
-    )
-    checked = _gateway("check-config", "--config", str(config))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    for user in ("alice", "bob"):
-        added = _gateway(
-            "user", "add", f"{user}@localhost", "--password", PASSWORD, "--config", str(config)
-        )
-        assert added.returncode == 0, added.stderr
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    server = LiveServer(port, config, log, certs / "localhost.pem", proc)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
-                time.sleep(0.05)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+
+
+def _live_server(tmp_path: Path, sm_options: str) -> contextlib.AbstractContextManager[LiveServer]:
+    """The gateway subprocess (STARTTLS required), with `sm_options` for stream management."""
+    config = string.Template(CONFIG).safe_substitute(sm_options=sm_options)
+    return live_gateway(tmp_path, config, password=PASSWORD, certs=True)
 
 
 class Phone:

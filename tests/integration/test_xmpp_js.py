@@ -30,14 +30,11 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
+import string
 import struct
 import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +44,8 @@ import trio
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.helpers.client import RawClient, StreamEnd
-from tests.integration.test_slixmpp import PASSWORD, ROOT, _free_port, _gateway
+from tests.helpers.live import ROOT, LiveGateway, live_gateway
+from tests.integration.test_slixmpp import PASSWORD
 
 JS_DIR = ROOT / "tests" / "js"
 NODE = shutil.which("node")
@@ -211,20 +209,23 @@ async def js_client(
 # --- the gateway ----------------------------------------------------------------------
 
 
-@dataclass
-class WsServer:
-    c2s_port: int
-    ws_port: int
-    log: Path
-    proc: subprocess.Popen[bytes]
+WsServer = LiveGateway  # ports "c2s" (plain TCP) and "ws" (ws://, /xmpp-websocket)
 
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/xmpp-websocket"
+CONFIG = """
+# No load balancer to drain from: stop at once on SIGTERM.
+general: {hosts: [localhost], shutdown_grace: 0}
+listen:
+  c2s: [{ip: 127.0.0.1, port: $c2s, tls: none}]
+  websocket: [{ip: 127.0.0.1, port: $ws, path: /xmpp-websocket, tls: none}]
+auth: {database: data/accounts.sqlite}
+modules:
+  mod_stream_management: {$sm_options}
+logging: {level: info, format: json}
+"""
 
-    def log_events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+
+def _ws_url(server: WsServer) -> str:
+    return f"ws://127.0.0.1:{server.ports['ws']}/xmpp-websocket"
 
 
 @pytest.fixture
@@ -232,57 +233,11 @@ def ws_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WsServ
     """The gateway subprocess: c2s without TLS and a ws:// listener, alice and bob.
     Indirect parametrization gives the stream management options."""
     sm_options = getattr(request, "param", "resume_timeout: 600")
-    c2s_port, ws_port = _free_port(), _free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""
-# No load balancer to drain from: stop at once on SIGTERM.
-general: {{hosts: [localhost], shutdown_grace: 0}}
-listen:
-  c2s: [{{ip: 127.0.0.1, port: {c2s_port}, tls: none}}]
-  websocket: [{{ip: 127.0.0.1, port: {ws_port}, path: /xmpp-websocket, tls: none}}]
-auth: {{database: data/accounts.sqlite}}
-modules:
-  mod_stream_management: {{{sm_options}}}
-logging: {{level: info, format: json}}
-"""
-    )
-    checked = _gateway("check-config", "--config", str(config))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    for user in ("alice", "bob"):
-        added = _gateway(
-            "user", "add", f"{user}@localhost", "--password", PASSWORD, "--config", str(config)
-        )
-        assert added.returncode == 0, added.stderr
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        for port in (c2s_port, ws_port):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
-                    time.sleep(0.05)
-        yield WsServer(c2s_port, ws_port, log, proc)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise
+    config = string.Template(CONFIG).safe_substitute(sm_options=sm_options)
+    with live_gateway(
+        tmp_path, config, password=PASSWORD, ports=("c2s", "ws"), assert_clean_exit=True
+    ) as server:
+        yield server
 
 
 async def _log_event(server: WsServer, match: Callable[[dict[str, Any]], bool]) -> None:
@@ -342,7 +297,7 @@ class Partner:
 
 @contextlib.asynccontextmanager
 async def partner(server: WsServer) -> AsyncIterator[Partner]:
-    stream = await trio.open_tcp_stream("127.0.0.1", server.c2s_port)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.ports["c2s"])
     try:
         client = RawClient(stream)
         with trio.fail_after(WAIT):
@@ -443,7 +398,7 @@ async def test_xmpp_js_logs_in_over_websocket_and_chats_with_a_tcp_client(
                 node_command,
                 tmp_path,
                 "alice",
-                service=ws_server.ws_url,
+                service=_ws_url(ws_server),
                 domain="localhost",
                 username="alice",
                 password=PASSWORD,
@@ -490,7 +445,7 @@ async def test_xmpp_js_resumes_after_the_websocket_drops_and_every_message_arriv
     ws_server: WsServer, node_command: list[str], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        proxy = CutProxy(ws_server.ws_port)
+        proxy = CutProxy(ws_server.ports["ws"])
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.run)
             async with (
@@ -598,7 +553,7 @@ async def test_xmpp_js_back_after_resume_timeout_starts_afresh_and_gets_offline_
     ws_server: WsServer, node_command: list[str], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        proxy = CutProxy(ws_server.ws_port)
+        proxy = CutProxy(ws_server.ports["ws"])
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.run)
             async with (

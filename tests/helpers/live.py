@@ -1,0 +1,164 @@
+"""The gateway as a real subprocess, set up with its own CLI exactly as an operator would.
+
+`live_gateway()` optionally makes a certificate with `scripts/make_cert.py`, picks free
+loopback ports, writes `config.yaml`, runs `check-config` and `user add` through the CLI,
+starts `python -m gateway serve` (stdout and stderr to `gateway.log`), waits (bounded)
+until its listeners accept connections, and on the way out stops it.
+
+The config text is a `string.Template`: `$name` (or `${name}`) is replaced with the free
+port picked for each name in `ports`, so YAML braces are written as they are; a literal
+dollar sign must be written `$$`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+ROOT: Final[Path] = Path(__file__).resolve().parents[2]
+START_TIMEOUT: Final = 30.0  # seconds for the listeners to accept connections
+STOP_TIMEOUT: Final = 30.0  # seconds for the process to exit after SIGTERM
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m gateway ARGS` from the repository root, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+@dataclass
+class LiveGateway:
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    cert: Path | None  # the server certificate (PEM), when `certs=True`
+
+    @property
+    def port(self) -> int:
+        """The c2s port."""
+        return self.ports["c2s"]
+
+    def log_events(self) -> list[dict[str, object]]:
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], log: Path, ports: Sequence[int]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
+                time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def live_gateway(
+    tmp_path: Path,
+    config: str,
+    *,
+    password: str,
+    ports: Sequence[str] = ("c2s",),
+    users: Sequence[str] = ("alice", "bob"),
+    certs: bool = False,
+    check_config: bool = True,
+    setup: Callable[[Path], None] | None = None,
+    wait_for: Sequence[str] | None = None,
+    stop: Literal["term", "kill"] = "term",
+    assert_clean_exit: bool = False,
+) -> Iterator[LiveGateway]:
+    """The gateway subprocess in `tmp_path`, with `users`@localhost (all with `password`).
+
+    `config` is a `string.Template` with a `$name` per entry of `ports` (see the module
+    docstring). `setup(config_path)` runs after the users are added, before `serve`.
+    `wait_for` names the ports to wait for (default: all of them). On the way out a
+    still-running process gets SIGTERM (`stop="term"`: killed if it has not exited in
+    STOP_TIMEOUT) or SIGKILL (`stop="kill"`); with `assert_clean_exit` its exit status
+    after SIGTERM must be 0 and a timeout is re-raised after the kill.
+    """
+    cert: Path | None = None
+    if certs:
+        made = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_cert.py"),
+                "--out",
+                str(tmp_path / "certs"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        cert = tmp_path / "certs" / "localhost.pem"
+    port_numbers = {name: free_port() for name in ports}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(string.Template(config).substitute(port_numbers))
+    if check_config:
+        checked = gateway_cli("check-config", "--config", str(config_path))
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    for user in users:
+        added = gateway_cli(
+            "user", "add", f"{user}@localhost", "--password", password, "--config", str(config_path)
+        )
+        assert added.returncode == 0, added.stderr
+    if setup is not None:
+        setup(config_path)
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        names = ports if wait_for is None else wait_for
+        _wait_listening(proc, log, [port_numbers[name] for name in names])
+        yield LiveGateway(config_path, log, proc, port_numbers, cert)
+    finally:
+        if proc.poll() is None:
+            if stop == "kill":
+                proc.kill()
+                proc.wait()
+            else:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    code = proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    if assert_clean_exit:
+                        raise
+                else:
+                    if assert_clean_exit:
+                        assert code == 0, log.read_text()[-4000:]

@@ -35,8 +35,8 @@ from gateway.core.router import Router
 from gateway.core.services import ServerServices
 from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondition
 from gateway.logsetup import configure_logging
-from gateway.net.tcp import unwrap_proxy
-from gateway.net.transport import PeerInfo, StreamTransport
+from gateway.net.tcp import addresses, peer_of, unwrap_proxy
+from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
@@ -85,17 +85,15 @@ async def serve_c2s(
     log.info(
         "listening",
         kind="c2s",
-        address=[str(sock.socket.getsockname()[:2]) for sock in listeners],
+        address=addresses(listeners),
         tls=listener.tls.value,
     )
 
     async def handle(stream: trio.SocketStream) -> None:
-        try:
-            host, port, *_ = stream.socket.getpeername()
-        except OSError:
+        peer = peer_of(stream)
+        if peer is None:
             await trio.aclose_forcefully(stream)
             return
-        peer = PeerInfo(ip=str(host), port=int(port))
         inner: trio.abc.Stream = stream
         if listener.proxy_protocol:
             unwrapped = await unwrap_proxy(stream, peer, ctx.config.trusted_proxies)

@@ -26,6 +26,24 @@ PROXY_HEADER_TIMEOUT: Final = 5.0
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
+def peer_of(stream: trio.SocketStream) -> PeerInfo | None:
+    """The TCP peer of an accepted stream (None if it is already gone)."""
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return None
+    return PeerInfo(str(host), int(port))
+
+
+def addresses(listeners: Sequence[trio.SocketListener]) -> list[str]:
+    """'ip:port' / '[ip6]:port' of listening sockets, for the `listening` log line."""
+    found = []
+    for sock in listeners:
+        host, port, *_ = sock.socket.getsockname()
+        found.append(f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}")
+    return found
+
+
 class PrefixStream(trio.abc.Stream):
     """A stream that first returns `prefix`, then reads from `stream`."""
 

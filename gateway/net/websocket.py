@@ -22,7 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from gateway.config import TlsMode, WebSocketListenerConfig
 from gateway.core.connection import ServerContext, serve_wire
-from gateway.net.tcp import PrefixStream
+from gateway.net.tcp import PrefixStream, addresses, peer_of
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import MessageWire
 from gateway.xmpp.framing import WebSocketFraming
@@ -134,18 +134,16 @@ async def serve_websocket(
     log.info(
         "listening",
         kind="websocket",
-        address=[_address(sock) for sock in listeners],
+        address=addresses(listeners),
         path=listener.path,
         tls=listener.tls.value,
     )
 
     async def handle(stream: trio.SocketStream) -> None:
-        try:
-            host, port, *_ = stream.socket.getpeername()
-        except OSError:
+        tcp_peer = peer_of(stream)
+        if tcp_peer is None:
             await trio.aclose_forcefully(stream)
             return
-        tcp_peer = PeerInfo(str(host), int(port))
         inner: trio.abc.Stream = stream
         try:
             if listener.tls is TlsMode.DIRECT:
@@ -232,8 +230,3 @@ async def _keepalive(ws: WebSocketConnection, stream: trio.abc.Stream, interval:
                     await ws.aclose(code=1001, reason="ping timeout")
                 await trio.aclose_forcefully(stream)
                 return
-
-
-def _address(sock: trio.SocketListener) -> str:
-    host, port, *_ = sock.socket.getsockname()
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -35,7 +35,7 @@ from gateway.core.router import Router
 from gateway.core.services import ServerServices
 from gateway.errors import ConfigError, JIDError, StorageError, StreamErrorCondition
 from gateway.logsetup import configure_logging
-from gateway.net.tcp import addresses, peer_of, unwrap_proxy
+from gateway.net.tcp import open_listeners, peer_of, unwrap_proxy
 from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
@@ -80,13 +80,8 @@ async def serve_c2s(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept TCP connections on one c2s listener until cancelled."""
-    listeners = await trio.open_tcp_listeners(listener.port, host=listener.ip)
-    task_status.started(listeners)
-    log.info(
-        "listening",
-        kind="c2s",
-        address=addresses(listeners),
-        tls=listener.tls.value,
+    listeners = await open_listeners(
+        listener.ip, listener.port, task_status, kind="c2s", tls=listener.tls.value
     )
 
     async def handle(stream: trio.SocketStream) -> None:

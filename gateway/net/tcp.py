@@ -44,6 +44,19 @@ def addresses(listeners: Sequence[trio.SocketListener]) -> list[str]:
     return found
 
 
+async def open_listeners(
+    ip: str,
+    port: int,
+    task_status: trio.TaskStatus[list[trio.SocketListener]],
+    **fields: object,
+) -> list[trio.SocketListener]:
+    """Bind a listener, report it started (nursery.start), and log one `listening` line."""
+    listeners = await trio.open_tcp_listeners(port, host=ip)
+    task_status.started(listeners)
+    log.info("listening", address=addresses(listeners), **fields)
+    return listeners
+
+
 class PrefixStream(trio.abc.Stream):
     """A stream that first returns `prefix`, then reads from `stream`."""
 

@@ -22,7 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from gateway.config import TlsMode, WebSocketListenerConfig
 from gateway.core.connection import ServerContext, serve_wire
-from gateway.net.tcp import PrefixStream, addresses, peer_of
+from gateway.net.tcp import PrefixStream, open_listeners, peer_of
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import MessageWire
 from gateway.xmpp.framing import WebSocketFraming
@@ -129,12 +129,11 @@ async def serve_websocket(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept WebSocket (and health check) connections on one listener until cancelled."""
-    listeners = await trio.open_tcp_listeners(listener.port, host=listener.ip)
-    task_status.started(listeners)
-    log.info(
-        "listening",
+    listeners = await open_listeners(
+        listener.ip,
+        listener.port,
+        task_status,
         kind="websocket",
-        address=addresses(listeners),
         path=listener.path,
         tls=listener.tls.value,
     )

@@ -441,102 +441,110 @@ async def test_xmpp_js_logs_in_over_websocket_and_chats_with_a_tcp_client(
     assert PASSWORD not in ws_server.log.read_text()
 
 
+@contextlib.asynccontextmanager
+async def alice_behind_proxy(
+    ws_server: WsServer, node_command: list[str], tmp_path: Path
+) -> AsyncIterator[tuple[CutProxy, Partner, JsClient]]:
+    """alice (@xmpp/client) reaching the WebSocket port through a CutProxy; bob over TCP."""
+    proxy = CutProxy(ws_server.ports["ws"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        async with (
+            partner(ws_server) as bob,
+            js_client(
+                node_command,
+                tmp_path,
+                "alice",
+                service=f"ws://127.0.0.1:{proxy.port}/xmpp-websocket",
+                domain="localhost",
+                username="alice",
+                password=PASSWORD,
+                resource="browser",
+            ) as alice,
+        ):
+            yield proxy, bob, alice
+        nursery.cancel_scope.cancel()
+
+
 async def test_xmpp_js_resumes_after_the_websocket_drops_and_every_message_arrives_once(
     ws_server: WsServer, node_command: list[str], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        proxy = CutProxy(ws_server.ports["ws"])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.run)
-            async with (
-                partner(ws_server) as bob,
-                js_client(
-                    node_command,
-                    tmp_path,
-                    "alice",
-                    service=f"ws://127.0.0.1:{proxy.port}/xmpp-websocket",
-                    domain="localhost",
-                    username="alice",
-                    password=PASSWORD,
-                    resource="browser",
-                ) as alice,
-            ):
-                await alice.until("online", lambda: alice.count("online") == 1)
-                await alice.until("sm enabled", lambda: alice.count("sm_enabled") == 1)
-                smid = alice.named("sm_enabled")[0]["id"]
-                assert smid and alice.named("sm_enabled")[0]["resume"] is True
-                await alice.until("available", lambda: alice.count("available") == 1)
+        async with alice_behind_proxy(ws_server, node_command, tmp_path) as (proxy, bob, alice):
+            await alice.until("online", lambda: alice.count("online") == 1)
+            await alice.until("sm enabled", lambda: alice.count("sm_enabled") == 1)
+            smid = alice.named("sm_enabled")[0]["id"]
+            assert smid and alice.named("sm_enabled")[0]["resume"] is True
+            await alice.until("available", lambda: alice.count("available") == 1)
 
-                # m0..m2 arrive live; alice's n0..n2 reach bob.
-                for i in range(3):
-                    await bob.send("alice@localhost", f"m{i}", f"m{i}")
-                    await alice.send("bob@localhost/desk", f"n{i}", f"n{i}")
-                await alice.until("m0..m2", lambda: len(alice.bodies()) >= 3)
-                await bob.until("n0..n2", lambda: len(bob.messages) >= 3)
-                # No iq request from alice before the cut: xmpp.js 0.14.0 does not count
-                # the results its iqCaller consumes into its h (the stream-management
-                # middleware runs after iqCaller's, which does not call next()), so the
-                # gateway would rightly send such a result again after the resumption.
+            # m0..m2 arrive live; alice's n0..n2 reach bob.
+            for i in range(3):
+                await bob.send("alice@localhost", f"m{i}", f"m{i}")
+                await alice.send("bob@localhost/desk", f"n{i}", f"n{i}")
+            await alice.until("m0..m2", lambda: len(alice.bodies()) >= 3)
+            await bob.until("n0..n2", lambda: len(bob.messages) >= 3)
+            # No iq request from alice before the cut: xmpp.js 0.14.0 does not count
+            # the results its iqCaller consumes into its h (the stream-management
+            # middleware runs after iqCaller's, which does not call next()), so the
+            # gateway would rightly send such a result again after the resumption.
 
-                # The link dies towards alice first: the gateway still reads her, so n3 is
-                # routed, but its <a/> for n3 is lost, and so are m3..m5 (sent, unacked).
-                proxy.drop("to_client")
-                await alice.send("bob@localhost/desk", "n3", "n3")
-                await bob.until("n3", lambda: "n3" in bob.bodies())
-                for i in range(3, 6):
-                    await bob.send("alice@localhost", f"m{i}", f"m{i}")
-                await bob.ping("b0")
-                # Then the other way too: n4 (and xmpp.js's <r/> after it) never arrive.
-                proxy.drop("to_server")
-                await alice.send("bob@localhost/desk", "n4", "n4")
-                await trio.sleep(0.5)  # xmpp.js sends its <r/> 250 ms after a stanza
-                # Then the network goes away: an RST each way, no close frame, no <close/>.
-                proxy.cut()
-                await alice.until(
-                    "disconnect",
-                    lambda: {"event": "status", "status": "disconnect"} in alice.events,
-                )
-                await _log_event(
-                    ws_server,
-                    lambda e: (
-                        e.get("event") == "session_parked"
-                        and e.get("jid") == "alice@localhost/browser"
-                    ),
-                )
-                # While alice is away the gateway buffers m6..m9 in the parked session.
-                for i in range(6, 10):
-                    await bob.send("alice@localhost", f"m{i}", f"m{i}")
-                await bob.ping("b1")
-                # xmpp.js reconnects on its own, a second after the drop; the proxy holds
-                # that connection until the network is back.
-                await alice.until("reconnecting", lambda: alice.count("reconnecting") >= 1)
-                proxy.restore()
-                await alice.until("resumed", lambda: alice.count("resumed") == 1)
-                await alice.until("m0..m9", lambda: len(set(alice.bodies())) == 10)
-                # <resumed h/> told xmpp.js that n3 was handled; it sends n4 again.
-                await bob.until("n4", lambda: "n4" in bob.bodies())
+            # The link dies towards alice first: the gateway still reads her, so n3 is
+            # routed, but its <a/> for n3 is lost, and so are m3..m5 (sent, unacked).
+            proxy.drop("to_client")
+            await alice.send("bob@localhost/desk", "n3", "n3")
+            await bob.until("n3", lambda: "n3" in bob.bodies())
+            for i in range(3, 6):
+                await bob.send("alice@localhost", f"m{i}", f"m{i}")
+            await bob.ping("b0")
+            # Then the other way too: n4 (and xmpp.js's <r/> after it) never arrive.
+            proxy.drop("to_server")
+            await alice.send("bob@localhost/desk", "n4", "n4")
+            await trio.sleep(0.5)  # xmpp.js sends its <r/> 250 ms after a stanza
+            # Then the network goes away: an RST each way, no close frame, no <close/>.
+            proxy.cut()
+            await alice.until(
+                "disconnect",
+                lambda: {"event": "status", "status": "disconnect"} in alice.events,
+            )
+            await _log_event(
+                ws_server,
+                lambda e: (
+                    e.get("event") == "session_parked" and e.get("jid") == "alice@localhost/browser"
+                ),
+            )
+            # While alice is away the gateway buffers m6..m9 in the parked session.
+            for i in range(6, 10):
+                await bob.send("alice@localhost", f"m{i}", f"m{i}")
+            await bob.ping("b1")
+            # xmpp.js reconnects on its own, a second after the drop; the proxy holds
+            # that connection until the network is back.
+            await alice.until("reconnecting", lambda: alice.count("reconnecting") >= 1)
+            proxy.restore()
+            await alice.until("resumed", lambda: alice.count("resumed") == 1)
+            await alice.until("m0..m9", lambda: len(set(alice.bodies())) == 10)
+            # <resumed h/> told xmpp.js that n3 was handled; it sends n4 again.
+            await bob.until("n4", lambda: "n4" in bob.bodies())
 
-                # After the resumption alice still talks on the same session.
-                await alice.send("bob@localhost/desk", "n5", "n5")
-                await bob.until("n5", lambda: "n5" in bob.bodies())
-                # Let anything still in flight (a duplicate, say) arrive before counting.
-                await alice.ping("p1")
-                await bob.ping("b2")
-                await trio.sleep(0.5)
+            # After the resumption alice still talks on the same session.
+            await alice.send("bob@localhost/desk", "n5", "n5")
+            await bob.until("n5", lambda: "n5" in bob.bodies())
+            # Let anything still in flight (a duplicate, say) arrive before counting.
+            await alice.ping("p1")
+            await bob.ping("b2")
+            await trio.sleep(0.5)
 
-                assert alice.count("online") == 1, "resumption must not start a new session"
-                assert alice.count("sm_failed") == 0, alice.events
-                assert alice.named("resumed")[0]["id"] == smid
-                counts = collections.Counter(alice.bodies())
-                assert counts == {f"m{i}": 1 for i in range(10)}, counts
-                assert alice.bodies() == [f"m{i}" for i in range(10)]  # in order
-                assert bob.bodies() == [f"n{i}" for i in range(6)]  # each once, in order
-                # Only n4 was sent twice by xmpp.js, stamped with XEP-0203 the second time.
-                delayed = [m.find_text(ns.CLIENT, "body") for m in bob.messages if _delayed(m)]
-                assert delayed == ["n4"]
-                assert proxy.accepted == 2
-                assert not alice.errors(), alice.errors()
-            nursery.cancel_scope.cancel()
+            assert alice.count("online") == 1, "resumption must not start a new session"
+            assert alice.count("sm_failed") == 0, alice.events
+            assert alice.named("resumed")[0]["id"] == smid
+            counts = collections.Counter(alice.bodies())
+            assert counts == {f"m{i}": 1 for i in range(10)}, counts
+            assert alice.bodies() == [f"m{i}" for i in range(10)]  # in order
+            assert bob.bodies() == [f"n{i}" for i in range(6)]  # each once, in order
+            # Only n4 was sent twice by xmpp.js, stamped with XEP-0203 the second time.
+            delayed = [m.find_text(ns.CLIENT, "body") for m in bob.messages if _delayed(m)]
+            assert delayed == ["n4"]
+            assert proxy.accepted == 2
+            assert not alice.errors(), alice.errors()
 
     resumed = [e for e in ws_server.log_events() if e.get("event") == "session_resumed"]
     assert len(resumed) == 1, resumed
@@ -553,73 +561,56 @@ async def test_xmpp_js_back_after_resume_timeout_starts_afresh_and_gets_offline_
     ws_server: WsServer, node_command: list[str], tmp_path: Path
 ) -> None:
     with trio.fail_after(60):
-        proxy = CutProxy(ws_server.ports["ws"])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(proxy.run)
-            async with (
-                partner(ws_server) as bob,
-                js_client(
-                    node_command,
-                    tmp_path,
-                    "alice",
-                    service=f"ws://127.0.0.1:{proxy.port}/xmpp-websocket",
-                    domain="localhost",
-                    username="alice",
-                    password=PASSWORD,
-                    resource="browser",
-                ) as alice,
-            ):
-                await alice.until("sm enabled", lambda: alice.count("sm_enabled") == 1)
-                assert alice.named("sm_enabled")[0]["max"] == SHORT_RESUME_TIMEOUT
-                await alice.until("available", lambda: alice.count("available") == 1)
-                await bob.send("alice@localhost", "m0", "m0")
-                await alice.until("m0", lambda: alice.bodies() == ["m0"])
-                # xmpp.js acks m0 when the gateway's <r/> after it comes; the ping's answer
-                # means the gateway has read that <a/> (else m0, unacked, would rightly be
-                # stored offline and come again). The iq result xmpp.js leaves out of its h
-                # (see the test above) does not matter: this session is not resumed.
-                await trio.sleep(0.2)
-                await alice.ping("p0")
-                proxy.cut()
-                await _log_event(
-                    ws_server,
-                    lambda e: (
-                        e.get("event") == "session_parked"
-                        and e.get("jid") == "alice@localhost/browser"
-                    ),
-                )
-                # m1 goes into the parked session's buffer, which its end hands to offline
-                # storage; m2 goes there directly (alice has no resource then).
-                await bob.send("alice@localhost", "m1", "m1")
-                await bob.ping("b0")
-                await _log_event(
-                    ws_server,
-                    lambda e: (
-                        e.get("event") == "connection_closed"
-                        and e.get("jid") == "alice@localhost/browser"
-                        and e.get("reason") == "resume_timeout"
-                    ),
-                )
-                await bob.send("alice@localhost", "m2", "m2")
-                await bob.ping("b1")
-                await alice.until("reconnecting", lambda: alice.count("reconnecting") >= 1)
-                proxy.restore()
-                # <failed/>, then xmpp.js binds afresh, enables SM again and sends initial
-                # presence, which flushes offline storage.
-                await alice.until("a fresh session", lambda: alice.count("online") == 2)
-                await alice.until("m0..m2", lambda: len(alice.bodies()) >= 3)
-                await alice.until("sm enabled again", lambda: alice.count("sm_enabled") == 2)
-                await alice.until("available again", lambda: alice.count("available") == 2)
-                await alice.ping("p1")
-                await bob.ping("b2")
-                await trio.sleep(0.5)
+        async with alice_behind_proxy(ws_server, node_command, tmp_path) as (proxy, bob, alice):
+            await alice.until("sm enabled", lambda: alice.count("sm_enabled") == 1)
+            assert alice.named("sm_enabled")[0]["max"] == SHORT_RESUME_TIMEOUT
+            await alice.until("available", lambda: alice.count("available") == 1)
+            await bob.send("alice@localhost", "m0", "m0")
+            await alice.until("m0", lambda: alice.bodies() == ["m0"])
+            # xmpp.js acks m0 when the gateway's <r/> after it comes; the ping's answer
+            # means the gateway has read that <a/> (else m0, unacked, would rightly be
+            # stored offline and come again). The iq result xmpp.js leaves out of its h
+            # (see the test above) does not matter: this session is not resumed.
+            await trio.sleep(0.2)
+            await alice.ping("p0")
+            proxy.cut()
+            await _log_event(
+                ws_server,
+                lambda e: (
+                    e.get("event") == "session_parked" and e.get("jid") == "alice@localhost/browser"
+                ),
+            )
+            # m1 goes into the parked session's buffer, which its end hands to offline
+            # storage; m2 goes there directly (alice has no resource then).
+            await bob.send("alice@localhost", "m1", "m1")
+            await bob.ping("b0")
+            await _log_event(
+                ws_server,
+                lambda e: (
+                    e.get("event") == "connection_closed"
+                    and e.get("jid") == "alice@localhost/browser"
+                    and e.get("reason") == "resume_timeout"
+                ),
+            )
+            await bob.send("alice@localhost", "m2", "m2")
+            await bob.ping("b1")
+            await alice.until("reconnecting", lambda: alice.count("reconnecting") >= 1)
+            proxy.restore()
+            # <failed/>, then xmpp.js binds afresh, enables SM again and sends initial
+            # presence, which flushes offline storage.
+            await alice.until("a fresh session", lambda: alice.count("online") == 2)
+            await alice.until("m0..m2", lambda: len(alice.bodies()) >= 3)
+            await alice.until("sm enabled again", lambda: alice.count("sm_enabled") == 2)
+            await alice.until("available again", lambda: alice.count("available") == 2)
+            await alice.ping("p1")
+            await bob.ping("b2")
+            await trio.sleep(0.5)
 
-                assert alice.count("sm_failed") == 1, alice.events
-                assert alice.count("resumed") == 0
-                assert alice.bodies() == ["m0", "m1", "m2"]  # each once, in order
-                assert [m["delay"] for m in alice.named("message")] == [False, True, True]
-                assert not alice.errors(), alice.errors()
-            nursery.cancel_scope.cancel()
+            assert alice.count("sm_failed") == 1, alice.events
+            assert alice.count("resumed") == 0
+            assert alice.bodies() == ["m0", "m1", "m2"]  # each once, in order
+            assert [m["delay"] for m in alice.named("message")] == [False, True, True]
+            assert not alice.errors(), alice.errors()
 
     events = ws_server.log_events()
     assert not [e for e in events if e.get("event") == "session_resumed"]

@@ -15,19 +15,8 @@
 # (warning; info logs every login, park and resume).
 set -euo pipefail
 
-N=${1:-500}
-P=${2:-50}
-M=${3:-200}
-shift $(($# < 3 ? $# : 3))
-for value in "$N" "$P" "$M"; do
-    [[ $value =~ ^[0-9]+$ ]] || { echo "usage: $0 [N clients] [P pairs] [M messages] [bench.py options]" >&2; exit 2; }
-done
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-PASSWORD=secret
-PREFIX=bench
-DOMAIN=localhost
+# shellcheck source=scripts/bench_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gateway-bench.XXXXXX")
 GATEWAY_PID=""
 
@@ -46,7 +35,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 "$PYTHON" "$ROOT/scripts/make_cert.py" --out "$WORK/certs" >/dev/null
 cat >"$WORK/config.yaml" <<YAML
 general: {hosts: [$DOMAIN], negotiation_timeout: 60, send_queue_size: 10000}
@@ -62,12 +50,6 @@ started_ms=$((${EPOCHREALTIME/[.,]/} / 1000))
     | "$PYTHON" -m gateway user import - --config "$WORK/config.yaml" >&2
 echo "gateway_bench: $N accounts imported in $(( ${EPOCHREALTIME/[.,]/} / 1000 - started_ms )) ms" >&2
 
-PIN_SERVER=()
-PIN_BENCH=()
-if command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
-    PIN_SERVER=(taskset -c 0)
-    PIN_BENCH=(taskset -c 1)
-fi
 "${PIN_SERVER[@]}" "$PYTHON" -m gateway serve --config "$WORK/config.yaml" >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 for _ in $(seq 100); do

@@ -17,19 +17,8 @@
 # Environment: PYTHON (default .venv/bin/python), KEEP_LOG=1 prints prosody's log at the end.
 set -euo pipefail
 
-N=${1:-500}
-P=${2:-50}
-M=${3:-200}
-shift $(($# < 3 ? $# : 3))
-for value in "$N" "$P" "$M"; do
-    [[ $value =~ ^[0-9]+$ ]] || { echo "usage: $0 [N clients] [P pairs] [M messages] [bench.py options]" >&2; exit 2; }
-done
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-PASSWORD=secret
-PREFIX=bench
-DOMAIN=localhost
+# shellcheck source=scripts/bench_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 
 if ! command -v prosody >/dev/null 2>&1; then
     echo "prosody_bench: installing prosody from Debian's packages" >&2
@@ -70,7 +59,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj "/CN=$DOMAIN" -addext "subjectAltName=DNS:$DOMAIN" \
@@ -145,12 +133,6 @@ for index in range(count):
         handle.write(record)
 EOF
 
-PIN_SERVER=()
-PIN_BENCH=()
-if command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
-    PIN_SERVER=(taskset -c 0)
-    PIN_BENCH=(taskset -c 1)
-fi
 
 "${PIN_SERVER[@]}" prosody --config "$WORK/prosody.cfg.lua" -F >>"$WORK/prosody.stdout" 2>&1 &
 PROSODY_PID=$!

@@ -37,7 +37,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def gateway_cli(
+    *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """`python -m gateway ARGS` from the repository root, output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
@@ -45,7 +47,7 @@ def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 

@@ -18,6 +18,7 @@ from gateway import __version__
 from gateway.storage.roster_sqlite import RosterItem, SqliteRosterStore
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp.sasl import verify_plain
+from tests.helpers.live import gateway_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -33,15 +34,7 @@ auth:
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """Run the gateway CLI; stdin is a pipe (never a terminal), empty unless given."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return gateway_cli(*args, stdin=stdin, timeout=300)
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> list[str]:

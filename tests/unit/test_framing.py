@@ -19,6 +19,7 @@ from gateway.xmpp.negotiation import C2SNegotiation, NegotiationSettings, Stream
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened, StreamParser
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize, stream_header
 from gateway.xmpp.stanza import stream_error
+from tests.helpers.xml_strategies import element, xml_chars, xml_names, xml_text
 
 OPEN = (
     "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing'"
@@ -501,63 +502,20 @@ def test_a_close_ends_the_negotiated_stream() -> None:
 
 # -- properties ------------------------------------------------------------------------------
 
-_NOT_XML = "".join(chr(c) for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)) + "\ufffe\uffff"
-xml_chars = st.one_of(
-    st.sampled_from("&<>\"'\t\n\r] ;="),
-    st.characters(exclude_categories=["Cs"], exclude_characters=_NOT_XML),
-)
-xml_text = st.text(xml_chars, min_size=1, max_size=12)
-# Nothing starting with "xml" (reserved names), so no first letter x.
-xml_names = st.builds(
-    lambda first, rest: first + rest,
-    st.sampled_from("abcdefghijklmnopqrstuvwyzABCZ_\u00e9\u0436\u4e2d"),
-    st.text(st.sampled_from("abcxyz0189-._\u00e9\u4e2d"), max_size=6),
-)
-attribute_keys = st.builds(
-    lambda uri, local: "{" + uri + "}" + local if uri else local,
-    st.sampled_from(["", "urn:a", "urn:q&<'\"", ns.XML]),
-    xml_names,
-)
-attributes = st.dictionaries(attribute_keys, st.text(xml_chars, max_size=10), max_size=3)
 child_namespaces = st.sampled_from([ns.CLIENT, ns.STREAM, ns.FRAMING, "urn:a", ""])
 # A message's element: namespaced, and not one of the headers or their look-alikes.
 top_namespaces = st.sampled_from([ns.CLIENT, ns.STREAM, ns.SM, ns.FRAMING, "urn:q&'\""])
 top_names = xml_names.filter(lambda name: name not in {"open", "close", "stream"})
 
 
-def _normalised(children: list[Element | str]) -> list[Element | str]:
-    """Join adjacent text children, as the parser does."""
-    out: list[Element | str] = []
-    for child in children:
-        if isinstance(child, str) and out and isinstance(out[-1], str):
-            out[-1] += child
-        else:
-            out.append(child)
-    return out
-
-
-def _element(
-    namespaces: st.SearchStrategy[str],
-    names: st.SearchStrategy[str],
-    children: st.SearchStrategy[list[Element | str]],
-) -> st.SearchStrategy[Element]:
-    return st.builds(
-        lambda namespace, name, attrs, kids: Element(namespace, name, attrs, _normalised(kids)),
-        namespaces,
-        names,
-        attributes,
-        children,
-    )
-
-
 descendants = st.recursive(
-    _element(child_namespaces, xml_names, st.just([])),
-    lambda inner: _element(
+    element(child_namespaces, xml_names, st.just([])),
+    lambda inner: element(
         child_namespaces, xml_names, st.lists(st.one_of(xml_text, inner), max_size=3)
     ),
     max_leaves=8,
 )
-top_elements = _element(
+top_elements = element(
     top_namespaces, top_names, st.lists(st.one_of(xml_text, descendants), max_size=4)
 )
 

@@ -10,6 +10,7 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element
 from gateway.xmpp.parser import ElementReceived, StreamClosed, StreamOpened, StreamParser
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize, stream_header
+from tests.helpers.xml_strategies import element, xml_chars, xml_names, xml_text
 
 
 def parse_in_stream(data: bytes) -> Element:
@@ -193,48 +194,13 @@ def test_stream_footer_closes_the_stream() -> None:
 
 # -- round trip property ---------------------------------------------------------------
 
-_NOT_XML = "".join(chr(c) for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)) + "\ufffe\uffff"
-
-xml_chars = st.one_of(
-    st.sampled_from("&<>\"'\t\n\r] ;="),
-    st.characters(exclude_categories=["Cs"], exclude_characters=_NOT_XML),
-)
-xml_text = st.text(xml_chars, min_size=1, max_size=12)
-
-# XML names; nothing starting with "xml" (reserved), so no first letter x.
-name_start = st.sampled_from("abcdefghijklmnopqrstuvwyzABCZ_\u00e9\u00fc\u0436\u4e2d")
-name_rest = st.text(st.sampled_from("abcxyz0189-._\u00e9\u0436\u4e2d\u00b7"), max_size=6)
-xml_names = st.builds(lambda first, rest: first + rest, name_start, name_rest)
-
 element_namespaces = st.sampled_from(
     [ns.CLIENT, ns.STREAM, "urn:a", "urn:b:\u00e9", "", "urn:q?a=1&b=<2>'\""]
 )
-attribute_namespaces = st.sampled_from(["", "urn:a", "urn:other", "urn:q&<'\"", ns.XML])
-attribute_keys = st.builds(
-    lambda uri, local: "{" + uri + "}" + local if uri else local, attribute_namespaces, xml_names
-)
-attributes = st.dictionaries(attribute_keys, st.text(xml_chars, max_size=10), max_size=4)
-
-
-def _normalised(children: list[Element | str]) -> list[Element | str]:
-    """Join adjacent text children, as the parser does."""
-    out: list[Element | str] = []
-    for child in children:
-        if isinstance(child, str) and out and isinstance(out[-1], str):
-            out[-1] += child
-        else:
-            out.append(child)
-    return out
 
 
 def _element(children: st.SearchStrategy[list[Element | str]]) -> st.SearchStrategy[Element]:
-    return st.builds(
-        lambda namespace, name, attrs, kids: Element(namespace, name, attrs, _normalised(kids)),
-        element_namespaces,
-        xml_names,
-        attributes,
-        children,
-    )
+    return element(element_namespaces, xml_names, children)
 
 
 elements = st.recursive(

@@ -4,9 +4,10 @@
     xmpp-gateway check-config --config config.yaml
     xmpp-gateway user add|remove|list|passwd|import ... --config config.yaml
 
-Shutdown (STYLE C11): on SIGINT/SIGTERM the listeners stop accepting, every stream is
-closed with `system-shutdown`, connections get `general.shutdown_grace` seconds to finish,
-and the process exits 0.
+Shutdown (STYLE C11): on SIGINT/SIGTERM the gateway drains for `general.shutdown_grace`
+seconds (new streams refused, /healthz 503), then every stream is closed with
+`system-shutdown`; resumable sessions are handed off to the hand-off store instead of
+ended (`gateway.core.handoff`) and parked again by the next start; the process exits 0.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
 from gateway.core.blocking import in_threads, inline
 from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.handoff import Handoff
 from gateway.core.offline import OfflineService
 from gateway.core.resume import ResumeRegistry
+from gateway.core.revive import serve_revived
 from gateway.core.roster import RosterService
 from gateway.core.router import Router
 from gateway.core.services import ServerServices
@@ -38,6 +41,7 @@ from gateway.logsetup import configure_logging
 from gateway.net.tcp import open_listeners, peer_of, unwrap_proxy
 from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
+from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.storage.roster_sqlite import SqliteRosterStore
@@ -127,6 +131,7 @@ async def run_server(
 
     sm_cfg = config.modules.mod_stream_management
     offline_store = SqliteOfflineStore(config.auth.database)
+    handoff_store = SqliteHandoffStore(config.auth.database)
     router = Router(config.general.hosts, account_exists)
     router.server_handler = ServerServices(RosterService(roster_store, run_blocking))
     router.offline = OfflineService(
@@ -145,6 +150,7 @@ async def run_server(
         ),
         sm_sessions=MemorySmSessionTable(),
         stale_h=stale_h,
+        handoff=Handoff(handoff_store, run_blocking, frozenset(config.general.hosts)),
     )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -167,6 +173,7 @@ async def run_server(
         accounts.close()
         roster_store.close()
         offline_store.close()
+        handoff_store.close()
     log.info("stopped")
 
 
@@ -179,6 +186,7 @@ async def _serve_until_signal(
     """Listeners and connection handlers, until SIGINT/SIGTERM; then the graceful stop."""
     async with trio.open_nursery() as handler_nursery:
         ctx.handler_nursery = handler_nursery
+        await revive_sessions(ctx, handler_nursery)
         async with trio.open_nursery() as listener_nursery:
             ports: list[int] = []
             for listener in config.c2s:
@@ -197,6 +205,33 @@ async def _serve_until_signal(
             await drain(ctx, signals)
             listener_nursery.cancel_scope.cancel()
         await shutdown(ctx, handler_nursery)
+    await write_handoff(ctx)
+
+
+async def revive_sessions(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
+    """Before listening: park again the sessions the last shutdown handed off, so their
+    clients can resume them (`gateway.core.handoff`)."""
+    if ctx.handoff is None:
+        return
+    revivable = await ctx.handoff.take_all()
+    for item in revivable:
+        await handler_nursery.start(serve_revived, ctx, item)
+    if revivable:
+        log.info("sessions_revived", sessions=len(revivable))
+
+
+async def write_handoff(ctx: ServerContext) -> None:
+    """After the last connection ended: store the sessions handed off at shutdown."""
+    if ctx.handoff is None:
+        return
+    sessions, stanzas = len(ctx.handoff.pending), ctx.handoff.pending_stanzas
+    try:
+        await ctx.handoff.write_pending()
+    except StorageError as exc:
+        # Nothing else can be done this late: say exactly what is lost.
+        log.error(  # noqa: TRY400 - a storage fault, not a bug: no traceback
+            "handoff_write_failed", error=str(exc), sessions=sessions, stanzas=stanzas
+        )
 
 
 async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:
@@ -213,11 +248,15 @@ async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:
 
 
 async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
-    """Close every stream with system-shutdown; parked sessions end (their stanzas go to
+    """Close every stream with system-shutdown. Resumable sessions (live or parked) are
+    handed off when `handoff_on_shutdown` is on, the others end (their stanzas go to
     offline storage); whatever is still running after CLOSE_DEADLINE is cancelled."""
-    ctx.draining = True
+    ctx.draining = ctx.stopping = True
+    handoff = ctx.config.modules.mod_stream_management.handoff_on_shutdown
     for conn in list(ctx.connections):
-        conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, "the server is shutting down")
+        conn.close(
+            StreamErrorCondition.SYSTEM_SHUTDOWN, "the server is shutting down", handoff=handoff
+        )
     handler_nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DEADLINE
 
 

@@ -119,6 +119,9 @@ class StreamManagementConfig:
     """Parked (resumable, disconnected) sessions one account may have; the oldest ends."""
     max_parked: int = 100_000
     """Parked sessions on this node; the oldest ends beyond it."""
+    handoff_on_shutdown: bool = True
+    """At shutdown, write resumable sessions to the hand-off store (in `auth.database`)
+    instead of ending them; the next start parks them again until resumed or expired."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +393,7 @@ def _parse_sm(r: _Reader) -> StreamManagementConfig:
         ack_timeout=r.seconds("ack_timeout", d.ack_timeout, 0, 86400),
         max_parked_per_user=r.integer("max_parked_per_user", d.max_parked_per_user, 1, 1000),
         max_parked=r.integer("max_parked", d.max_parked, 1, 10_000_000),
+        handoff_on_shutdown=r.boolean("handoff_on_shutdown", d.handoff_on_shutdown),
     )
     r.done()
     return sm

@@ -24,6 +24,11 @@ Theory of operation
    every unacked stanza back to the router (messages rerouted or stored offline, iq
    requests answered `service-unavailable`, presence dropped): nothing vanishes.
 
+5. At shutdown a resumable session is *handed off* instead (`_hand_off`, see
+   `gateway.core.handoff`): snapshotted with its buffer for the next start, no unavailable
+   presence, no rerouting. A session taken back from a snapshot runs `run_session` from
+   step 3 with no transport (`gateway.core.revive`).
+
 A connection whose `<resume/>` is accepted *lends* its transport to the parked session and
 waits until that session is done with it (`Handover.done`), outside the negotiation
 deadline; it never touches the transport again. Cancellation (shutdown) goes through the
@@ -45,6 +50,7 @@ import structlog
 import trio
 
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode
+from gateway.core.handoff import Handoff, snapshot_of
 from gateway.core.presence import broadcast_unavailable, handle_presence
 from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot
 from gateway.core.router import Router
@@ -121,6 +127,10 @@ class ServerContext:
     direct_tls_context: ssl.SSLContext | None = None
     # Builds each session's SMState (tests inject counters near 2**32 here).
     new_sm_state: Callable[..., SMState] = SMState
+    # Where resumable sessions go at shutdown (None: they end).
+    handoff: Handoff | None = None
+    # Set when the final close of every stream began (after the drain).
+    stopping: bool = False
 
 
 class Outcome(enum.Enum):
@@ -186,11 +196,23 @@ class Connection:
         self.protocol_error: RemoteProtocolError | None = None
         self.stanzas_in = 0
         self.started = time.monotonic()
+        # While parked: when resumption ends (trio clock). Set before parking to override
+        # the granted max (a session taken back from a hand-off keeps its deadline).
+        self.resume_deadline: float | None = None
+        # Hand-offs this session went through before (the snapshot's epoch).
+        self.handoff_epoch = 0
 
-    def close(self, condition: StreamErrorCondition | None, text: str | None = None) -> None:
-        """Ask this connection to end (from any task)."""
+    def close(
+        self,
+        condition: StreamErrorCondition | None,
+        text: str | None = None,
+        *,
+        handoff: bool = False,
+    ) -> None:
+        """Ask this connection to end (from any task); with `handoff`, a resumable
+        session is handed off instead of ended (shutdown)."""
         if self.session is not None:
-            self.session.close(condition, text)
+            self.session.close(condition, text, handoff=handoff)
             return
         if self.close_request is None:
             self.close_request = CloseRequest(condition, text)
@@ -647,8 +669,16 @@ class Connection:
                 "sm_parked_session_evicted", smid=victim.smid, victim_conn_id=victim.session.conn_id
             )
             victim.session.close(None, "too many parked sessions")
-        log.info("session_parked", timeout=session.sm.max, unacked=session.sm.buffer_size)
-        with trio.CancelScope(deadline=now + (session.sm.max or 0)) as park_scope:
+        deadline = self.resume_deadline
+        if deadline is None:
+            deadline = now + (session.sm.max or 0)
+        self.resume_deadline = deadline
+        log.info(
+            "session_parked",
+            timeout=round(max(deadline - now, 0.0), 3),
+            unacked=session.sm.buffer_size,
+        )
+        with trio.CancelScope(deadline=deadline) as park_scope:
             session.cancel_scope = park_scope
             if session.close_request is not None:
                 park_scope.cancel()
@@ -711,6 +741,7 @@ class Connection:
             self.request_sent_at = trio.current_time()
         handover.resumed = True
         handover.accepted.set()
+        self.resume_deadline = None
         self.ctx.resume.resumed += 1
         log.info("session_resumed", new_conn_id=handover.conn_id, h=handover.h, resent=len(resend))
         try:
@@ -721,12 +752,20 @@ class Connection:
             log.info("resumed_transport_lost")
         return True
 
-    async def run_session(self) -> str:
-        """Serve, park, resume... until the session ends; returns the end reason."""
+    async def run_session(self, *, parked: bool = False) -> str:
+        """Serve, park, resume... until the session ends; returns the end reason.
+
+        With `parked`, the session has no transport yet (taken back from a hand-off): it
+        starts by waiting for a resume.
+        """
         session = self.session
         assert session is not None
         while True:
-            outcome = await self._serve_transport()
+            if parked:
+                parked = False
+                outcome = Outcome.TRANSPORT_LOST
+            else:
+                outcome = await self._serve_transport()
             sm = session.sm
             resumable = self.slot is not None and sm is not None and sm.resumable
             handover: Handover | None = None
@@ -737,11 +776,8 @@ class Connection:
                     StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
                 )
                 await self._close_transport(self.negotiation.take_output())
-            elif (
-                outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT)
-                and resumable
-                and not self.ctx.draining
-            ):
+            elif outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT) and resumable:
+                # Also while draining: the session is handed off at shutdown.
                 await self._close_transport([])
                 handover = await self._park()
                 if handover is None and session.close_request is None:
@@ -798,6 +834,8 @@ class Connection:
         router = self.ctx.router
         if session.close_request is None:
             session.close_request = CloseRequest(None)
+        if session.close_request.handoff and await self._hand_off():
+            return
         held = router.unbind(session)
         slot = self.slot
         sm = session.sm
@@ -829,6 +867,48 @@ class Connection:
             session.outgoing = None
         await hand_back(router, session, leftovers)
 
+    async def _hand_off(self) -> bool:
+        """Shutdown: keep a resumable session for a resume after the restart (or on
+        another node) instead of ending it (`gateway.core.handoff`). False when it cannot
+        be handed off; the caller then ends it."""
+        session, slot, handoff = self.session, self.slot, self.ctx.handoff
+        sm = session.sm if session is not None else None
+        if (
+            session is None
+            or slot is None
+            or handoff is None
+            or sm is None
+            or not sm.resumable
+            or sm.smid is None
+            or session.full_jid is None
+        ):
+            return False
+        now = trio.current_time()
+        # A parked session keeps its deadline; a live one gets its whole max from now.
+        remaining = (
+            max(self.resume_deadline - now, 0.0)
+            if self.resume_deadline is not None
+            else float(sm.max or 0)
+        )
+        snapshot = snapshot_of(
+            session, expires_at=handoff.wall_clock() + remaining, epoch=self.handoff_epoch + 1
+        )
+        if not handoff.add(snapshot):
+            return False
+        raced = self.ctx.resume.end(slot)
+        if raced is not None:
+            # A resume claimed the slot as we stopped: refuse it; the client resumes later.
+            raced.resumed = False
+            raced.accepted.set()
+        self.slot = None
+        self.ctx.router.unbind(session)
+        await self.ctx.sm_sessions.remove(sm.smid)
+        if session.outgoing is not None:
+            session.outgoing.close()
+            session.outgoing = None
+        log.info("session_handed_off", unacked=len(snapshot.buffer), remaining=round(remaining, 3))
+        return True
+
     async def _record_stale_h(self) -> None:
         """With stale_h on, remember (smid, h, jid) of a session that ends (XEP-0198 5)."""
         session = self.session
@@ -839,6 +919,23 @@ class Connection:
             await self.ctx.stale_h.put(
                 StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
             )
+
+    async def finish(self, final: Sequence[Output], reason: str) -> None:
+        """The last step of a connection task, however it ended: close the transport,
+        end (or hand off) the session, log the canonical line."""
+        self.ctx.connections.discard(self)
+        # Shielded: a cancelled connection (shutdown) still leaves the router, broadcasts
+        # unavailable and hands its stanzas back before it goes.
+        with trio.CancelScope(shield=True):
+            if self.lent_to is None:
+                await self._close_transport(final)
+            try:
+                await self.end_session()
+            except Exception:
+                # Still the per-connection boundary (C7): a storage fault while handing
+                # stanzas back must not take the listener and every other client down.
+                log.exception("session_end_failed")
+            self.log_closed(reason)
 
     def log_closed(self, reason: str) -> None:
         session = self.session
@@ -943,16 +1040,4 @@ async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int)
         neg.queue_stream_error(StreamErrorCondition.INTERNAL_SERVER_ERROR)
         final = neg.take_output()
     finally:
-        ctx.connections.discard(conn)
-        # Shielded: a cancelled connection (shutdown) still leaves the router, broadcasts
-        # unavailable and hands its stanzas back before it goes.
-        with trio.CancelScope(shield=True):
-            if conn.lent_to is None:
-                await conn._close_transport(final)
-            try:
-                await conn.end_session()
-            except Exception:
-                # Still the per-connection boundary (C7): a storage fault while handing
-                # stanzas back must not take the listener and every other client down.
-                log.exception("session_end_failed")
-            conn.log_closed(reason)
+        await conn.finish(final, reason)

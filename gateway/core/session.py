@@ -38,6 +38,9 @@ class CloseRequest:
 
     condition: StreamErrorCondition | None
     text: str | None = None
+    # Shutdown: a resumable session is handed off (kept for a resume elsewhere or after
+    # the restart) instead of ended.
+    handoff: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -158,10 +161,17 @@ class Session:
         if self.on_flush_request is not None:
             self.on_flush_request()
 
-    def close(self, condition: StreamErrorCondition | None = None, text: str | None = None) -> None:
-        """Ask the owner task to end the stream (with a stream error when given)."""
+    def close(
+        self,
+        condition: StreamErrorCondition | None = None,
+        text: str | None = None,
+        *,
+        handoff: bool = False,
+    ) -> None:
+        """Ask the owner task to end the stream (with a stream error when given); with
+        `handoff`, a resumable session is kept for a resume instead of ended."""
         if self.close_request is not None:
             return
-        self.close_request = CloseRequest(condition, text)
+        self.close_request = CloseRequest(condition, text, handoff)
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()

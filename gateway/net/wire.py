@@ -149,3 +149,36 @@ class MessageWire:
 
     async def aclose(self) -> None:
         await self.ws.aclose()
+
+
+class DetachedWire:
+    """The wire of a session that has no transport: one taken back from a hand-off
+    snapshot waits parked for a resume. Reading or writing is a lost transport."""
+
+    kind = "none"
+    supports_starttls = False
+    bytes_in = 0
+    bytes_out = 0
+
+    def __init__(self, peer: PeerInfo) -> None:
+        self.peer = peer
+
+    async def read_events(self) -> list[Event]:
+        raise TransportLost("no transport")
+
+    async def write(self, units: Sequence[Output]) -> None:
+        if units:
+            raise TransportLost("no transport")
+
+    def restart(self) -> None:
+        """Nothing to reset."""
+
+    @property
+    def has_partial_data(self) -> bool:
+        return False
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        raise LocalProtocolError("a detached wire has no transport to secure")
+
+    async def aclose(self) -> None:
+        """Nothing to close."""

@@ -19,9 +19,11 @@ Two kinds of store live here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.xmpp.element import Element
 from gateway.xmpp.sasl import HashName, ScramCredentials
 
 
@@ -191,6 +193,78 @@ class StaleHTable(Protocol):
 
     async def sweep(self, older_than: float) -> int:
         """Delete every entry with `at < older_than`; returns how many were deleted.
+
+        Raises:
+            StorageError: the backend failed.
+        """
+        ...
+
+
+# -- sessions handed off at shutdown (DESIGN sections 5 and 6) -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSnapshot:
+    """A resumable session taken off its node: enough to park it again elsewhere.
+
+    A draining node writes one per resumable session (live or parked) instead of ending it;
+    the node that takes the snapshot (the same node after a restart, or another node of a
+    cluster) parks the session again until the client resumes it or `expires_at` passes,
+    so the client's `<resume/>` succeeds and nothing it was owed is lost.
+
+    Attributes:
+        smid: the SM id the client will resume.
+        full_jid: the bound resource.
+        expires_at: wall-clock time (UNIX seconds) when the session may no longer be
+            resumed: when its transport was lost (or the hand-off, for a live session)
+            plus the granted `max`. Wall-clock, because it crosses processes.
+        max: the granted resumption time in seconds (`<enabled max/>`).
+        counter_in: the server's h (stanzas received from the client).
+        counter_out: the client's h from its last ack.
+        buffer: the unacked stanzas, oldest first.
+        priority, presence, interested, directed: the session's IM state (DESIGN 2).
+        flush_pending: offline messages were still being flushed to it.
+        epoch: how many times this session was handed off (a fencing number).
+    """
+
+    smid: str
+    full_jid: str
+    expires_at: float
+    max: int
+    counter_in: int
+    counter_out: int
+    buffer: tuple[Element, ...]
+    priority: int = 0
+    presence: Element | None = None
+    interested: bool = False
+    directed: tuple[str, ...] = ()
+    flush_pending: bool = False
+    epoch: int = 1
+
+
+class HandoffStore(Protocol):
+    """Encoded `SessionSnapshot`s waiting to be taken (see `gateway.storage.snapshot`)."""
+
+    def put_many(self, snapshots: Sequence[tuple[str, bytes]]) -> None:
+        """Store `(smid, encoded snapshot)` pairs in one atomic step, replacing any with
+        the same smid.
+
+        Raises:
+            StorageError: the backend failed; nothing was written.
+        """
+        ...
+
+    def take_all(self) -> list[bytes]:
+        """Remove and return every stored snapshot, oldest first, in one atomic step: two
+        takers never both get one snapshot (only one node serves a session).
+
+        Raises:
+            StorageError: the backend failed; nothing was removed.
+        """
+        ...
+
+    def count(self) -> int:
+        """How many snapshots are stored.
 
         Raises:
             StorageError: the backend failed.

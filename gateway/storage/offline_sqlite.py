@@ -22,7 +22,7 @@ from gateway.errors import RemoteProtocolError, StorageError
 from gateway.storage.sqlite import SqliteDatabase
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from gateway.xmpp.parser import ElementReceived, StreamParser
+from gateway.xmpp.parser import ElementReceived, StreamClosed, StreamParser
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize
 
 _SCHEMA: Final = (
@@ -75,14 +75,23 @@ def decode_stanza(data: bytes) -> Element:
     """
     parser = StreamParser(max_stanza_size=len(_HEADER) + len(data) + 1, max_depth=_MAX_DEPTH)
     try:
-        events = parser.feed(_HEADER + data + STREAM_FOOTER)
+        # The footer is fed on its own: data that closes the wrapper itself
+        # ("<a/></stream:stream><b/>") must not have its tail silently ignored.
+        events = parser.feed(_HEADER + data)
+        # StreamOpened and the element, then only the footer's StreamClosed: anything
+        # else means data was not exactly one element.
+        if len(events) != 2 or parser.has_partial_data:
+            raise StorageError("stored offline stanza is not exactly one element")
+        events += parser.feed(STREAM_FOOTER)
     except RemoteProtocolError as exc:
         raise StorageError(f"stored offline stanza is damaged: {exc}") from exc
-    elements = [event.element for event in events if isinstance(event, ElementReceived)]
-    # StreamOpened, the element, StreamClosed: anything else means data was not one element.
-    if len(events) != 3 or len(elements) != 1:
+    if (
+        len(events) != 3
+        or not isinstance(events[1], ElementReceived)
+        or not isinstance(events[2], StreamClosed)
+    ):
         raise StorageError("stored offline stanza is not exactly one element")
-    return elements[0]
+    return events[1].element
 
 
 class SqliteOfflineStore(SqliteDatabase):

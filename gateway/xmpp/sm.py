@@ -59,7 +59,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -640,6 +640,46 @@ class SMState:
         self.acked(h)
         self.sent_since_request = 0
         return list(self.buffer)
+
+    @classmethod
+    def restored(
+        cls,
+        *,
+        smid: str,
+        max_: int,
+        counter_in: int,
+        counter_out: int,
+        buffer: Sequence[Element],
+        buffer_max: int | None,
+        ack_freq: int,
+        ack: bool = True,
+    ) -> SMState:
+        """A resumable state rebuilt from a hand-off snapshot (a session kept across a
+        restart or moved to another node; DESIGN section 6).
+
+        The result is what `enable()` then the traffic had left: `buffer` holds the
+        unacked stanzas, oldest first, so `send_count` is `counter_out` + len(buffer).
+        A buffer longer than `buffer_max` (the limit was lowered meanwhile) is kept whole;
+        the next `sent()` overflows.
+
+        Raises:
+            ValueError: a limit or counter is out of range.
+        """
+        state = cls(
+            buffer_max=buffer_max,
+            ack_freq=ack_freq,
+            ack=ack,
+            buffering=True,
+            counter_in=counter_in,
+            counter_out=counter_out,
+        )
+        if max_ < 1:
+            raise ValueError(f"max must be positive, got {max_!r}")
+        state.buffer.extend(buffer)
+        state.send_count = h_add(counter_out, len(state.buffer))
+        state.smid, state.max = smid, max_
+        state.resumable = state._enabled = True
+        return state
 
     def unacked(self) -> list[Element]:
         """The buffered stanzas, oldest first (to reroute when the session ends, s4)."""

@@ -752,3 +752,137 @@ class SMMachine(RuleBasedStateMachine):
 
 SMMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestSMAgainstModel = SMMachine.TestCase
+
+
+# -- restored from a hand-off snapshot (DESIGN section 6) -------------------------------
+
+
+def restored_state(
+    *,
+    counter_in: int = 7,
+    counter_out: int = 5,
+    buffer: list[Element] | None = None,
+    buffer_max: int | None = 100,
+    ack_freq: int = 1,
+    ack: bool = True,
+    max_: int = 300,
+) -> SMState:
+    return SMState.restored(
+        smid="sm9",
+        max_=max_,
+        counter_in=counter_in,
+        counter_out=counter_out,
+        buffer=[msg(0), msg(1), msg(2)] if buffer is None else buffer,
+        buffer_max=buffer_max,
+        ack_freq=ack_freq,
+        ack=ack,
+    )
+
+
+def test_restored_state_is_resumable_with_its_smid_max_and_counters() -> None:
+    state = restored_state()
+    assert (state.smid, state.max, state.resumable) == ("sm9", 300, True)
+    assert (state.counter_in, state.counter_out) == (7, 5)
+    assert state.unacked() == [msg(0), msg(1), msg(2)]
+    assert state.buffering
+    assert state.answer() == ack_answer(7)
+    assert state.snapshot() == ("sm9", 7)
+
+
+@pytest.mark.parametrize(
+    ("counter_out", "length"),
+    [(0, 0), (5, 3), (MOD - 1, 0), (MOD - 1, 1), (MOD - 2, 5), (NEAR_WRAP, 3)],
+)
+def test_restored_send_count_is_counter_out_plus_the_buffer_across_the_wrap_xep0198_s4(
+    counter_out: int, length: int
+) -> None:
+    state = restored_state(counter_out=counter_out, buffer=[msg(i) for i in range(length)])
+    assert state.send_count == (counter_out + length) % MOD
+    assert h_diff(state.send_count, state.counter_out) == state.buffer_size == length
+
+
+@pytest.mark.parametrize("counter_out", [5, MOD - 1, NEAR_WRAP])
+def test_resuming_a_restored_state_drops_what_h_acks_and_resends_the_rest_xep0198_s5(
+    counter_out: int,
+) -> None:
+    stanzas = [msg(i) for i in range(5)]
+    state = restored_state(counter_out=counter_out, buffer=stanzas)
+    h = (counter_out + 2) % MOD
+    assert state.resume(h) == stanzas[2:]
+    assert state.counter_out == h
+    assert state.unacked() == stanzas[2:]
+    assert state.acked(state.send_count) == stanzas[2:]
+    assert state.buffer_size == 0
+
+
+def test_a_restored_state_numbers_new_stanzas_after_its_buffer() -> None:
+    state = restored_state(counter_out=MOD - 1, buffer=[msg(0)])
+    state.sent(msg(1))
+    assert state.send_count == 1
+    assert state.acked(1) == [msg(0), msg(1)]
+
+
+def test_acking_beyond_a_restored_send_count_is_handled_count_too_high_xep0198_s6() -> None:
+    state = restored_state(counter_out=MOD - 1, buffer=[msg(0), msg(1)])
+    with pytest.raises(HandledCountTooHigh) as info:
+        state.acked(2)
+    assert (info.value.h, info.value.send_count) == (2, 1)
+    with pytest.raises(HandledCountTooHigh):
+        state.resume(2)
+    assert state.counter_out == MOD - 1
+    assert state.unacked() == [msg(0), msg(1)]
+
+
+def test_a_restored_buffer_over_buffer_max_is_kept_and_the_next_stanza_overflows() -> None:
+    stanzas = [msg(i) for i in range(3)]
+    state = restored_state(buffer=stanzas, buffer_max=2)
+    assert state.unacked() == stanzas
+    assert state.resumable
+    extra = msg(99)
+    with pytest.raises(BufferOverflow) as info:
+        state.sent(extra)
+    assert (info.value.size, info.value.buffer_max) == (4, 2)
+    assert state.unacked() == [*stanzas, extra]
+    assert not state.resumable
+
+
+def test_a_restored_state_counts_requests_from_zero() -> None:
+    state = restored_state(ack_freq=2)
+    assert [state.sent(msg(10 + i)) for i in range(4)] == [False, True, False, True]
+    quiet = restored_state(ack=False)
+    assert not any(quiet.sent(msg(10 + i)) for i in range(3))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("max_", 0, "max"),
+        ("max_", -1, "max"),
+        ("counter_in", -1, "h must be"),
+        ("counter_in", MOD, "h must be"),
+        ("counter_out", -1, "h must be"),
+        ("counter_out", MOD, "h must be"),
+        ("buffer_max", 0, "buffer_max"),
+        ("ack_freq", 0, "ack_freq"),
+    ],
+)
+def test_restoring_refuses_out_of_range_settings(field: str, value: int, match: str) -> None:
+    settings_ = {"counter_in": 0, "counter_out": 0, "buffer_max": 10, "ack_freq": 1, "max_": 60}
+    settings_[field] = value
+    with pytest.raises(ValueError, match=match):
+        SMState.restored(
+            smid="sm9",
+            max_=settings_["max_"],
+            counter_in=settings_["counter_in"],
+            counter_out=settings_["counter_out"],
+            buffer=[],
+            buffer_max=settings_["buffer_max"],
+            ack_freq=settings_["ack_freq"],
+        )
+
+
+def test_enabling_a_restored_state_is_our_bug() -> None:
+    state = restored_state()
+    with pytest.raises(LocalProtocolError):
+        state.enable(EnableRequest(resume=True, max=None), resume_timeout=600, new_smid=no_smid)
+    assert state.smid == "sm9"

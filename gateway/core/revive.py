@@ -1,0 +1,107 @@
+"""Parking the sessions taken back from the hand-off store (see `gateway.core.handoff`).
+
+`serve_revived` is a connection task without a transport: it rebuilds the `Session` and
+its `SMState` from a snapshot, binds the resource, registers the SM id, and then runs the
+same `run_session` as any connection, starting parked. From there everything is the usual
+path: a `<resume/>` lends its transport (`<resumed/>`, the buffer resent), stanzas routed
+meanwhile enter the buffer, and when the deadline passes the session ends with its
+messages rerouted or stored offline and its h in stale_h.
+"""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from gateway.config import TlsMode
+from gateway.core.connection import Connection, ServerContext
+from gateway.core.handoff import Revivable
+from gateway.core.session import Session, SessionType
+from gateway.logsetup import bind_connection, bind_jid
+from gateway.net.transport import PeerInfo
+from gateway.net.wire import DetachedWire
+from gateway.storage.base import SmSessionRecord
+from gateway.xmpp.sm import SMState
+
+log = structlog.get_logger(module=__name__)
+
+#: The peer of a session that has no transport until it is resumed.
+NO_PEER = PeerInfo("0.0.0.0", 0)  # noqa: S104 - an address label, nothing binds it
+
+
+async def serve_revived(
+    ctx: ServerContext,
+    revivable: Revivable,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Park one handed-off session until it is resumed or its time runs out.
+
+    `task_status.started()` is called once the session is registered (bound, SM id
+    claimable), so the caller can start listening knowing every revived session can be
+    resumed. If cancelled (shutdown), the session is handed off again or ends like any
+    other.
+    """
+    snapshot, full = revivable.snapshot, revivable.full_jid
+    cfg = ctx.config.modules.mod_stream_management
+    conn = Connection(ctx, DetachedWire(NO_PEER), tls=TlsMode.NONE, port=0)
+    bind_connection(conn.conn_id, "none", "none")
+    bind_jid(str(full))
+    structlog.contextvars.bind_contextvars(smid=snapshot.smid)
+    reason = "closed"
+    started = False
+    try:
+        session = Session(
+            conn_id=conn.conn_id,
+            conn="detached (handed off)",
+            outgoing=None,
+            notopen=False,
+            type=SessionType.C2S,
+            username=full.local,
+            host=full.domain,
+            priority=snapshot.priority,
+            presence=snapshot.presence,
+            interested=snapshot.interested,
+            directed=set(revivable.directed),
+            flush_pending=snapshot.flush_pending,
+        )
+        session.sm = SMState.restored(
+            smid=snapshot.smid,
+            max_=snapshot.max,
+            counter_in=snapshot.counter_in,
+            counter_out=snapshot.counter_out,
+            buffer=snapshot.buffer,
+            buffer_max=cfg.buffer_max,
+            ack_freq=cfg.ack_freq,
+            ack=cfg.ack,
+        )
+        ctx.router.bind(session, full.bare(), full.resource)
+        conn.session = session
+        session.on_flush_request = conn._start_flush
+        conn.slot = ctx.resume.create(snapshot.smid, full.bare(), session)
+        conn.handoff_epoch = snapshot.epoch
+        ctx.connections.add(conn)
+        wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else snapshot.expires_at
+        # Never more than the granted max, whatever the wall clock did meanwhile.
+        remaining = min(max(snapshot.expires_at - wall_now, 0.0), float(snapshot.max))
+        conn.resume_deadline = trio.current_time() + remaining
+        await ctx.sm_sessions.register(
+            SmSessionRecord(snapshot.smid, str(full.bare()), "local", trio.current_time())
+        )
+        log.info(
+            "session_revived",
+            unacked=len(snapshot.buffer),
+            remaining=round(remaining, 3),
+            epoch=snapshot.epoch,
+        )
+        task_status.started()
+        started = True
+        reason = await conn.run_session(parked=True)
+    except Exception:
+        # STYLE C7: the top of a connection task; the session still ends cleanly below.
+        log.exception("internal_error")
+        reason = "internal-server-error"
+        if not started:
+            task_status.started()
+    finally:
+        await conn.finish([], reason)

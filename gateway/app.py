@@ -150,10 +150,12 @@ async def run_server(
         ),
         sm_sessions=MemorySmSessionTable(),
         stale_h=stale_h,
-        handoff=Handoff(handoff_store, run_blocking, frozenset(config.general.hosts)),
+        handoff=Handoff(handoff_store, run_blocking),
     )
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The signal receiver stays open until the stores are closed: a late second signal
+    # must not kill the process (default action) after the hand-off was written.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
             async with trio.open_nursery() as service_nursery:
                 if sm_cfg.stale_h.enabled:
                     # The stale_h GC is supervised: restarted (and logged) if it ever fails.
@@ -169,12 +171,12 @@ async def run_server(
                     )
                 await _serve_until_signal(ctx, config, signals, task_status)
                 service_nursery.cancel_scope.cancel()
-    finally:
-        accounts.close()
-        roster_store.close()
-        offline_store.close()
-        handoff_store.close()
-    log.info("stopped")
+        finally:
+            accounts.close()
+            roster_store.close()
+            offline_store.close()
+            handoff_store.close()
+        log.info("stopped")
 
 
 async def _serve_until_signal(
@@ -205,12 +207,23 @@ async def _serve_until_signal(
             await drain(ctx, signals)
             listener_nursery.cancel_scope.cancel()
         await shutdown(ctx, handler_nursery)
-    await write_handoff(ctx)
+    if ctx.handoff is not None and (ctx.handoff.handed_off or ctx.handoff.failed):
+        log.info(
+            "sessions_handed_off",
+            sessions=ctx.handoff.handed_off,
+            stanzas=ctx.handoff.handed_off_stanzas,
+            failed=ctx.handoff.failed,
+        )
 
 
 async def revive_sessions(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
     """Before listening: park again the sessions the last shutdown handed off, so their
-    clients can resume them (`gateway.core.handoff`)."""
+    clients can resume them (`gateway.core.handoff`).
+
+    Raises:
+        StorageError: the hand-off store failed (the gateway does not start: its sessions
+            stay stored for the next attempt).
+    """
     if ctx.handoff is None:
         return
     revivable = await ctx.handoff.take_all()
@@ -218,20 +231,6 @@ async def revive_sessions(ctx: ServerContext, handler_nursery: trio.Nursery) -> 
         await handler_nursery.start(serve_revived, ctx, item)
     if revivable:
         log.info("sessions_revived", sessions=len(revivable))
-
-
-async def write_handoff(ctx: ServerContext) -> None:
-    """After the last connection ended: store the sessions handed off at shutdown."""
-    if ctx.handoff is None:
-        return
-    sessions, stanzas = len(ctx.handoff.pending), ctx.handoff.pending_stanzas
-    try:
-        await ctx.handoff.write_pending()
-    except StorageError as exc:
-        # Nothing else can be done this late: say exactly what is lost.
-        log.error(  # noqa: TRY400 - a storage fault, not a bug: no traceback
-            "handoff_write_failed", error=str(exc), sessions=sessions, stanzas=stanzas
-        )
 
 
 async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:
@@ -248,16 +247,28 @@ async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:
 
 
 async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
-    """Close every stream with system-shutdown. Resumable sessions (live or parked) are
-    handed off when `handoff_on_shutdown` is on, the others end (their stanzas go to
-    offline storage); whatever is still running after CLOSE_DEADLINE is cancelled."""
-    ctx.draining = ctx.stopping = True
-    handoff = ctx.config.modules.mod_stream_management.handoff_on_shutdown
-    for conn in list(ctx.connections):
-        conn.close(
-            StreamErrorCondition.SYSTEM_SHUTDOWN, "the server is shutting down", handoff=handoff
-        )
+    """Close every stream with system-shutdown; whatever still runs after CLOSE_DEADLINE
+    is cancelled (the end of each session still runs, shielded).
+
+    With `handoff_on_shutdown`, resumable sessions (live or parked) are handed off instead
+    of ended, in a second step: the sessions that end go first, so what they hand back
+    (unacked messages, their unavailable presence) reaches the kept sessions' buffers.
+    """
+    ctx.draining = True
     handler_nursery.cancel_scope.deadline = trio.current_time() + CLOSE_DEADLINE
+    text = "the server is shutting down"
+    handoff = (
+        ctx.handoff is not None and ctx.config.modules.mod_stream_management.handoff_on_shutdown
+    )
+    kept = [conn for conn in ctx.connections if handoff and conn.is_resumable]
+    ending = [conn for conn in ctx.connections if conn not in kept]
+    for conn in ending:
+        conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, text)
+    with trio.move_on_after(CLOSE_DEADLINE / 2):
+        for conn in ending:
+            await conn.finished.wait()
+    for conn in kept:
+        conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, text, handoff=True)
 
 
 # -- CLI --------------------------------------------------------------------------------------

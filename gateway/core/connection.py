@@ -127,10 +127,9 @@ class ServerContext:
     direct_tls_context: ssl.SSLContext | None = None
     # Builds each session's SMState (tests inject counters near 2**32 here).
     new_sm_state: Callable[..., SMState] = SMState
-    # Where resumable sessions go at shutdown (None: they end).
+    # The hand-off store as the core uses it (gateway.core.handoff); None: sessions end
+    # at shutdown and nothing is taken back at start.
     handoff: Handoff | None = None
-    # Set when the final close of every stream began (after the drain).
-    stopping: bool = False
 
 
 class Outcome(enum.Enum):
@@ -201,6 +200,44 @@ class Connection:
         self.resume_deadline: float | None = None
         # Hand-offs this session went through before (the snapshot's epoch).
         self.handoff_epoch = 0
+        # The client address of a session taken back from a snapshot (its wire has none).
+        self.snapshot_peer: str | None = None
+        # Set when this connection task is completely done (see `finish`).
+        self.finished = trio.Event()
+
+    @property
+    def is_resumable(self) -> bool:
+        """The session could be resumed by a new connection now (or after a hand-off)."""
+        session = self.session
+        sm = session.sm if session is not None else None
+        return self.slot is not None and sm is not None and sm.resumable
+
+    def _hands_off_at_shutdown(self) -> bool:
+        return (
+            self.ctx.handoff is not None
+            and self.ctx.config.modules.mod_stream_management.handoff_on_shutdown
+        )
+
+    def revived(self, session: Session, *, remaining: float, epoch: int, peer: str) -> None:
+        """Take over a session rebuilt from a hand-off snapshot; it starts parked
+        (`run_session(parked=True)`) and may be resumed for `remaining` seconds, at most
+        its granted max and the configured `resume_timeout`.
+
+        Args:
+            session: bound in the router, with a restored resumable `SMState`.
+            remaining: seconds left of its resumption time (wall clock at the hand-off).
+            epoch: hand-offs it went through.
+            peer: its last client's address, for log lines.
+        """
+        sm = session.sm
+        assert sm is not None and sm.smid is not None and sm.max is not None
+        self.session = session
+        session.on_flush_request = self._start_flush
+        self.slot = self.ctx.resume.create(sm.smid, session.bare_jid, session)
+        self.handoff_epoch = epoch
+        self.snapshot_peer = peer
+        cap = min(float(sm.max), self.ctx.config.modules.mod_stream_management.resume_timeout)
+        self.resume_deadline = trio.current_time() + min(max(remaining, 0.0), cap)
 
     def close(
         self,
@@ -513,7 +550,9 @@ class Connection:
                     await self.room_changed.wait()
                     continue
                 _sent, more = await offline.flush(session, room)
-                if not more:
+                if not more and session.close_request is None:
+                    # (A closing session refused some: they went back to the store, and
+                    # a hand-off must still flush them after the resume.)
                     session.flush_pending = False
         finally:
             self.flushing = False
@@ -533,8 +572,15 @@ class Connection:
             await self._on_nonza(session, element)
             return
         self.stanzas_in += 1
+        await self._on_stanza(session, kind, element)
+        # XEP-0198 section 4: h counts the stanzas the server *handled*. Counted once
+        # routing is done: a stanza whose routing a close cancelled is not acknowledged,
+        # so the client sends it again after resuming (same id) instead of losing it.
         if session.sm is not None:
             session.sm.received()
+
+    async def _on_stanza(self, session: Session, kind: StanzaKind, element: Element) -> None:
+        assert session.full_jid is not None
         if kind is StanzaKind.IQ and (
             element.get("id") is None or element.get("type") not in IQ_TYPES
         ):
@@ -725,8 +771,15 @@ class Connection:
             handover.accepted.set()
             handover.done.set()
             return False
-        # Switch this task to the lent stream (wire, negotiation state).
+        # Switch this task to the lent stream (wire, negotiation state); from now on its
+        # log lines carry the new peer (children spawned later inherit it).
+        old_peer = str(self.wire.peer) if self.snapshot_peer is None else self.snapshot_peer
         self.wire, self.negotiation = handover.wire, neg
+        self.snapshot_peer = None
+        session.conn = f"{handover.wire.kind} {handover.wire.peer}"
+        structlog.contextvars.bind_contextvars(
+            peer=str(handover.wire.peer), transport=handover.wire.kind
+        )
         self.pending = handover.pending
         self.lent_from = handover
         assert session.full_jid is not None
@@ -743,7 +796,13 @@ class Connection:
         handover.accepted.set()
         self.resume_deadline = None
         self.ctx.resume.resumed += 1
-        log.info("session_resumed", new_conn_id=handover.conn_id, h=handover.h, resent=len(resend))
+        log.info(
+            "session_resumed",
+            new_conn_id=handover.conn_id,
+            h=handover.h,
+            resent=len(resend),
+            old_peer=old_peer,
+        )
         try:
             await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -776,8 +835,13 @@ class Connection:
                     StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
                 )
                 await self._close_transport(self.negotiation.take_output())
-            elif outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT) and resumable:
-                # Also while draining: the session is handed off at shutdown.
+            elif (
+                outcome in (Outcome.TRANSPORT_LOST, Outcome.ACK_TIMEOUT)
+                and resumable
+                and (not self.ctx.draining or self._hands_off_at_shutdown())
+            ):
+                # While draining only when the session will be handed off at shutdown;
+                # otherwise it would only wait to be ended there.
                 await self._close_transport([])
                 handover = await self._park()
                 if handover is None and session.close_request is None:
@@ -869,12 +933,20 @@ class Connection:
 
     async def _hand_off(self) -> bool:
         """Shutdown: keep a resumable session for a resume after the restart (or on
-        another node) instead of ending it (`gateway.core.handoff`). False when it cannot
-        be handed off; the caller then ends it."""
+        another node) instead of ending it (`gateway.core.handoff`).
+
+        The snapshot is taken, the slot ended and the session told to refuse further
+        stanzas in one step (they take the router's other paths: offline storage, flushed
+        after the resume); then the snapshot is written. Returns False when the session
+        cannot be handed off or the write failed: the caller then ends it normally, and
+        its buffer, untouched, is rerouted. Runs shielded (from `finish`).
+        """
         session, slot, handoff = self.session, self.slot, self.ctx.handoff
+        request = session.close_request if session is not None else None
         sm = session.sm if session is not None else None
         if (
             session is None
+            or request is None
             or slot is None
             or handoff is None
             or sm is None
@@ -891,16 +963,24 @@ class Connection:
             else float(sm.max or 0)
         )
         snapshot = snapshot_of(
-            session, expires_at=handoff.wall_clock() + remaining, epoch=self.handoff_epoch + 1
+            session,
+            expires_at=handoff.wall_clock() + remaining,
+            epoch=self.handoff_epoch + 1,
+            peer=str(self.wire.peer) if self.snapshot_peer is None else self.snapshot_peer,
         )
-        if not handoff.add(snapshot):
+        data = handoff.encode(snapshot)
+        if data is None:
             return False
+        request.handoff = False  # Session.send refuses from now on
         raced = self.ctx.resume.end(slot)
         if raced is not None:
-            # A resume claimed the slot as we stopped: refuse it; the client resumes later.
+            # Only a connection already open before the shutdown can claim now, and it is
+            # closed with system-shutdown before it could answer its client.
             raced.resumed = False
             raced.accepted.set()
         self.slot = None
+        if not await handoff.write(snapshot, data):
+            return False
         self.ctx.router.unbind(session)
         await self.ctx.sm_sessions.remove(sm.smid)
         if session.outgoing is not None:
@@ -936,6 +1016,7 @@ class Connection:
                 # stanzas back must not take the listener and every other client down.
                 log.exception("session_end_failed")
             self.log_closed(reason)
+        self.finished.set()
 
     def log_closed(self, reason: str) -> None:
         session = self.session

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -44,8 +44,19 @@ from gateway.xmpp.jid import JID
 log = structlog.get_logger(module=__name__)
 
 
-def snapshot_of(session: Session, *, expires_at: float, epoch: int) -> SessionSnapshot:
-    """The snapshot of a resumable session (its SM state must have an smid and max)."""
+def snapshot_of(session: Session, *, expires_at: float, epoch: int, peer: str) -> SessionSnapshot:
+    """The snapshot of a resumable session.
+
+    Args:
+        session: a bound session whose `SMState` has an smid and a granted max.
+        expires_at: wall-clock time its resumption ends.
+        epoch: the hand-off count, this one included.
+        peer: its last client's address (for log lines after the restart).
+
+    Returns:
+        The snapshot; `flush_pending` is set for an available session, so the offline
+        messages that arrived while it moved are flushed to it after the resume.
+    """
     sm = session.sm
     assert sm is not None and sm.smid is not None and sm.max is not None
     assert session.full_jid is not None
@@ -61,14 +72,15 @@ def snapshot_of(session: Session, *, expires_at: float, epoch: int) -> SessionSn
         presence=session.presence,
         interested=session.interested,
         directed=tuple(sorted(str(jid) for jid in session.directed)),
-        flush_pending=session.flush_pending,
+        flush_pending=session.flush_pending or session.is_available,
         epoch=epoch,
+        peer=peer,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Revivable:
-    """A snapshot that passed the checks, with its JID parsed."""
+    """A snapshot that passed the checks, with its JIDs parsed."""
 
     snapshot: SessionSnapshot
     full_jid: JID
@@ -77,60 +89,62 @@ class Revivable:
 
 @dataclass(eq=False)
 class Handoff:
-    """The hand-off store as the core uses it: collect at shutdown, take at start.
+    """The hand-off store as the core uses it: write at shutdown, take at start.
 
     Args:
         store: where snapshots are kept between processes.
         run_blocking: how store calls run (worker threads, or inline in tests).
-        hosts: the served domains; a snapshot of another domain cannot be revived.
         wall_clock: UNIX time in seconds (tests inject their own).
     """
 
     store: HandoffStore
     run_blocking: RunBlocking
-    hosts: frozenset[str]
     wall_clock: Callable[[], float] = time.time
-    pending: list[tuple[str, bytes]] = field(default_factory=list)
-    #: Stanzas held by the pending snapshots (for the shutdown log line).
-    pending_stanzas: int = 0
+    #: Sessions and stanzas written since the start (for the shutdown log line).
+    handed_off: int = 0
+    handed_off_stanzas: int = 0
+    #: Snapshots whose write failed (those sessions ended normally instead).
+    failed: int = 0
 
-    def add(self, snapshot: SessionSnapshot) -> bool:
-        """Queue a snapshot for the batch write; False when it cannot be encoded (the
-        caller then ends the session normally, so nothing is lost)."""
+    def encode(self, snapshot: SessionSnapshot) -> bytes | None:
+        """The stored form of `snapshot`; None (logged) when it cannot be encoded, and
+        the caller ends the session normally, so nothing is lost."""
         try:
-            data = encode_snapshot(snapshot)
+            return encode_snapshot(snapshot)
         except ValueError as exc:
-            log.warning("handoff_encode_failed", smid=snapshot.smid, error=str(exc))
+            log.warning("handoff_encode_failed", error=str(exc))
+            return None
+
+    async def write(self, snapshot: SessionSnapshot, data: bytes) -> bool:
+        """Store one snapshot; False (logged) when the store failed.
+
+        If cancelled, the snapshot may or may not be stored; callers run it shielded.
+        """
+        try:
+            await self.run_blocking(self.store.put_many, [(snapshot.smid, data)])
+        except StorageError as exc:
+            self.failed += 1
+            log.error(  # noqa: TRY400 - a storage fault, not our bug: no traceback
+                "handoff_write_failed", error=str(exc), unacked=len(snapshot.buffer)
+            )
             return False
-        self.pending.append((snapshot.smid, data))
-        self.pending_stanzas += len(snapshot.buffer)
+        self.handed_off += 1
+        self.handed_off_stanzas += len(snapshot.buffer)
         return True
 
-    async def write_pending(self) -> int:
-        """Write the collected snapshots in one batch; returns how many.
-
-        Raises:
-            StorageError: the store failed; the snapshots (and the stanzas they hold) are
-                lost, which the caller logs as an error.
-        """
-        pending, self.pending = self.pending, []
-        stanzas, self.pending_stanzas = self.pending_stanzas, 0
-        if pending:
-            await self.run_blocking(self.store.put_many, pending)
-            log.info("sessions_handed_off", sessions=len(pending), stanzas=stanzas)
-        return len(pending)
-
     async def take_all(self) -> list[Revivable]:
-        """Take every stored snapshot (atomically) and keep those that can be revived.
+        """Take every stored snapshot (atomically) and keep those that can be revived,
+        soonest to expire first (so parking limits evict the ones with the least time).
 
-        A damaged record, or one of a domain no longer served, is dropped with a warning
-        that says how many stanzas went with it.
+        A damaged record, or one whose JID is not a full JID, is dropped with a warning
+        that says how many stanzas went with it; a malformed directed-presence JID only
+        loses that entry; a second record of one SM id is dropped.
 
         Raises:
             StorageError: the store failed (nothing was taken).
         """
         records = await self.run_blocking(self.store.take_all)
-        revivable: list[Revivable] = []
+        revivable: dict[str, Revivable] = {}
         for data in records:
             try:
                 snapshot = decode_snapshot(data)
@@ -139,23 +153,29 @@ class Handoff:
                 continue
             try:
                 full = JID.parse(snapshot.full_jid)
-                directed = frozenset(JID.parse(text) for text in snapshot.directed)
-            except JIDError as exc:
+            except JIDError:
+                full = None
+            if full is None or full.local is None or full.resource is None:
                 log.warning(
                     "handoff_snapshot_dropped",
                     reason="bad_jid",
                     smid=snapshot.smid,
                     stanzas=len(snapshot.buffer),
-                    error=str(exc),
                 )
                 continue
-            if full.local is None or full.resource is None or full.domain not in self.hosts:
+            if snapshot.smid in revivable:
                 log.warning(
                     "handoff_snapshot_dropped",
-                    reason="host_not_served",
+                    reason="duplicate_smid",
                     smid=snapshot.smid,
                     stanzas=len(snapshot.buffer),
                 )
                 continue
-            revivable.append(Revivable(snapshot, full, directed))
-        return revivable
+            directed: set[JID] = set()
+            for text in snapshot.directed:
+                try:
+                    directed.add(JID.parse(text))
+                except JIDError:
+                    log.warning("handoff_directed_dropped", smid=snapshot.smid)
+            revivable[snapshot.smid] = Revivable(snapshot, full, frozenset(directed))
+        return sorted(revivable.values(), key=lambda r: r.snapshot.expires_at)

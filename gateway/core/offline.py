@@ -20,7 +20,8 @@ import trio
 from gateway.core.blocking import RunBlocking
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
-from gateway.storage.offline_sqlite import SqliteOfflineStore, decode_stanza, encode_stanza
+from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID

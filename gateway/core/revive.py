@@ -45,7 +45,7 @@ async def serve_revived(
     snapshot, full = revivable.snapshot, revivable.full_jid
     cfg = ctx.config.modules.mod_stream_management
     conn = Connection(ctx, DetachedWire(NO_PEER), tls=TlsMode.NONE, port=0)
-    bind_connection(conn.conn_id, "none", "none")
+    bind_connection(conn.conn_id, snapshot.peer or "none", "none")
     bind_jid(str(full))
     structlog.contextvars.bind_contextvars(smid=snapshot.smid)
     reason = "closed"
@@ -53,7 +53,7 @@ async def serve_revived(
     try:
         session = Session(
             conn_id=conn.conn_id,
-            conn="detached (handed off)",
+            conn=f"detached (handed off, last {snapshot.peer or 'unknown'})",
             outgoing=None,
             notopen=False,
             type=SessionType.C2S,
@@ -76,24 +76,26 @@ async def serve_revived(
             ack=cfg.ack,
         )
         ctx.router.bind(session, full.bare(), full.resource)
-        conn.session = session
-        session.on_flush_request = conn._start_flush
-        conn.slot = ctx.resume.create(snapshot.smid, full.bare(), session)
-        conn.handoff_epoch = snapshot.epoch
-        ctx.connections.add(conn)
         wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else snapshot.expires_at
-        # Never more than the granted max, whatever the wall clock did meanwhile.
-        remaining = min(max(snapshot.expires_at - wall_now, 0.0), float(snapshot.max))
-        conn.resume_deadline = trio.current_time() + remaining
+        conn.revived(
+            session,
+            remaining=snapshot.expires_at - wall_now,
+            epoch=snapshot.epoch,
+            peer=snapshot.peer,
+        )
+        ctx.connections.add(conn)
         await ctx.sm_sessions.register(
             SmSessionRecord(snapshot.smid, str(full.bare()), "local", trio.current_time())
         )
-        log.info(
-            "session_revived",
-            unacked=len(snapshot.buffer),
-            remaining=round(remaining, 3),
-            epoch=snapshot.epoch,
-        )
+        assert conn.resume_deadline is not None
+        remaining = round(max(conn.resume_deadline - trio.current_time(), 0.0), 3)
+        log.info("session_revived", unacked=len(snapshot.buffer), remaining=remaining)
+        unwanted = await _why_not_resumable(ctx, session)
+        if unwanted is not None:
+            # It cannot be resumed here: it ends at once through the normal end path, so
+            # its messages are rerouted or bounced, never dropped with the snapshot.
+            log.info("session_revived_to_end", why=unwanted)
+            session.close(None, unwanted)
         task_status.started()
         started = True
         reason = await conn.run_session(parked=True)
@@ -105,3 +107,16 @@ async def serve_revived(
             task_status.started()
     finally:
         await conn.finish([], reason)
+
+
+async def _why_not_resumable(ctx: ServerContext, session: Session) -> str | None:
+    """Why a revived session must end at once (the config or the accounts changed while
+    the gateway was down), or None."""
+    host, username = session.host or "", session.username or ""
+    if host not in ctx.config.general.hosts:
+        return "host_not_served"
+    if not ctx.config.modules.mod_stream_management.buffer:
+        return "resumption_off"  # `buffer: false` now: <resume/> gets feature-not-implemented
+    if not await ctx.router.account_exists(host, username):
+        return "account_removed"
+    return None

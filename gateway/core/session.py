@@ -108,9 +108,12 @@ class Session:
             stream management) its queue is full, which closes it with
             `resource-constraint`; the caller keeps responsibility for the stanza then.
         """
-        if self.close_request is not None:
-            return False
         sm = self.sm
+        request = self.close_request
+        if request is not None and not (request.handoff and sm is not None and sm.resumable):
+            # (A session waiting to be handed off keeps taking stanzas into its buffer:
+            # they go with it, so nothing sent to it during the shutdown goes astray.)
+            return False
         if sm is not None:
             return self._send_managed(sm, stanza)
         if self.outgoing is None:

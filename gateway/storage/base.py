@@ -223,8 +223,10 @@ class SessionSnapshot:
         counter_out: the client's h from its last ack.
         buffer: the unacked stanzas, oldest first.
         priority, presence, interested, directed: the session's IM state (DESIGN 2).
-        flush_pending: offline messages were still being flushed to it.
-        epoch: how many times this session was handed off (a fencing number).
+        flush_pending: offline messages are to be flushed to it after the resume.
+        epoch: how many times this session was handed off (for logs now; the cluster's
+            fencing will compare it).
+        peer: the address of its last client (for log lines).
     """
 
     smid: str
@@ -240,6 +242,7 @@ class SessionSnapshot:
     directed: tuple[str, ...] = ()
     flush_pending: bool = False
     epoch: int = 1
+    peer: str = ""
 
 
 class HandoffStore(Protocol):

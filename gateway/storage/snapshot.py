@@ -13,17 +13,35 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Final
 
 from gateway.errors import StorageError
 from gateway.storage.base import SessionSnapshot
-from gateway.storage.offline_sqlite import decode_stanza, encode_stanza
+from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 
 #: Bumped when the format changes; a record of another version is refused, not misread.
 FORMAT_VERSION: Final = 1
 
 _H_LIMIT: Final = 2**32
+
+#: Every key of a record; any other key means another format (or damage).
+_KEYS: Final = frozenset(
+    {
+        "v", "smid", "full_jid", "expires_at", "max", "counter_in", "counter_out", "buffer",
+        "priority", "presence", "interested", "directed", "flush_pending", "epoch", "peer",
+    }
+)  # fmt: skip
+
+#: SM ids are URL-safe random tokens (`secrets.token_urlsafe(16)`: 22 characters).
+_SMID: Final = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+#: The most buffered stanzas a record may hold: the config's bound for `buffer_max`.
+MAX_BUFFER: Final = 10_000_000
+
+_STANZAS: Final = frozenset({"message", "presence", "iq"})
 
 
 def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
@@ -51,6 +69,7 @@ def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
         "directed": list(snapshot.directed),
         "flush_pending": snapshot.flush_pending,
         "epoch": snapshot.epoch,
+        "peer": snapshot.peer,
     }
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -108,6 +127,10 @@ def decode_snapshot(data: bytes) -> SessionSnapshot:
     version = record.get("v")
     if type(version) is not int or version != FORMAT_VERSION:
         raise StorageError(f"hand-off snapshot format {version!r} is not {FORMAT_VERSION}")
+    if record.keys() != _KEYS:
+        raise StorageError(
+            f"hand-off snapshot has keys {sorted(record.keys() ^ _KEYS)} wrong or missing"
+        )
     raw_expiry = record.get("expires_at")
     try:
         if not isinstance(raw_expiry, int | float) or isinstance(raw_expiry, bool):
@@ -117,23 +140,36 @@ def decode_snapshot(data: bytes) -> SessionSnapshot:
         raise StorageError("hand-off snapshot: 'expires_at' is missing or not a number") from exc
     if not math.isfinite(expires_at):
         raise StorageError("hand-off snapshot: 'expires_at' is not finite")
+    smid = _str(record, "smid")
+    if not _SMID.fullmatch(smid):
+        raise StorageError("hand-off snapshot: 'smid' is not an SM id")
     presence_xml = record.get("presence")
+    presence: Element | None = None
     if presence_xml is not None:
-        presence_xml = _text(presence_xml, "presence")
+        presence = decode_stanza(_text(presence_xml, "presence").encode("utf-8"))
+        if presence.tag != (ns.CLIENT, "presence") or presence.get("type") is not None:
+            raise StorageError("hand-off snapshot: 'presence' is not an available presence")
+    buffer_xml = _strings(record, "buffer")
+    if len(buffer_xml) > MAX_BUFFER:
+        raise StorageError("hand-off snapshot: 'buffer' holds too many stanzas")
+    buffer = tuple(decode_stanza(text.encode("utf-8")) for text in buffer_xml)
+    if any(e.namespace != ns.CLIENT or e.name not in _STANZAS for e in buffer):
+        raise StorageError("hand-off snapshot: 'buffer' holds something that is not a stanza")
     interested = _field(record, "interested", bool)
     flush_pending = _field(record, "flush_pending", bool)
     return SessionSnapshot(
-        smid=_str(record, "smid"),
+        smid=smid,
         full_jid=_str(record, "full_jid"),
         expires_at=expires_at,
         max=_int(record, "max", 1, _H_LIMIT),
         counter_in=_int(record, "counter_in", 0, _H_LIMIT),
         counter_out=_int(record, "counter_out", 0, _H_LIMIT),
-        buffer=tuple(decode_stanza(x.encode("utf-8")) for x in _strings(record, "buffer")),
+        buffer=buffer,
         priority=_int(record, "priority", -128, 128),
-        presence=None if presence_xml is None else decode_stanza(presence_xml.encode("utf-8")),
+        presence=presence,
         interested=interested is True,
         directed=tuple(_strings(record, "directed")),
         flush_pending=flush_pending is True,
         epoch=_int(record, "epoch", 1, 2**63),
+        peer=_str(record, "peer"),
     )

@@ -5,6 +5,10 @@ loopback ports, writes `config.yaml`, runs `check-config` and `user add` through
 starts `python -m gateway serve` (stdout and stderr to `gateway.log`), waits (bounded)
 until its listeners accept connections, and on the way out stops it.
 
+`LiveGateway.restart()` stops the process with SIGTERM and starts it again on the same
+directory, config, database and ports (its output appended to the same log; each run's
+lines are told apart by `log_events(run=...)`), as an operator's restart would.
+
 The config text is a `string.Template`: `$name` (or `${name}`) is replaced with the free
 port picked for each name in `ports`, so YAML braces are written as they are; a literal
 dollar sign must be written `$$`.
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
@@ -56,18 +60,74 @@ def gateway_cli(
 class LiveGateway:
     config: Path
     log: Path
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes]  # the current process (a new one after `start()`)
     ports: dict[str, int]
     cert: Path | None  # the server certificate (PEM), when `certs=True`
+    wait_for: tuple[int, ...] = ()  # the ports a (re)start waits for
+    runs: list[int] = field(default_factory=lambda: [0])  # log offset where each run begins
+    terminated: set[int] = field(default_factory=set)  # pids that were sent SIGTERM
 
     @property
     def port(self) -> int:
         """The c2s port."""
         return self.ports["c2s"]
 
-    def log_events(self) -> list[dict[str, object]]:
-        lines = self.log.read_text().splitlines()
+    def log_events(self, run: int | None = None) -> list[dict[str, object]]:
+        """The JSON log lines of every run, or of run `run` only (0: the first process,
+        -1: the current one). A line still being written is left out."""
+        data = self.log.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]
+        if run is not None:
+            index = run % len(self.runs)
+            end = self.runs[index + 1] if index + 1 < len(self.runs) else len(data)
+            data = data[self.runs[index] : end]
+        lines = data.decode().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def terminate(self) -> None:
+        """Send SIGTERM (once per process: a second one may kill it mid-shutdown)."""
+        if self.proc.pid not in self.terminated and self.proc.poll() is None:
+            self.terminated.add(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """`terminate()` (unless done already) and wait for the exit; returns its status.
+
+        Raises:
+            subprocess.TimeoutExpired: it had not exited after `timeout` (then it is killed).
+        """
+        self.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def start(self) -> None:
+        """Start `serve` again (the last process must have exited) on the same config,
+        and wait (bounded) until it listens on the same ports."""
+        assert self.proc.poll() is not None, "the gateway is still running"
+        self.runs.append(self.log.stat().st_size)
+        self.proc = _spawn(self.config, self.log, append=True)
+        _wait_listening(self.proc, self.log, self.wait_for)
+
+    def restart(self) -> None:
+        """`stop()` (its exit status must be 0), then `start()`."""
+        code = self.stop()
+        assert code == 0, f"exit status {code}:\n{self.log.read_text()[-4000:]}"
+        self.start()
+
+
+def _spawn(config: Path, log: Path, *, append: bool = False) -> subprocess.Popen[bytes]:
+    """`python -m gateway serve`, its stdout and stderr to `log`."""
+    with log.open("ab" if append else "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log: Path, ports: Sequence[int]) -> None:
@@ -136,24 +196,26 @@ def live_gateway(
     if setup is not None:
         setup(config_path)
     log = tmp_path / "gateway.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    names = ports if wait_for is None else wait_for
+    gateway = LiveGateway(
+        config_path,
+        log,
+        _spawn(config_path, log),
+        port_numbers,
+        cert,
+        wait_for=tuple(port_numbers[name] for name in names),
+    )
     try:
-        names = ports if wait_for is None else wait_for
-        _wait_listening(proc, log, [port_numbers[name] for name in names])
-        yield LiveGateway(config_path, log, proc, port_numbers, cert)
+        _wait_listening(gateway.proc, log, gateway.wait_for)
+        yield gateway
     finally:
+        proc = gateway.proc  # the current process (restarts replace it)
         if proc.poll() is None:
             if stop == "kill":
                 proc.kill()
                 proc.wait()
             else:
-                proc.send_signal(signal.SIGTERM)
+                gateway.terminate()
                 try:
                     code = proc.wait(timeout=STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:

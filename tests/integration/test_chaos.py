@@ -38,7 +38,7 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from gateway.core.connection import ServerContext
-from gateway.storage.offline_sqlite import decode_stanza
+from gateway.storage.codec import decode_stanza
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element

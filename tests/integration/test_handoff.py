@@ -13,19 +13,26 @@ import dataclasses
 import functools
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 import trio.testing
+from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from gateway.app import run_server
 from gateway.config import GatewayConfig
 from gateway.core.connection import ServerContext
+from gateway.errors import StorageError
+from gateway.storage.base import SessionSnapshot
+from gateway.storage.codec import encode_stanza
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
+from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.storage.snapshot import decode_snapshot, encode_snapshot
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from tests.conftest import PASSWORD, USERS, Connect, connector, make_config
 from tests.helpers.client import RawClient
@@ -38,6 +45,7 @@ from tests.integration.test_sm_spec import (
     message,
     offline_delivery,
     online,
+    presences,
     resume,
     sm_options,
     stream_error,
@@ -93,16 +101,24 @@ async def test_a_parked_session_is_resumed_after_a_restart_with_every_unacked_st
         handed = [e for e in logs if e["event"] == "session_handed_off"]
         assert [e["unacked"] for e in handed] == [3]
 
-        async with trio.open_nursery() as second:
-            ctx, connect = await start(second, config)
-            revived = ctx.router.session_for(JID.parse(ALICE))
-            assert revived is not None and revived.presence is not None  # still available
-            assert stored(config) == 0  # taken: only this process serves it
-            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
-            assert answer.tag == (ns.SM, "resumed")
-            assert answer.get("h") == "1"  # alice's initial presence, counted before
-            assert bodies(await peer.drain()) == ["m1", "m2", "m3"]
-            sigterm()
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with trio.open_nursery() as second:
+                ctx, connect = await start(second, config)
+                revived = ctx.router.session_for(JID.parse(ALICE))
+                assert revived is not None and revived.presence is not None  # available
+                assert stored(config) == 0  # taken: only this process serves it
+                peer, answer = await resume(connect, "alice", alice.smid, alice.h)
+                assert answer.tag == (ns.SM, "resumed")
+                assert answer.get("h") == "1"  # alice's initial presence, counted before
+                assert bodies(await peer.drain()) == ["m1", "m2", "m3"]
+                sigterm()
+        # The session's log lines name its client again once resumed (not "none").
+        (resumed,) = [e for e in logs if e["event"] == "session_resumed"]
+        assert (resumed["peer"], resumed["transport"], resumed["resent"]) == (
+            "192.0.2.7:40000",
+            "tcp",
+            3,
+        )
 
 
 async def test_a_live_session_gets_system_shutdown_and_resumes_after_the_restart(
@@ -231,7 +247,7 @@ async def test_a_transport_lost_during_the_drain_parks_and_is_handed_off(
             bob = await online(connect, "bob", "desk")
             sigterm()
             await trio.sleep(1)  # into the drain (general.shutdown_grace, 5 s)
-            assert ctx.draining and not ctx.stopping
+            assert ctx.draining
             await alice.cut()
             await bob.send(message(ALICE, "during-drain"))
             await bob.sync()
@@ -280,3 +296,211 @@ async def test_a_session_without_resumption_ends_at_shutdown_as_before(
             sigterm()
             assert condition_of(await stream_error(alice)) == "system-shutdown"
         assert stored(config) == 0
+
+
+# -- what the review of the first version found -----------------------------------------------
+
+
+async def test_what_ending_sessions_hand_back_at_shutdown_reaches_the_kept_session(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            phone = await online(connect, "alice", "phone", sm=RESUMABLE)
+            laptop = await online(connect, "alice", "laptop", sm="")  # SM without resume
+            bob = await online(connect, "bob", "desk")
+            await phone.drain()  # the laptop's presence, acked
+            await bob.send(message("alice@localhost/laptop", "laptop-never-acked"))
+            await bob.sync()
+            assert bodies(await laptop.sync()) == ["laptop-never-acked"]
+            sigterm()
+
+        async with trio.open_nursery() as second:
+            _ctx, connect = await start(second, config)
+            peer, answer = await resume(connect, "alice", phone.smid, phone.h)
+            assert answer.tag == (ns.SM, "resumed")
+            got = await peer.drain()
+            # The laptop ended first: its unacked message was rerouted to the phone, and
+            # its unavailable presence too, so the phone does not show it online.
+            assert bodies(got) == ["laptop-never-acked"]
+            assert presences(got, "unavailable") == ["alice@localhost/laptop"]
+            sigterm()
+
+
+async def test_offline_messages_stored_while_the_session_moved_are_flushed_after_the_resume(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            await alice.cut()
+            sigterm()
+        # A message that took the offline path while the session was being handed off.
+        with SqliteOfflineStore(config.auth.database) as offline:
+            stanza = Element(
+                ns.CLIENT,
+                "message",
+                {"to": ALICE, "from": "bob@localhost/desk", "type": "chat", "id": "late"},
+                [Element(ns.CLIENT, "body", children=["late"])],
+            )
+            offline.store(
+                "localhost", "alice", encode_stanza(stanza), "2026-11-22T10:00:00Z", max_per_user=10
+            )
+
+        async with trio.open_nursery() as second:
+            _ctx, connect = await start(second, config)
+            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
+            assert answer.tag == (ns.SM, "resumed")
+            assert bodies(await peer.drain()) == ["late"]
+            sigterm()
+
+
+async def test_a_session_of_an_account_removed_while_down_ends_and_its_messages_bounce(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            bob = await online(connect, "bob", "desk")
+            await alice.cut()
+            await bob.send(message(ALICE, "to-the-removed"))
+            await bob.sync()
+            sigterm()
+        with SqliteAccountStore(config.auth.database) as accounts:
+            assert accounts.remove_user("localhost", "alice")
+
+        async with trio.open_nursery() as second:
+            ctx, connect = await start(second, config)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ctx.router.session_for(JID.parse(ALICE)) is None
+            # The bounce found bob offline: it waits in his offline store.
+            bob = await online(connect, "bob", "desk")
+            errors = [e for e in bob.at_login if e.name == "message" and e.get("type") == "error"]
+            assert [e.get("id") for e in errors] == ["to-the-removed"]
+            sigterm()
+
+
+async def test_a_second_restart_keeps_the_remaining_resume_time_and_counts_the_epoch(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT + 400):  # virtual seconds
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            await alice.cut()
+            sigterm()
+        first_snapshot = _stored_snapshots(config)[0]
+        assert first_snapshot.epoch == 1
+
+        async with trio.open_nursery() as second:
+            await start(second, config)
+            await trio.sleep(100)  # nobody resumes it
+            sigterm()
+        (second_snapshot,) = _stored_snapshots(config)
+        assert second_snapshot.epoch == 2
+        # 100 s of its 300 passed on the second node (plus real milliseconds).
+        assert abs(second_snapshot.expires_at - (first_snapshot.expires_at - 100)) < 5
+
+
+async def test_a_failed_write_ends_the_session_normally_so_its_messages_go_offline(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT), capture_logs() as logs:
+        async with trio.open_nursery() as first:
+            ctx, connect = await start(first, config)
+            assert ctx.handoff is not None
+            ctx.handoff.store = FailingStore()
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            bob = await online(connect, "bob", "desk")
+            await alice.cut()
+            await bob.send(message(ALICE, "rescued"))
+            await bob.sync()
+            sigterm()
+        assert [e["unacked"] for e in logs if e["event"] == "handoff_write_failed"] == [1]
+
+        async with trio.open_nursery() as second:
+            _ctx, connect = await start(second, config)
+            fresh = await online(connect, "alice", "laptop")
+            assert offline_delivery(fresh.at_login) == [("rescued", "localhost")]
+            sigterm()
+
+
+async def test_parking_limits_at_start_evict_the_session_expiring_first_and_reroute_it(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files, max_parked_per_user=1)
+    with trio.fail_after(LIMIT + 400):  # virtual seconds
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            phone = await online(connect, "alice", "phone", sm=RESUMABLE)
+            laptop = await online(connect, "alice", "laptop", sm=RESUMABLE)
+            bob = await online(connect, "bob", "desk")
+            await phone.drain()
+            await bob.send(message(ALICE, "for-the-phone"))
+            await bob.sync()
+            await phone.cut()  # parked: it expires before the laptop, live at shutdown
+            await trio.sleep(10)
+            sigterm()
+
+        async with trio.open_nursery() as second:
+            _ctx, connect = await start(second, config)
+            _peer, answer = await resume(connect, "alice", phone.smid, phone.h)
+            assert answer.tag == (ns.SM, "failed")
+            peer, answer = await resume(connect, "alice", laptop.smid, laptop.h)
+            assert answer.tag == (ns.SM, "resumed")
+            # The evicted phone's unacked message went to the other resource.
+            assert "for-the-phone" in bodies(await peer.drain())
+            sigterm()
+
+
+async def test_a_wall_clock_far_ahead_never_extends_resumption_beyond_resume_timeout(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT + 400):  # virtual seconds
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            await alice.cut()
+            sigterm()
+        with SqliteHandoffStore(config.auth.database) as store:
+            (data,) = store.take_all()
+            snapshot = decode_snapshot(data)
+            skewed = dataclasses.replace(snapshot, expires_at=time.time() + 10**9)
+            store.put_many([(snapshot.smid, encode_snapshot(skewed))])
+
+        async with trio.open_nursery() as second:
+            ctx, connect = await start(second, config)
+            await trio.sleep(301)  # resume_timeout is 300
+            assert ctx.router.session_for(JID.parse(ALICE)) is None
+            sigterm()
+
+
+class FailingStore:
+    """A hand-off store whose disk is gone."""
+
+    def put_many(self, snapshots: Sequence[tuple[str, bytes]]) -> None:
+        raise StorageError("disk I/O error")
+
+    def take_all(self) -> list[bytes]:
+        return []
+
+    def count(self) -> int:
+        return 0
+
+
+def _stored_snapshots(config: GatewayConfig) -> list[SessionSnapshot]:
+    """What the store holds, put back as it was."""
+    with SqliteHandoffStore(config.auth.database) as store:
+        records = store.take_all()
+        snapshots = [decode_snapshot(data) for data in records]
+        store.put_many([(s.smid, data) for s, data in zip(snapshots, records, strict=True)])
+    return snapshots

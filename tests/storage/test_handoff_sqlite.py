@@ -96,7 +96,7 @@ def test_two_stores_on_one_file_never_both_take_a_snapshot(path: Path) -> None:
 
 def test_encoded_snapshots_round_trip_through_the_store(store: SqliteHandoffStore) -> None:
     snapshot = SessionSnapshot(
-        smid="sm1",
+        smid="sm1-0123456789abcdef",
         full_jid="juliet@example.com/balcony",
         expires_at=1_790_000_000.5,
         max=300,

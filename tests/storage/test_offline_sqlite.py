@@ -12,7 +12,8 @@ import pytest
 
 from gateway.errors import StorageError
 from gateway.storage.base import OfflineStore
-from gateway.storage.offline_sqlite import SqliteOfflineStore, decode_stanza, encode_stanza
+from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.storage.roster_sqlite import SqliteRosterStore
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns

@@ -76,7 +76,7 @@ def full_snapshot() -> SessionSnapshot:
         ],
     )
     return SessionSnapshot(
-        smid="c21pZA==-\u00e9",
+        smid="c21pZA-_0123456789abcdef",
         full_jid="juliet@example.com/balcony \u00e9",
         expires_at=1_790_000_000.125,
         max=MOD - 1,
@@ -94,7 +94,7 @@ def full_snapshot() -> SessionSnapshot:
 
 def small_snapshot() -> SessionSnapshot:
     return SessionSnapshot(
-        smid="sm1",
+        smid="sm1-0123456789abcdef",
         full_jid="juliet@example.com/balcony",
         expires_at=1_790_000_000.0,
         max=300,
@@ -130,7 +130,13 @@ def test_a_full_snapshot_decodes_equal_to_what_was_encoded() -> None:
 
 def test_a_snapshot_with_defaults_and_an_empty_buffer_round_trips() -> None:
     snapshot = SessionSnapshot(
-        smid="s", full_jid="a@b/c", expires_at=0.0, max=1, counter_in=0, counter_out=0, buffer=()
+        smid="s" * 16,
+        full_jid="a@b/c",
+        expires_at=0.0,
+        max=1,
+        counter_in=0,
+        counter_out=0,
+        buffer=(),
     )
     decoded = decode_snapshot(encode_snapshot(snapshot))
     assert decoded == snapshot
@@ -153,8 +159,53 @@ def test_an_integral_expires_at_decodes_as_a_float() -> None:
     assert isinstance(decoded.expires_at, float)
 
 
-def test_a_record_without_presence_decodes_with_presence_none() -> None:
-    assert decode_snapshot(record_with(presence=MISSING)).presence is None
+def test_a_record_with_presence_null_decodes_with_presence_none() -> None:
+    assert decode_snapshot(record_with(presence=None)).presence is None
+
+
+@pytest.mark.parametrize("key", ["presence", "peer"])
+def test_a_record_missing_a_key_is_refused(key: str) -> None:
+    with pytest.raises(StorageError, match=key):
+        decode_snapshot(record_with(**{key: MISSING}))
+
+
+def test_a_record_with_an_unknown_key_is_refused() -> None:
+    with pytest.raises(StorageError, match="surprise"):
+        decode_snapshot(record_with(surprise=1))
+
+
+@pytest.mark.parametrize(
+    "smid", ["", "short", "has space in it long enough", "new\nline-0123456789"]
+)
+def test_an_smid_that_no_server_would_have_made_is_refused(smid: str) -> None:
+    with pytest.raises(StorageError, match="smid"):
+        decode_snapshot(record_with(smid=smid))
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        f"<r xmlns='{ns.SM}'/>",
+        "<message xmlns='urn:other'/>",
+        "<message/>",
+        f"<error xmlns='{ns.STREAM}'/>",
+    ],
+)
+def test_a_buffer_item_that_is_not_a_client_stanza_is_refused(xml: str) -> None:
+    with pytest.raises(StorageError, match="buffer"):
+        decode_snapshot(record_with(buffer=[xml]))
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        f"<message xmlns='{ns.CLIENT}'/>",
+        f"<presence xmlns='{ns.CLIENT}' type='unavailable'/>",
+    ],
+)
+def test_a_presence_that_is_not_an_available_presence_is_refused(xml: str) -> None:
+    with pytest.raises(StorageError, match="presence"):
+        decode_snapshot(record_with(presence=xml))
 
 
 @pytest.mark.parametrize(
@@ -202,9 +253,9 @@ counters = st.integers(MOD - 8, MOD - 1) | st.integers(0, MOD - 1)
     priority=st.integers(-128, 127),
     expires_at=st.floats(allow_nan=False, allow_infinity=False),
     bodies=st.lists(xml_text, max_size=4),
-    extra=st.lists(elements, max_size=2),
-    presence=st.none() | elements,
-    smid=st.text(),
+    extra=st.lists(elements.map(lambda e: Element(ns.CLIENT, "message", {}, [e])), max_size=2),
+    presence=st.none() | elements.map(lambda e: Element(ns.CLIENT, "presence", {}, [e])),
+    smid=st.from_regex(r"[A-Za-z0-9_-]{16,128}", fullmatch=True),
     directed=st.lists(st.text(), max_size=3),
     flags=st.tuples(st.booleans(), st.booleans()),
     epoch=st.integers(1, 2**63 - 1),

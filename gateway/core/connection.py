@@ -19,12 +19,12 @@ Theory of operation
    keep going into its SM buffer, and it waits up to the granted `max` for a `Handover` on
    its slot's channel. A handover is adopted: `<resumed/>`, the client's h applied, the rest
    of the buffer resent in order, then back to 2 on the lent transport.
-4. Otherwise the session ends (`_end_session`): it leaves the router and `sm_session`,
+4. Otherwise the session ends (`gateway.core.ending`): it leaves the router and `sm_session`,
    records its h in `stale_h` when enabled, broadcasts unavailable presence, and hands
    every unacked stanza back to the router (messages rerouted or stored offline, iq
    requests answered `service-unavailable`, presence dropped): nothing vanishes.
 
-5. At shutdown a resumable session is *handed off* instead (`_hand_off`, see
+5. At shutdown a resumable session is *handed off* instead (`ending.hand_off`, see
    `gateway.core.handoff`): snapshotted with its buffer for the next start, no unavailable
    presence, no rerouting. A session taken back from a snapshot runs `run_session` from
    step 3 with no transport (`gateway.core.revive`).
@@ -50,8 +50,9 @@ import structlog
 import trio
 
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode
-from gateway.core.handoff import Handoff, snapshot_of
-from gateway.core.presence import broadcast_unavailable, handle_presence
+from gateway.core.ending import end_session, record_stale_h
+from gateway.core.handoff import Handoff
+from gateway.core.presence import handle_presence
 from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot
 from gateway.core.router import Router
 from gateway.core.session import ACK_REQUEST, CloseRequest, Session, SessionType
@@ -65,7 +66,7 @@ from gateway.errors import (
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
-from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleH, StaleHTable
+from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleHTable
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -849,10 +850,10 @@ class Connection:
                     # that finds no slot can always learn it; a claim that raced the
                     # deadline still wins (end() returns it).
                     assert self.slot is not None
-                    await self._record_stale_h()
+                    await record_stale_h(self)
                     handover = self.ctx.resume.end(self.slot)
                     if handover is None:
-                        self.slot = None  # ended; stale_h recorded in _end_session
+                        self.slot = None  # ended; stale_h recorded in end_session
                         return "resume_timeout"
             else:
                 await self._close_transport(self._final_units(outcome))
@@ -888,117 +889,7 @@ class Connection:
             return request.condition.value if request.condition else "closed"
         return outcome.value
 
-    # -- phase 4: the end ----------
-
-    async def end_session(self) -> None:
-        """The session ends without resumption: nothing it holds is lost (DESIGN 3)."""
-        session = self.session
-        if session is None:
-            return
-        router = self.ctx.router
-        if session.close_request is None:
-            session.close_request = CloseRequest(None)
-        if session.close_request.handoff and await self._hand_off():
-            return
-        held = router.unbind(session)
-        slot = self.slot
-        sm = session.sm
-        await self._record_stale_h()
-        if slot is not None:
-            raced = self.ctx.resume.end(slot)
-            if raced is not None:
-                # A resume claimed the slot while we were ending: refuse it cleanly.
-                raced.resumed = False
-                raced.accepted.set()
-            self.slot = None
-        if sm is not None and sm.smid is not None:
-            await self.ctx.sm_sessions.remove(sm.smid)
-        # A session replaced by a conflict already said goodbye to its own resources.
-        await broadcast_unavailable(router, session, own_account=held)
-        leftovers: list[Element] = []
-        if sm is not None and sm.buffering:
-            leftovers = sm.unacked()
-        elif self.outgoing_receive is not None:
-            leftovers = [e for e in self.in_flight if stanza_kind(e) is not None]
-            self.in_flight = []
-            while True:
-                try:
-                    leftovers.append(self.outgoing_receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                    break
-        if session.outgoing is not None:
-            session.outgoing.close()
-            session.outgoing = None
-        await hand_back(router, session, leftovers)
-
-    async def _hand_off(self) -> bool:
-        """Shutdown: keep a resumable session for a resume after the restart (or on
-        another node) instead of ending it (`gateway.core.handoff`).
-
-        The snapshot is taken, the slot ended and the session told to refuse further
-        stanzas in one step (they take the router's other paths: offline storage, flushed
-        after the resume); then the snapshot is written. Returns False when the session
-        cannot be handed off or the write failed: the caller then ends it normally, and
-        its buffer, untouched, is rerouted. Runs shielded (from `finish`).
-        """
-        session, slot, handoff = self.session, self.slot, self.ctx.handoff
-        request = session.close_request if session is not None else None
-        sm = session.sm if session is not None else None
-        if (
-            session is None
-            or request is None
-            or slot is None
-            or handoff is None
-            or sm is None
-            or not sm.resumable
-            or sm.smid is None
-            or session.full_jid is None
-        ):
-            return False
-        now = trio.current_time()
-        # A parked session keeps its deadline; a live one gets its whole max from now.
-        remaining = (
-            max(self.resume_deadline - now, 0.0)
-            if self.resume_deadline is not None
-            else float(sm.max or 0)
-        )
-        snapshot = snapshot_of(
-            session,
-            expires_at=handoff.wall_clock() + remaining,
-            epoch=self.handoff_epoch + 1,
-            peer=str(self.wire.peer) if self.snapshot_peer is None else self.snapshot_peer,
-        )
-        data = handoff.encode(snapshot)
-        if data is None:
-            return False
-        request.handoff = False  # Session.send refuses from now on
-        raced = self.ctx.resume.end(slot)
-        if raced is not None:
-            # Only a connection already open before the shutdown can claim now, and it is
-            # closed with system-shutdown before it could answer its client.
-            raced.resumed = False
-            raced.accepted.set()
-        self.slot = None
-        if not await handoff.write(snapshot, data):
-            return False
-        self.ctx.router.unbind(session)
-        await self.ctx.sm_sessions.remove(sm.smid)
-        if session.outgoing is not None:
-            session.outgoing.close()
-            session.outgoing = None
-        log.info("session_handed_off", unacked=len(snapshot.buffer), remaining=round(remaining, 3))
-        return True
-
-    async def _record_stale_h(self) -> None:
-        """With stale_h on, remember (smid, h, jid) of a session that ends (XEP-0198 5)."""
-        session = self.session
-        sm = session.sm if session is not None else None
-        if session is None or sm is None or sm.smid is None:
-            return
-        if self.ctx.config.modules.mod_stream_management.stale_h.enabled:
-            await self.ctx.stale_h.put(
-                StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
-            )
+    # -- phase 4: the end (gateway.core.ending) ----------
 
     async def finish(self, final: Sequence[Output], reason: str) -> None:
         """The last step of a connection task, however it ended: close the transport,
@@ -1010,7 +901,7 @@ class Connection:
             if self.lent_to is None:
                 await self._close_transport(final)
             try:
-                await self.end_session()
+                await end_session(self)
             except Exception:
                 # Still the per-connection boundary (C7): a storage fault while handing
                 # stanzas back must not take the listener and every other client down.
@@ -1029,22 +920,6 @@ class Connection:
             stanzas_in=self.stanzas_in,
             stanzas_out=session.stanzas_out if session else 0,
         )
-
-
-async def hand_back(router: Router, session: Session, stanzas: list[Element]) -> None:
-    """Stanzas a session took but the client never acknowledged (DESIGN 3, the ledger)."""
-    for stanza in stanzas:
-        kind = stanza_kind(stanza)
-        if kind is StanzaKind.MESSAGE and stanza.get("type", "normal") in (
-            "chat",
-            "normal",
-            "error",
-        ):
-            await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
-        elif kind is StanzaKind.IQ and stanza.get("type") in ("get", "set"):
-            await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-        elif kind is not None:
-            router.drop(stanza, "undeliverable_after_session_end")
 
 
 async def serve_connection(

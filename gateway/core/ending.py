@@ -1,0 +1,157 @@
+"""How a session ends (phase 4 of `gateway.core.connection`): normally, with nothing it
+holds lost (DESIGN section 3, the ledger), or handed off at shutdown to be resumed after
+the restart (DESIGN sections 5 and 6, `gateway.core.handoff`).
+
+Called by the session's own connection task (`Connection.finish`, shielded), never by
+another task: these functions read and change the connection's state as its owner would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from gateway.core.handoff import snapshot_of
+from gateway.core.presence import broadcast_unavailable
+from gateway.core.router import Router
+from gateway.core.session import CloseRequest, Session
+from gateway.errors import StanzaErrorCondition
+from gateway.storage.base import StaleH
+from gateway.xmpp.element import Element
+from gateway.xmpp.stanza import StanzaKind, stanza_kind
+
+if TYPE_CHECKING:
+    from gateway.core.connection import Connection
+
+log = structlog.get_logger(module=__name__)
+
+
+async def end_session(conn: Connection) -> None:
+    """The session ends without resumption: nothing it holds is lost (DESIGN 3)."""
+    session = conn.session
+    if session is None:
+        return
+    router = conn.ctx.router
+    if session.close_request is None:
+        session.close_request = CloseRequest(None)
+    if session.close_request.handoff and await hand_off(conn):
+        return
+    held = router.unbind(session)
+    slot = conn.slot
+    sm = session.sm
+    await record_stale_h(conn)
+    if slot is not None:
+        raced = conn.ctx.resume.end(slot)
+        if raced is not None:
+            # A resume claimed the slot while we were ending: refuse it cleanly.
+            raced.resumed = False
+            raced.accepted.set()
+        conn.slot = None
+    if sm is not None and sm.smid is not None:
+        await conn.ctx.sm_sessions.remove(sm.smid)
+    # A session replaced by a conflict already said goodbye to its own resources.
+    await broadcast_unavailable(router, session, own_account=held)
+    leftovers: list[Element] = []
+    if sm is not None and sm.buffering:
+        leftovers = sm.unacked()
+    elif conn.outgoing_receive is not None:
+        leftovers = [e for e in conn.in_flight if stanza_kind(e) is not None]
+        conn.in_flight = []
+        while True:
+            try:
+                leftovers.append(conn.outgoing_receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+    if session.outgoing is not None:
+        session.outgoing.close()
+        session.outgoing = None
+    await hand_back(router, session, leftovers)
+
+
+async def hand_off(conn: Connection) -> bool:
+    """Shutdown: keep a resumable session for a resume after the restart (or on
+    another node) instead of ending it (`gateway.core.handoff`).
+
+    The snapshot is taken, the slot ended and the session told to refuse further
+    stanzas in one step (they take the router's other paths: offline storage, flushed
+    after the resume); then the snapshot is written. Returns False when the session
+    cannot be handed off or the write failed: the caller then ends it normally, and
+    its buffer, untouched, is rerouted. Runs shielded (from `finish`).
+    """
+    session, slot, handoff = conn.session, conn.slot, conn.ctx.handoff
+    request = session.close_request if session is not None else None
+    sm = session.sm if session is not None else None
+    if (
+        session is None
+        or request is None
+        or slot is None
+        or handoff is None
+        or sm is None
+        or not sm.resumable
+        or sm.smid is None
+        or session.full_jid is None
+    ):
+        return False
+    now = trio.current_time()
+    # A parked session keeps its deadline; a live one gets its whole max from now.
+    remaining = (
+        max(conn.resume_deadline - now, 0.0)
+        if conn.resume_deadline is not None
+        else float(sm.max or 0)
+    )
+    snapshot = snapshot_of(
+        session,
+        expires_at=handoff.wall_clock() + remaining,
+        epoch=conn.handoff_epoch + 1,
+        peer=str(conn.wire.peer) if conn.snapshot_peer is None else conn.snapshot_peer,
+    )
+    data = handoff.encode(snapshot)
+    if data is None:
+        return False
+    request.handoff = False  # Session.send refuses from now on
+    raced = conn.ctx.resume.end(slot)
+    if raced is not None:
+        # Only a connection already open before the shutdown can claim now, and it is
+        # closed with system-shutdown before it could answer its client.
+        raced.resumed = False
+        raced.accepted.set()
+    conn.slot = None
+    if not await handoff.write(snapshot, data):
+        return False
+    conn.ctx.router.unbind(session)
+    await conn.ctx.sm_sessions.remove(sm.smid)
+    if session.outgoing is not None:
+        session.outgoing.close()
+        session.outgoing = None
+    log.info("session_handed_off", unacked=len(snapshot.buffer), remaining=round(remaining, 3))
+    return True
+
+
+async def record_stale_h(conn: Connection) -> None:
+    """With stale_h on, remember (smid, h, jid) of a session that ends (XEP-0198 5)."""
+    session = conn.session
+    sm = session.sm if session is not None else None
+    if session is None or sm is None or sm.smid is None:
+        return
+    if conn.ctx.config.modules.mod_stream_management.stale_h.enabled:
+        await conn.ctx.stale_h.put(
+            StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
+        )
+
+
+async def hand_back(router: Router, session: Session, stanzas: list[Element]) -> None:
+    """Stanzas a session took but the client never acknowledged (DESIGN 3, the ledger)."""
+    for stanza in stanzas:
+        kind = stanza_kind(stanza)
+        if kind is StanzaKind.MESSAGE and stanza.get("type", "normal") in (
+            "chat",
+            "normal",
+            "error",
+        ):
+            await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
+        elif kind is StanzaKind.IQ and stanza.get("type") in ("get", "set"):
+            await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+        elif kind is not None:
+            router.drop(stanza, "undeliverable_after_session_end")

@@ -17,7 +17,7 @@ import getpass
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -189,23 +189,22 @@ async def _serve_until_signal(
     async with trio.open_nursery() as handler_nursery:
         ctx.handler_nursery = handler_nursery
         await revive_sessions(ctx, handler_nursery)
-        async with trio.open_nursery() as listener_nursery:
-            ports: list[int] = []
-            for listener in config.c2s:
-                sockets = await listener_nursery.start(serve_c2s, ctx, listener, handler_nursery)
-                ports.extend(s.socket.getsockname()[1] for s in sockets)
-            ctx.listen_ports = ports
-            for ws_listener in config.websocket:
-                sockets = await listener_nursery.start(
-                    serve_websocket, ctx, ws_listener, handler_nursery
-                )
-                ctx.websocket_ports.extend(s.socket.getsockname()[1] for s in sockets)
+        listening = False
+
+        def started() -> None:
+            nonlocal listening
+            listening = True
             task_status.started(ctx)
-            async for signum in signals:
-                log.info("shutdown_requested", signal=signal.Signals(signum).name)
-                break
-            await drain(ctx, signals)
-            listener_nursery.cancel_scope.cancel()
+
+        try:
+            await _listen_until_signal(ctx, config, signals, handler_nursery, started)
+        except BaseException:
+            if not listening:
+                # The start failed (a port in use...): the revived sessions go back to
+                # the store for the next attempt instead of ending.
+                for conn in list(ctx.connections):
+                    conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, handoff=True)
+            raise
         await shutdown(ctx, handler_nursery)
     if ctx.handoff is not None and (ctx.handoff.handed_off or ctx.handoff.failed):
         log.info(
@@ -214,6 +213,33 @@ async def _serve_until_signal(
             stanzas=ctx.handoff.handed_off_stanzas,
             failed=ctx.handoff.failed,
         )
+
+
+async def _listen_until_signal(
+    ctx: ServerContext,
+    config: GatewayConfig,
+    signals: AsyncIterator[int],
+    handler_nursery: trio.Nursery,
+    started: Callable[[], None],
+) -> None:
+    """Open every listener (then call `started`), serve until SIGINT/SIGTERM, drain."""
+    async with trio.open_nursery() as listener_nursery:
+        ports: list[int] = []
+        for listener in config.c2s:
+            sockets = await listener_nursery.start(serve_c2s, ctx, listener, handler_nursery)
+            ports.extend(s.socket.getsockname()[1] for s in sockets)
+        ctx.listen_ports = ports
+        for ws_listener in config.websocket:
+            sockets = await listener_nursery.start(
+                serve_websocket, ctx, ws_listener, handler_nursery
+            )
+            ctx.websocket_ports.extend(s.socket.getsockname()[1] for s in sockets)
+        started()
+        async for signum in signals:
+            log.info("shutdown_requested", signal=signal.Signals(signum).name)
+            break
+        await drain(ctx, signals)
+        listener_nursery.cancel_scope.cancel()
 
 
 async def revive_sessions(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
@@ -261,7 +287,9 @@ async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
         ctx.handoff is not None and ctx.config.modules.mod_stream_management.handoff_on_shutdown
     )
     kept = [conn for conn in ctx.connections if handoff and conn.is_resumable]
-    ending = [conn for conn in ctx.connections if conn not in kept]
+    # A connection lending its transport to a resumed session ends when that session is
+    # done with it (it closes the transport, with system-shutdown, in its own step).
+    ending = [conn for conn in ctx.connections if conn not in kept and not conn.is_lending]
     for conn in ending:
         conn.close(StreamErrorCondition.SYSTEM_SHUTDOWN, text)
     with trio.move_on_after(CLOSE_DEADLINE / 2):

@@ -187,6 +187,7 @@ class Connection:
         self.handover_in: Handover | None = None  # received while serving
         self.lent_from: Handover | None = None  # the handover whose transport we use
         self.lent_to: Handover | None = None  # our transport, lent to a parked session
+        self.claiming: Handover | None = None  # offered, waiting for the session's answer
         self.writer_lost = False
         self.in_flight: list[Element] = []
         self.request_sent_at: float | None = None
@@ -205,6 +206,13 @@ class Connection:
         self.snapshot_peer: str | None = None
         # Set when this connection task is completely done (see `finish`).
         self.finished = trio.Event()
+
+    @property
+    def is_lending(self) -> bool:
+        """Our transport is (or may be about to be) used by a resumed session: this task
+        must not return before that session is done with it (the listener closes the
+        socket when the task returns)."""
+        return self.lent_to is not None or self.claiming is not None
 
     @property
     def is_resumable(self) -> bool:
@@ -263,17 +271,23 @@ class Connection:
         await self.wire.write(self.negotiation.take_output())
 
     async def _close_transport(self, final: Sequence[Output]) -> None:
-        """Write `final` (best effort, bounded) and close the current wire."""
-        with trio.move_on_after(CLOSE_GRACE, shield=True):
-            if final:
-                with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
-                ):
-                    await self.wire.write(final)
-            await self.wire.aclose()
-        if self.lent_from is not None:
-            self.lent_from.done.set()
-            self.lent_from = None
+        """Write `final` (best effort, bounded) and close the current wire; never raises
+        for a transport that is already gone."""
+        try:
+            with (
+                trio.move_on_after(CLOSE_GRACE, shield=True),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
+                try:
+                    if final:
+                        await self.wire.write(final)
+                finally:
+                    await self.wire.aclose()
+        finally:
+            # The lender waits for this, whatever happened to its transport.
+            if self.lent_from is not None:
+                self.lent_from.done.set()
+                self.lent_from = None
 
     # -- phase 1: negotiation ----------
 
@@ -399,7 +413,11 @@ class Connection:
             log.info(
                 "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id
             )
-            await handover.accepted.wait()
+            self.claiming = handover
+            try:
+                await handover.accepted.wait()
+            finally:
+                self.claiming = None
             if handover.resumed:
                 self.lent_to = handover
                 return True
@@ -856,12 +874,22 @@ class Connection:
                         self.slot = None  # ended; stale_h recorded in end_session
                         return "resume_timeout"
             else:
-                await self._close_transport(self._final_units(outcome))
-                return self._reason(outcome)
+                final, reason = self._final_units(outcome), self._reason(outcome)
+                self._ending(session)
+                await self._close_transport(final)
+                return reason
             if handover is None:
                 return "closed"
             if not await self._adopt(handover):
+                self._ending(session)
                 return "resume_failed"
+
+    @staticmethod
+    def _ending(session: Session) -> None:
+        """The session ends (the client closed it, an error, a failed resume): from now
+        on it takes no stanza and a shutdown does not hand it off (XEP-0198 section 7)."""
+        if session.close_request is None:
+            session.close_request = CloseRequest(None)
 
     def _final_units(self, outcome: Outcome) -> list[Output]:
         neg = self.negotiation
@@ -897,17 +925,20 @@ class Connection:
         self.ctx.connections.discard(self)
         # Shielded: a cancelled connection (shutdown) still leaves the router, broadcasts
         # unavailable and hands its stanzas back before it goes.
-        with trio.CancelScope(shield=True):
-            if self.lent_to is None:
-                await self._close_transport(final)
-            try:
-                await end_session(self)
-            except Exception:
-                # Still the per-connection boundary (C7): a storage fault while handing
-                # stanzas back must not take the listener and every other client down.
-                log.exception("session_end_failed")
-            self.log_closed(reason)
-        self.finished.set()
+        try:
+            with trio.CancelScope(shield=True):
+                if self.lent_to is None:
+                    await self._close_transport(final)
+                try:
+                    await end_session(self)
+                except Exception:
+                    # Still the per-connection boundary (C7): a storage fault while
+                    # handing stanzas back must not take the listener and every other
+                    # client down.
+                    log.exception("session_end_failed")
+                self.log_closed(reason)
+        finally:
+            self.finished.set()
 
     def log_closed(self, reason: str) -> None:
         session = self.session

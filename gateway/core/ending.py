@@ -15,6 +15,7 @@ import trio
 
 from gateway.core.handoff import snapshot_of
 from gateway.core.presence import broadcast_unavailable
+from gateway.core.resume import ResumeSlot
 from gateway.core.router import Router
 from gateway.core.session import CloseRequest, Session
 from gateway.errors import StanzaErrorCondition
@@ -43,12 +44,7 @@ async def end_session(conn: Connection) -> None:
     sm = session.sm
     await record_stale_h(conn)
     if slot is not None:
-        raced = conn.ctx.resume.end(slot)
-        if raced is not None:
-            # A resume claimed the slot while we were ending: refuse it cleanly.
-            raced.resumed = False
-            raced.accepted.set()
-        conn.slot = None
+        end_slot(conn, slot)
     if sm is not None and sm.smid is not None:
         await conn.ctx.sm_sessions.remove(sm.smid)
     # A session replaced by a conflict already said goodbye to its own resources.
@@ -82,6 +78,10 @@ async def hand_off(conn: Connection) -> bool:
     """
     session, slot, handoff = conn.session, conn.slot, conn.ctx.handoff
     request = session.close_request if session is not None else None
+    if request is not None:
+        # Whatever happens below, the session takes no more stanzas: handed off, its
+        # snapshot is taken now; ended instead, its buffer is rerouted as it is.
+        request.handoff = False
     sm = session.sm if session is not None else None
     if (
         session is None
@@ -110,14 +110,9 @@ async def hand_off(conn: Connection) -> bool:
     data = handoff.encode(snapshot)
     if data is None:
         return False
-    request.handoff = False  # Session.send refuses from now on
-    raced = conn.ctx.resume.end(slot)
-    if raced is not None:
-        # Only a connection already open before the shutdown can claim now, and it is
-        # closed with system-shutdown before it could answer its client.
-        raced.resumed = False
-        raced.accepted.set()
-    conn.slot = None
+    # Only a connection open before the shutdown can have claimed the slot now; it is
+    # refused like any claim that races the end.
+    end_slot(conn, slot)
     if not await handoff.write(snapshot, data):
         return False
     conn.ctx.router.unbind(session)
@@ -155,3 +150,12 @@ async def hand_back(router: Router, session: Session, stanzas: list[Element]) ->
             await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         elif kind is not None:
             router.drop(stanza, "undeliverable_after_session_end")
+
+
+def end_slot(conn: Connection, slot: ResumeSlot) -> None:
+    """End the session's resume slot; a resume that claimed it in the meantime is refused
+    (its lender answers `<failed/>`), and the slot never lingers claimed."""
+    while (raced := conn.ctx.resume.end(slot)) is not None:
+        raced.resumed = False
+        raced.accepted.set()
+    conn.slot = None

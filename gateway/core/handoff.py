@@ -2,27 +2,33 @@
 
 Theory of operation
 -------------------
-When the gateway stops (after the SIGTERM drain), every connection is asked to close with
-`system-shutdown`. A session that could still be resumed (stream management enabled with
-resume, buffer not overflowed) is *handed off* instead of ended: its connection task turns
-it into a `SessionSnapshot` (`snapshot_of`), adds it to `Handoff.pending`, and leaves the
-router and `sm_session` without broadcasting unavailable presence, writing stale_h or
-rerouting its buffer: the session is not over, it moves. After the last connection task has
-finished, `app.py` writes every pending snapshot in one batch to the hand-off store.
+When the gateway stops (after the SIGTERM drain), `app.shutdown` closes streams in two
+steps: first every session that will end (no resumption), so what they hand back (their
+unacked messages, their unavailable presence) can still reach the kept sessions; then
+every resumable session (live or parked) with `handoff=True`. Such a session keeps taking
+stanzas into its buffer until its connection task, in `gateway.core.ending.hand_off`,
+turns it into a `SessionSnapshot` (`snapshot_of`), ends its resume slot, and writes the
+snapshot to the store (`Handoff.write`, one write per session, shielded). It then leaves
+the router and `sm_session` without broadcasting unavailable presence, writing stale_h or
+rerouting its buffer: the session is not over, it moves. If the write fails, the session
+ends the normal way instead (its buffer rerouted or stored offline).
 
 When the gateway starts, before it listens, it takes every snapshot from the store (one
 atomic step, so only one process gets each) and parks each session again
 (`gateway.core.revive`) for what is left of its resumption time: the client that reconnects
 resumes it as if the node had never gone, and gets every stanza it had not acked. A session
-whose time ran out while the node was down ends at once through the normal end path (its
-messages go to offline storage, its h to stale_h).
+whose time ran out while the node was down (or whose account or domain is gone) ends at
+once through the normal end path (messages rerouted, stored offline or bounced; its h in
+stale_h). If the start then fails (a port in use), the revived sessions are handed off
+again for the next attempt.
 
 The snapshot's expiry is wall-clock time (it crosses processes); a parked session keeps
 the deadline it had, a live one gets its full granted `max` from the moment of the hand-off
-(its transport is lost then).
+(its transport is lost then); revival never grants more than `max` nor `resume_timeout`.
 
-What this does not cover: a node that dies without a drain (SIGKILL, power loss) hands
-nothing off; its sessions are lost as before. That, and moving sessions to *other* nodes
+What this does not cover: a node that dies without a drain (SIGKILL, power loss, a stop
+timeout that runs out) hands off only the sessions already written; the others are lost
+with their buffers. That, and moving sessions to *other* nodes
 while this one is down, is the cluster's job (DESIGN section 6).
 """
 
@@ -72,7 +78,8 @@ def snapshot_of(session: Session, *, expires_at: float, epoch: int, peer: str) -
         presence=session.presence,
         interested=session.interested,
         directed=tuple(sorted(str(jid) for jid in session.directed)),
-        flush_pending=session.flush_pending or session.is_available,
+        # (A negative priority gets no offline messages, RFC 6121 8.5.2.1.1.)
+        flush_pending=session.flush_pending or (session.is_available and session.priority >= 0),
         epoch=epoch,
         peer=peer,
     )

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
+import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway.errors import LocalProtocolError, RemoteProtocolError, StreamErrorCondition
@@ -23,8 +24,13 @@ from gateway.xmpp.negotiation import Output, StreamStart, render_stream
 from gateway.xmpp.parser import Event, StreamParser
 
 
-class TransportLost(Exception):
-    """The peer went away without closing its stream."""
+class TransportLost(trio.BrokenResourceError):
+    """The peer went away without closing its stream.
+
+    A `trio.BrokenResourceError`, so every place that handles a broken socket (the
+    writer, closing a transport, a resume's first write) handles a closed WebSocket the
+    same way; it escaped those places once and crashed the listener.
+    """
 
 
 class Wire(Protocol):

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from structlog.contextvars import merge_contextvars
@@ -23,8 +25,9 @@ from structlog.testing import capture_logs
 
 from gateway.app import run_server
 from gateway.config import GatewayConfig
-from gateway.core.connection import ServerContext
+from gateway.core.connection import ServerContext, serve_connection
 from gateway.errors import StorageError
+from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.storage.base import SessionSnapshot
 from gateway.storage.codec import encode_stanza
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
@@ -38,7 +41,9 @@ from tests.conftest import PASSWORD, USERS, Connect, connector, make_config
 from tests.helpers.client import RawClient
 from tests.integration.test_sm_spec import (
     LIMIT,
+    PLAIN,
     RESUMABLE,
+    Peer,
     bodies,
     condition_of,
     failed,
@@ -54,11 +59,20 @@ from tests.integration.test_sm_spec import (
 ALICE = "alice@localhost/phone"
 
 
-def setup(tmp_path: Path, cert_files: tuple[Path, Path], **sm: object) -> GatewayConfig:
+def setup(
+    tmp_path: Path,
+    cert_files: tuple[Path, Path],
+    general: dict[str, object] | None = None,
+    **sm: object,
+) -> GatewayConfig:
     """One config (and database) shared by the gateway and its restarted successor."""
     options: dict[str, object] = {"resume_timeout": 300, "stale_h": {"enabled": True}}
     options.update(sm)
-    config = make_config(tmp_path, cert_files, modules=sm_options(**options))
+    general_section: dict[str, object] = {"hosts": ["localhost"], "negotiation_timeout": 10}
+    general_section.update(general or {})
+    config = make_config(
+        tmp_path, cert_files, general=general_section, modules=sm_options(**options)
+    )
     with SqliteAccountStore(config.auth.database) as store:
         for user in USERS:
             store.add_user("localhost", user, PASSWORD)
@@ -504,3 +518,93 @@ def _stored_snapshots(config: GatewayConfig) -> list[SessionSnapshot]:
         snapshots = [decode_snapshot(data) for data in records]
         store.put_many([(s.smid, data) for s, data in zip(snapshots, records, strict=True)])
     return snapshots
+
+
+# -- what the second review found -------------------------------------------------------------
+
+
+async def test_a_start_that_cannot_listen_puts_the_sessions_back_for_the_next_attempt(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+            bob = await online(connect, "bob", "desk")
+            await alice.cut()
+            await bob.send(message(ALICE, "kept-through-a-failed-start"))
+            await bob.sync()
+            sigterm()
+    # The old process still holds the port (an upgrade that started the new one early).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = dataclasses.replace(config.c2s[0], port=busy.getsockname()[1])
+        blocked = dataclasses.replace(config, c2s=(taken, *config.c2s[1:]))
+        with pytest.raises(BaseExceptionGroup) as failure, trio.fail_after(LIMIT):
+            async with trio.open_nursery() as second:
+                await second.start(functools.partial(run_server, blocked, inline_storage=True))
+        assert failure.group_contains(OSError)
+    assert stored(config) == 1
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as third:
+            _ctx, connect = await start(third, config)
+            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
+            assert answer.tag == (ns.SM, "resumed")
+            assert bodies(await peer.drain()) == ["kept-through-a-failed-start"]
+            sigterm()
+
+
+async def test_a_resumed_session_gets_system_shutdown_on_its_new_transport(
+    tmp_path: Path, cert_files: tuple[Path, Path]
+) -> None:
+    # Real loopback TCP (no mock clock): the listener closes a connection's socket when
+    # its task returns, which memory streams would not show.
+    config = setup(tmp_path, cert_files, general={"shutdown_grace": 0})
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            _ctx, connect = await start(first, config)
+            alice = Peer(await connect(PLAIN))
+            await alice.raw.login("alice", PASSWORD, resource="phone", mechanism="PLAIN")
+            assert (await alice.enable()).tag == (ns.SM, "enabled")
+            await alice.cut()
+            peer = Peer(await connect(PLAIN))
+            await peer.raw.open()
+            assert (await peer.raw.auth("alice", PASSWORD, "PLAIN")).name == "success"
+            peer.raw.parser.reset()
+            await peer.raw.open()
+            await peer.send(f"<resume xmlns='{ns.SM}' previd='{alice.smid}' h='0'/>")
+            assert (await peer.receive()).tag == (ns.SM, "resumed")
+            peer.managed = True
+            await peer.sync()
+            sigterm()
+            # Not a bare close: the lending connection waits until the session is done.
+            assert condition_of(await stream_error(peer)) == "system-shutdown"
+        assert stored(config) == 1
+
+
+async def test_a_session_the_client_closed_is_not_handed_off(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files, general={"shutdown_grace": 0})
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            ctx, _connect = await start(first, config)
+            # Lockstep: the server's writes wait for the client to read.
+            client_stream, server_stream = trio.testing.lockstep_stream_pair()
+            transport = StreamTransport(server_stream, PeerInfo("192.0.2.7", 40000))
+            assert ctx.handler_nursery is not None
+            ctx.handler_nursery.start_soon(serve_connection, ctx, config.c2s[PLAIN], transport)
+            alice = Peer(RawClient(client_stream))
+            await alice.raw.login("alice", PASSWORD, resource="phone", mechanism="PLAIN")
+            assert (await alice.enable()).tag == (ns.SM, "enabled")
+            # The client closes cleanly and stops reading: the server's own close waits,
+            # and the shutdown comes in the middle of it.
+            await alice.send("</stream:stream>")
+            await trio.testing.wait_all_tasks_blocked()
+            assert ctx.router.session_for(JID.parse(ALICE)) is not None  # still ending
+            sigterm()
+        # XEP-0198 section 7: a cleanly closed stream ends the session; nothing to keep.
+        assert stored(config) == 0

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from trio_websocket import HandshakeError as WsHandshakeError
 
@@ -208,3 +209,50 @@ async def test_malformed_websocket_traffic_gets_rfc7395_errors(
             assert error.tag == (ns.STREAM, "error")
             assert error.elements().__next__().name == condition
             assert await browser.receive() == "close"
+
+
+# -- a WebSocket peer that vanishes while the gateway writes (found by review) -----------------
+
+
+async def test_a_websocket_client_gone_before_the_stream_error_is_written_harms_no_one(
+    gateway_factory: GatewayFactory,
+) -> None:
+    with capture_logs() as logs:
+        ctx, _connect = await gateway_factory(**WS)
+        url = f"ws://127.0.0.1:{ctx.websocket_ports[0]}/xmpp-websocket"
+        with trio.fail_after(20):
+            for _ in range(20):
+                # host-unknown is written while the client is already closing.
+                async with open_websocket_url(url, subprotocols=["xmpp"]) as ws:
+                    await ws.send_message(
+                        f"<open xmlns='{FRAMING}' to='nowhere.invalid' version='1.0'/>"
+                    )
+            async with open_websocket_url(url, subprotocols=["xmpp"]) as ws:
+                client = WsClient(ws)
+                await client.login("alice", "after")  # the listener still serves
+    assert [e for e in logs if e["event"] in ("internal_error", "session_end_failed")] == []
+
+
+async def test_a_websocket_client_gone_while_messages_are_written_to_it_harms_no_one(
+    gateway_factory: GatewayFactory,
+) -> None:
+    with capture_logs() as logs:
+        ctx, connect = await gateway_factory(**WS)
+        bob = await connect(0)
+        await bob.login("bob", PASSWORD, mechanism="PLAIN", resource="desk")
+        url = f"ws://127.0.0.1:{ctx.websocket_ports[0]}/xmpp-websocket"
+        with trio.fail_after(30):
+            for round_ in range(10):
+                async with open_websocket_url(url, subprotocols=["xmpp"]) as ws:
+                    await WsClient(ws).login("alice", f"web{round_}")
+                    await bob.send(
+                        "".join(
+                            f"<message to='alice@localhost/web{round_}' type='chat'>"
+                            f"<body>{n}</body></message>"
+                            for n in range(200)
+                        )
+                    )
+                    await trio.sleep(0.001 * round_)
+            async with open_websocket_url(url, subprotocols=["xmpp"]) as ws:
+                await WsClient(ws).login("alice", "after")
+    assert [e for e in logs if e["event"] in ("internal_error", "session_end_failed")] == []

@@ -928,7 +928,12 @@ class Connection:
         try:
             with trio.CancelScope(shield=True):
                 if self.lent_to is None:
-                    await self._close_transport(final)
+                    try:
+                        await self._close_transport(final)
+                    except Exception:
+                        # The per-connection boundary (C7): whatever a dying transport
+                        # raises, the session still ends and the listener lives on.
+                        log.exception("transport_close_failed")
                 try:
                     await end_session(self)
                 except Exception:

@@ -286,7 +286,7 @@ async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
     handoff = (
         ctx.handoff is not None and ctx.config.modules.mod_stream_management.handoff_on_shutdown
     )
-    kept = [conn for conn in ctx.connections if handoff and conn.is_resumable]
+    kept = {conn for conn in ctx.connections if handoff and conn.is_resumable}
     # A connection lending its transport to a resumed session ends when that session is
     # done with it (it closes the transport, with system-shutdown, in its own step).
     ending = [conn for conn in ctx.connections if conn not in kept and not conn.is_lending]

@@ -8,7 +8,7 @@ unacked messages, their unavailable presence) can still reach the kept sessions;
 every resumable session (live or parked) with `handoff=True`. Such a session keeps taking
 stanzas into its buffer until its connection task, in `gateway.core.ending.hand_off`,
 turns it into a `SessionSnapshot` (`snapshot_of`), ends its resume slot, and writes the
-snapshot to the store (`Handoff.write`, one write per session, shielded). It then leaves
+snapshot to the store (`Handoff.write`, grouped into few transactions, shielded). It then leaves
 the router and `sm_session` without broadcasting unavailable presence, writing stale_h or
 rerouting its buffer: the session is not over, it moves. If the write fails, the session
 ends the normal way instead (its buffer rerouted or stored offline).
@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
+import trio
 
 from gateway.core.blocking import RunBlocking
 from gateway.core.session import Session
@@ -95,6 +96,15 @@ class Revivable:
 
 
 @dataclass(eq=False)
+class _Batch:
+    """Snapshots written in one transaction, and its outcome."""
+
+    items: list[tuple[str, bytes]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+
+
+@dataclass(eq=False)
 class Handoff:
     """The hand-off store as the core uses it: write at shutdown, take at start.
 
@@ -112,6 +122,8 @@ class Handoff:
     handed_off_stanzas: int = 0
     #: Snapshots whose write failed (those sessions ended normally instead).
     failed: int = 0
+    _open: _Batch | None = field(default=None, init=False)
+    _write_lock: trio.Lock = field(default_factory=trio.Lock, init=False)
 
     def encode(self, snapshot: SessionSnapshot) -> bytes | None:
         """The stored form of `snapshot`; None (logged) when it cannot be encoded, and
@@ -125,15 +137,34 @@ class Handoff:
     async def write(self, snapshot: SessionSnapshot, data: bytes) -> bool:
         """Store one snapshot; False (logged) when the store failed.
 
+        Writes are grouped: while one batch is being written (in a worker thread), the
+        snapshots that arrive wait together and go in the next transaction, so 10,000
+        sessions stopping at once cost a few transactions and thread hops, not 10,000.
+        The first caller of a batch writes it; the others wait for its outcome.
+
         If cancelled, the snapshot may or may not be stored; callers run it shielded.
         """
-        try:
-            await self.run_blocking(self.store.put_many, [(snapshot.smid, data)])
-        except StorageError as exc:
+        batch = self._open
+        leader = batch is None
+        if batch is None:
+            batch = self._open = _Batch()
+        batch.items.append((snapshot.smid, data))
+        if leader:
+            async with self._write_lock:
+                self._open = None  # later snapshots start the next batch
+                try:
+                    await self.run_blocking(self.store.put_many, batch.items)
+                    batch.ok = True
+                except StorageError as exc:
+                    log.error(  # noqa: TRY400 - a storage fault, not our bug: no traceback
+                        "handoff_write_failed", error=str(exc), sessions=len(batch.items)
+                    )
+                finally:
+                    batch.done.set()
+        else:
+            await batch.done.wait()
+        if not batch.ok:
             self.failed += 1
-            log.error(  # noqa: TRY400 - a storage fault, not our bug: no traceback
-                "handoff_write_failed", error=str(exc), unacked=len(snapshot.buffer)
-            )
             return False
         self.handed_off += 1
         self.handed_off_stanzas += len(snapshot.buffer)

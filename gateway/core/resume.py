@@ -85,6 +85,10 @@ class ResumeRegistry:
     def __init__(self, *, max_parked_per_user: int, max_parked: int) -> None:
         self.slots: dict[str, ResumeSlot] = {}
         self.parked: OrderedDict[str, ResumeSlot] = OrderedDict()
+        # The same parked slots by user, oldest first: the per-user limit is checked in
+        # O(that user's slots), not O(all parked) (10,000 sessions parked at once, after
+        # a restart or a network outage, made parking quadratic).
+        self.parked_by_jid: dict[JID, OrderedDict[str, ResumeSlot]] = {}
         self.max_parked_per_user = max_parked_per_user
         self.max_parked = max_parked
         self.resumed = 0
@@ -122,14 +126,16 @@ class ResumeRegistry:
         slot.state = SlotState.PARKED
         slot.parked_at = now
         self.parked[slot.smid] = slot
+        same_user = self.parked_by_jid.setdefault(slot.jid, OrderedDict())
+        same_user[slot.smid] = slot
         evict: list[ResumeSlot] = []
-        same_user = [s for s in self.parked.values() if s.jid == slot.jid]
         while len(same_user) > self.max_parked_per_user:
-            evict.append(same_user.pop(0))
-        for victim in evict:
-            self._unpark(victim)
+            _, victim = same_user.popitem(last=False)
+            self.parked.pop(victim.smid, None)
+            evict.append(victim)
         while len(self.parked) > self.max_parked:
             _, victim = self.parked.popitem(last=False)
+            self._unpark(victim)
             evict.append(victim)
         for victim in evict:
             victim.evicted = True
@@ -159,8 +165,13 @@ class ResumeRegistry:
 
     def _unpark(self, slot: ResumeSlot) -> None:
         self.parked.pop(slot.smid, None)
+        same_user = self.parked_by_jid.get(slot.jid)
+        if same_user is not None:
+            same_user.pop(slot.smid, None)
+            if not same_user:
+                del self.parked_by_jid[slot.jid]
 
     def parked_count(self, jid: JID | None = None) -> int:
         if jid is None:
             return len(self.parked)
-        return sum(1 for s in self.parked.values() if s.jid == jid)
+        return len(self.parked_by_jid.get(jid, ()))

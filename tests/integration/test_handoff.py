@@ -28,7 +28,7 @@ from gateway.config import GatewayConfig
 from gateway.core.connection import ServerContext, serve_connection
 from gateway.errors import StorageError
 from gateway.net.transport import PeerInfo, StreamTransport
-from gateway.storage.base import SessionSnapshot
+from gateway.storage.base import HandoffStore, SessionSnapshot
 from gateway.storage.codec import encode_stanza
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.offline_sqlite import SqliteOfflineStore
@@ -438,7 +438,7 @@ async def test_a_failed_write_ends_the_session_normally_so_its_messages_go_offli
             await bob.send(message(ALICE, "rescued"))
             await bob.sync()
             sigterm()
-        assert [e["unacked"] for e in logs if e["event"] == "handoff_write_failed"] == [1]
+        assert [e["sessions"] for e in logs if e["event"] == "handoff_write_failed"] == [1]
 
         async with trio.open_nursery() as second:
             _ctx, connect = await start(second, config)
@@ -608,3 +608,43 @@ async def test_a_session_the_client_closed_is_not_handed_off(
             sigterm()
         # XEP-0198 section 7: a cleanly closed stream ends the session; nothing to keep.
         assert stored(config) == 0
+
+
+async def test_sessions_stopping_together_are_written_in_a_few_transactions(
+    tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
+) -> None:
+    config = setup(tmp_path, cert_files, max_parked_per_user=100)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as first:
+            ctx, connect = await start(first, config)
+            assert ctx.handoff is not None
+            counting = CountingStore(ctx.handoff.store)
+            ctx.handoff.store = counting
+            peers = [
+                await online(connect, "alice", f"phone{n}", sm=RESUMABLE, priority=None)
+                for n in range(40)
+            ]
+            for peer in peers[::2]:
+                await peer.cut()  # half parked, half live
+            sigterm()
+    assert stored(config) == 40
+    assert sum(counting.batches) == 40
+    assert len(counting.batches) <= 5, counting.batches
+
+
+class CountingStore:
+    """Counts the transactions of the store it wraps."""
+
+    def __init__(self, inner: HandoffStore) -> None:
+        self.inner = inner
+        self.batches: list[int] = []
+
+    def put_many(self, snapshots: Sequence[tuple[str, bytes]]) -> None:
+        self.batches.append(len(snapshots))
+        self.inner.put_many(snapshots)
+
+    def take_all(self) -> list[bytes]:
+        return self.inner.take_all()
+
+    def count(self) -> int:
+        return self.inner.count()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import math
 import os
 import sys
@@ -16,7 +17,9 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import bench  # the load generator script, imported as a module
+import bench_restart  # the restart benchmark, on bench.py
 
+from gateway.config import LogFormat, TlsMode, load_config
 from gateway.xmpp import sasl
 
 # --- StreamParser -----------------------------------------------------------------------
@@ -422,3 +425,90 @@ async def test_resume_scenario_catches_resent_handled_messages(
     # The 2 per session handled but never acked with <a/> came back on the new stream.
     assert resume["resent_after_handled"] == resume["duplicates"] == 2 * 2
     assert "handled before the cut and resent: 4" in out
+
+
+# --- bench_restart.py helpers -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("messages", "groups"), [(0, (0, 0)), (1, (0, 1)), (5, (2, 3)), (6, (3, 3))]
+)
+def test_handoff_groups_split_every_message(messages: int, groups: tuple[int, int]) -> None:
+    assert bench_restart.handoff_groups(messages) == groups
+
+
+def _log_line(event: str, second: float, level: str = "info", **fields: object) -> str:
+    stamp = f"2026-11-22T09:00:{second:09.6f}Z"
+    return json.dumps({"event": event, "level": level, "timestamp": stamp, **fields})
+
+
+def test_log_summary_counts_events_times_and_problems() -> None:
+    summary = bench_restart.LogSummary()
+    for line in (
+        _log_line("session_handed_off", 1.5),
+        _log_line("session_handed_off", 2.25),
+        _log_line("sessions_handed_off", 2.5, sessions=2, stanzas=10, failed=0),
+        _log_line("handoff_write_failed", 3.0, level="error"),
+        "Traceback (most recent call last):",
+        "",
+    ):
+        summary.feed(line)
+    assert summary.counts["session_handed_off"] == 2
+    assert summary.last_ts["session_handed_off"] - summary.first_ts["session_handed_off"] == (
+        pytest.approx(0.75)
+    )
+    assert summary.field_of("sessions_handed_off", "stanzas") == 10
+    assert summary.field_of("stopped", "sessions") is None
+    assert summary.problems == {"error handoff_write_failed": 1}
+    assert (summary.unparsed, summary.lines) == (1, 5)
+
+
+def test_log_watch_reads_appended_lines_and_waits_for_partial_ones(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.log"
+    first, second = _log_line("listening", 1.0), _log_line("draining", 2.0)
+    path.write_text(first + "\n" + second[:10])
+    watch = bench_restart.LogWatch(path)
+    assert dict(watch.poll().counts) == {"listening": 1}
+    with path.open("a") as fh:
+        fh.write(second[10:] + "\n")
+    assert dict(watch.poll().counts) == {"listening": 1, "draining": 1}
+    assert watch.poll().lines == 2
+
+
+def test_stop_phases_from_log_times() -> None:
+    summary = bench_restart.LogSummary()
+    for event, second in (
+        ("draining", 10.0),
+        ("session_handed_off", 11.5),
+        ("session_handed_off", 12.0),
+        ("stopped", 12.25),
+    ):
+        summary.feed(_log_line(event, second))
+    sigterm = summary.first_ts["draining"] - 0.01
+    phases = bench_restart.stop_phases(summary, sigterm_at=sigterm, exit_at=sigterm + 2.5, grace=1)
+    assert phases == {
+        "sigterm_to_draining_s": 0.01,
+        "sigterm_to_drain_end_s": 1.01,
+        "handoff_s": 1.25,
+        "drain_end_to_first_write_s": 0.5,
+        "writes_first_to_last_s": 0.5,
+        "last_write_to_stopped_s": 0.25,
+        "sigterm_to_stopped_s": 2.26,
+        "sigterm_to_exit_s": 2.5,
+    }
+    empty = bench_restart.stop_phases(
+        bench_restart.LogSummary(), sigterm_at=sigterm, exit_at=None, grace=1
+    )
+    assert set(empty.values()) == {None}
+
+
+def test_restart_config_is_valid_for_the_gateway(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(bench_restart.gateway_config(port=5299, grace=1.5, buffer_max=150))
+    config = load_config(path)
+    assert config.general.shutdown_grace == 1.5
+    (listener,) = config.c2s
+    assert (listener.ip, listener.port, listener.tls) == ("127.0.0.1", 5299, TlsMode.NONE)
+    sm = config.modules.mod_stream_management
+    assert (sm.buffer_max, sm.ack_timeout, sm.handoff_on_shutdown) == (150, 0, True)
+    assert config.logging.format is LogFormat.JSON

@@ -875,21 +875,14 @@ class Connection:
                         return "resume_timeout"
             else:
                 final, reason = self._final_units(outcome), self._reason(outcome)
-                self._ending(session)
+                session.mark_ending()
                 await self._close_transport(final)
                 return reason
             if handover is None:
                 return "closed"
             if not await self._adopt(handover):
-                self._ending(session)
+                session.mark_ending()
                 return "resume_failed"
-
-    @staticmethod
-    def _ending(session: Session) -> None:
-        """The session ends (the client closed it, an error, a failed resume): from now
-        on it takes no stanza and a shutdown does not hand it off (XEP-0198 section 7)."""
-        if session.close_request is None:
-            session.close_request = CloseRequest(None)
 
     def _final_units(self, outcome: Outcome) -> list[Output]:
         neg = self.negotiation

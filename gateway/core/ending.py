@@ -17,7 +17,7 @@ from gateway.core.handoff import snapshot_of
 from gateway.core.presence import broadcast_unavailable
 from gateway.core.resume import ResumeSlot
 from gateway.core.router import Router
-from gateway.core.session import CloseRequest, Session
+from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition
 from gateway.storage.base import StaleH
 from gateway.xmpp.element import Element
@@ -35,8 +35,8 @@ async def end_session(conn: Connection) -> None:
     if session is None:
         return
     router = conn.ctx.router
-    if session.close_request is None:
-        session.close_request = CloseRequest(None)
+    session.mark_ending()
+    assert session.close_request is not None
     if session.close_request.handoff and await hand_off(conn):
         return
     held = router.unbind(session)

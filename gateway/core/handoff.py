@@ -8,9 +8,9 @@ unacked messages, their unavailable presence) can still reach the kept sessions;
 every resumable session (live or parked) with `handoff=True`. Such a session keeps taking
 stanzas into its buffer until its connection task, in `gateway.core.ending.hand_off`,
 turns it into a `SessionSnapshot` (`snapshot_of`), ends its resume slot, and writes the
-snapshot to the store (`Handoff.write`, grouped into few transactions, shielded). It then leaves
-the router and `sm_session` without broadcasting unavailable presence, writing stale_h or
-rerouting its buffer: the session is not over, it moves. If the write fails, the session
+snapshot to the store (`Handoff.write`, grouped into few transactions, shielded). It then
+leaves the router and `sm_session` without broadcasting unavailable presence, writing
+stale_h or rerouting its buffer: the session is not over, it moves. If the write fails, the session
 ends the normal way instead (its buffer rerouted or stored offline).
 
 When the gateway starts, before it listens, it takes every snapshot from the store (one
@@ -28,8 +28,8 @@ the deadline it had, a live one gets its full granted `max` from the moment of t
 
 What this does not cover: a node that dies without a drain (SIGKILL, power loss, a stop
 timeout that runs out) hands off only the sessions already written; the others are lost
-with their buffers. That, and moving sessions to *other* nodes
-while this one is down, is the cluster's job (DESIGN section 6).
+with their buffers. That, and moving sessions to *other* nodes while this one is down, is
+the cluster's job (DESIGN section 6).
 """
 
 from __future__ import annotations
@@ -193,18 +193,15 @@ class Handoff:
                 full = JID.parse(snapshot.full_jid)
             except JIDError:
                 full = None
+            reason = None
             if full is None or full.local is None or full.resource is None:
+                reason = "bad_jid"
+            elif snapshot.smid in revivable:
+                reason = "duplicate_smid"
+            if reason is not None or full is None:
                 log.warning(
                     "handoff_snapshot_dropped",
-                    reason="bad_jid",
-                    smid=snapshot.smid,
-                    stanzas=len(snapshot.buffer),
-                )
-                continue
-            if snapshot.smid in revivable:
-                log.warning(
-                    "handoff_snapshot_dropped",
-                    reason="duplicate_smid",
+                    reason=reason,
                     smid=snapshot.smid,
                     stanzas=len(snapshot.buffer),
                 )

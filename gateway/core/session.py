@@ -164,6 +164,13 @@ class Session:
         if self.on_flush_request is not None:
             self.on_flush_request()
 
+    def mark_ending(self) -> None:
+        """The session ends without a close request from anyone (the client closed its
+        stream, an error, a failed resume): from now on it takes no stanza, and a
+        shutdown does not hand it off (XEP-0198 section 7)."""
+        if self.close_request is None:
+            self.close_request = CloseRequest(None)
+
     def close(
         self,
         condition: StreamErrorCondition | None = None,

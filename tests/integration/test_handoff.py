@@ -97,6 +97,39 @@ def stored(config: GatewayConfig) -> int:
         return store.count()
 
 
+async def stop_with_alice_parked(config: GatewayConfig, *bodies: str) -> Peer:
+    """A first run: alice/phone (resumable) loses its link without closing its stream,
+    bob sends her parked session `bodies` (message ids = bodies), then SIGTERM stops the
+    gateway. Returns alice's client side (its SM id and h)."""
+    async with trio.open_nursery() as first:
+        _ctx, connect = await start(first, config)
+        alice = await online(connect, "alice", "phone", sm=RESUMABLE)
+        bob = await online(connect, "bob", "desk")
+        await alice.cut()
+        for body in bodies:
+            await bob.send(message(ALICE, body))
+        await bob.sync()
+        sigterm()
+    return alice
+
+
+async def resumed(connect: Connect, alice: Peer) -> Peer:
+    """alice's new stream after `<resume/>`, which must have succeeded."""
+    peer, answer = await resume(connect, "alice", alice.smid, alice.h)
+    assert answer.tag == (ns.SM, "resumed"), answer
+    return peer
+
+
+async def bodies_after_restart(config: GatewayConfig, alice: Peer) -> list[str]:
+    """A second run on the same database: alice resumes (it must succeed); the message
+    bodies she then gets, in order; then the gateway stops again."""
+    async with trio.open_nursery() as second:
+        _ctx, connect = await start(second, config)
+        got = bodies(await (await resumed(connect, alice)).drain())
+        sigterm()
+    return got
+
+
 async def test_a_parked_session_is_resumed_after_a_restart_with_every_unacked_stanza(
     tmp_path: Path, cert_files: tuple[Path, Path], autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -172,14 +205,7 @@ async def test_stanzas_routed_to_a_revived_session_are_buffered_for_its_resume(
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            bob = await online(connect, "bob", "desk")
-            await alice.cut()
-            await bob.send(message(ALICE, "before"))
-            await bob.sync()
-            sigterm()
+        alice = await stop_with_alice_parked(config, "before")
 
         async with trio.open_nursery() as second:
             _ctx, connect = await start(second, config)
@@ -188,8 +214,7 @@ async def test_stanzas_routed_to_a_revived_session_are_buffered_for_its_resume(
             await bob.send(message("alice@localhost", "after-bare"))
             await bob.send(message(ALICE, "after-full"))
             await bob.sync()
-            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
-            assert answer.tag == (ns.SM, "resumed")
+            peer = await resumed(connect, alice)
             assert bodies(await peer.drain()) == ["before", "after-bare", "after-full"]
             sigterm()
 
@@ -199,14 +224,7 @@ async def test_a_session_whose_time_ran_out_while_down_ends_into_offline_storage
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            bob = await online(connect, "bob", "desk")
-            await alice.cut()
-            await bob.send(message(ALICE, "kept"))
-            await bob.sync()
-            sigterm()
+        alice = await stop_with_alice_parked(config, "kept")
         # The node stayed down longer than the session's resume time.
         with SqliteHandoffStore(config.auth.database) as store:
             (data,) = store.take_all()
@@ -231,14 +249,7 @@ async def test_with_handoff_off_sessions_end_at_shutdown_and_their_messages_wait
 ) -> None:
     config = setup(tmp_path, cert_files, handoff_on_shutdown=False)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            bob = await online(connect, "bob", "desk")
-            await alice.cut()
-            await bob.send(message(ALICE, "stored"))
-            await bob.sync()
-            sigterm()
+        alice = await stop_with_alice_parked(config, "stored")
         assert stored(config) == 0
 
         async with trio.open_nursery() as second:
@@ -267,12 +278,7 @@ async def test_a_transport_lost_during_the_drain_parks_and_is_handed_off(
             await bob.sync()
         assert stored(config) == 1
 
-        async with trio.open_nursery() as second:
-            _ctx, connect = await start(second, config)
-            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
-            assert answer.tag == (ns.SM, "resumed")
-            assert bodies(await peer.drain()) == ["during-drain"]
-            sigterm()
+        assert await bodies_after_restart(config, alice) == ["during-drain"]
 
 
 async def test_a_damaged_snapshot_is_dropped_with_a_warning_and_the_others_revive(
@@ -280,11 +286,7 @@ async def test_a_damaged_snapshot_is_dropped_with_a_warning_and_the_others_reviv
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            await alice.cut()
-            sigterm()
+        alice = await stop_with_alice_parked(config)
         with SqliteHandoffStore(config.auth.database) as store:
             store.put_many([("damaged", b"{not json")])
 
@@ -348,11 +350,7 @@ async def test_offline_messages_stored_while_the_session_moved_are_flushed_after
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            await alice.cut()
-            sigterm()
+        alice = await stop_with_alice_parked(config)
         # A message that took the offline path while the session was being handed off.
         with SqliteOfflineStore(config.auth.database) as offline:
             stanza = Element(
@@ -365,12 +363,7 @@ async def test_offline_messages_stored_while_the_session_moved_are_flushed_after
                 "localhost", "alice", encode_stanza(stanza), "2026-11-22T10:00:00Z", max_per_user=10
             )
 
-        async with trio.open_nursery() as second:
-            _ctx, connect = await start(second, config)
-            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
-            assert answer.tag == (ns.SM, "resumed")
-            assert bodies(await peer.drain()) == ["late"]
-            sigterm()
+        assert await bodies_after_restart(config, alice) == ["late"]
 
 
 async def test_a_session_of_an_account_removed_while_down_ends_and_its_messages_bounce(
@@ -378,14 +371,7 @@ async def test_a_session_of_an_account_removed_while_down_ends_and_its_messages_
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            bob = await online(connect, "bob", "desk")
-            await alice.cut()
-            await bob.send(message(ALICE, "to-the-removed"))
-            await bob.sync()
-            sigterm()
+        await stop_with_alice_parked(config, "to-the-removed")
         with SqliteAccountStore(config.auth.database) as accounts:
             assert accounts.remove_user("localhost", "alice")
 
@@ -405,11 +391,7 @@ async def test_a_second_restart_keeps_the_remaining_resume_time_and_counts_the_e
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT + 400):  # virtual seconds
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            await alice.cut()
-            sigterm()
+        await stop_with_alice_parked(config)
         first_snapshot = _stored_snapshots(config)[0]
         assert first_snapshot.epoch == 1
 
@@ -480,11 +462,7 @@ async def test_a_wall_clock_far_ahead_never_extends_resumption_beyond_resume_tim
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT + 400):  # virtual seconds
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            await alice.cut()
-            sigterm()
+        await stop_with_alice_parked(config)
         with SqliteHandoffStore(config.auth.database) as store:
             (data,) = store.take_all()
             snapshot = decode_snapshot(data)
@@ -492,7 +470,7 @@ async def test_a_wall_clock_far_ahead_never_extends_resumption_beyond_resume_tim
             store.put_many([(snapshot.smid, encode_snapshot(skewed))])
 
         async with trio.open_nursery() as second:
-            ctx, connect = await start(second, config)
+            ctx, _connect = await start(second, config)
             await trio.sleep(301)  # resume_timeout is 300
             assert ctx.router.session_for(JID.parse(ALICE)) is None
             sigterm()
@@ -528,14 +506,7 @@ async def test_a_start_that_cannot_listen_puts_the_sessions_back_for_the_next_at
 ) -> None:
     config = setup(tmp_path, cert_files)
     with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as first:
-            _ctx, connect = await start(first, config)
-            alice = await online(connect, "alice", "phone", sm=RESUMABLE)
-            bob = await online(connect, "bob", "desk")
-            await alice.cut()
-            await bob.send(message(ALICE, "kept-through-a-failed-start"))
-            await bob.sync()
-            sigterm()
+        alice = await stop_with_alice_parked(config, "kept-through-a-failed-start")
     # The old process still holds the port (an upgrade that started the new one early).
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -551,8 +522,7 @@ async def test_a_start_that_cannot_listen_puts_the_sessions_back_for_the_next_at
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as third:
             _ctx, connect = await start(third, config)
-            peer, answer = await resume(connect, "alice", alice.smid, alice.h)
-            assert answer.tag == (ns.SM, "resumed")
+            peer = await resumed(connect, alice)
             assert bodies(await peer.drain()) == ["kept-through-a-failed-start"]
             sigterm()
 
@@ -570,14 +540,8 @@ async def test_a_resumed_session_gets_system_shutdown_on_its_new_transport(
             await alice.raw.login("alice", PASSWORD, resource="phone", mechanism="PLAIN")
             assert (await alice.enable()).tag == (ns.SM, "enabled")
             await alice.cut()
-            peer = Peer(await connect(PLAIN))
-            await peer.raw.open()
-            assert (await peer.raw.auth("alice", PASSWORD, "PLAIN")).name == "success"
-            peer.raw.parser.reset()
-            await peer.raw.open()
-            await peer.send(f"<resume xmlns='{ns.SM}' previd='{alice.smid}' h='0'/>")
-            assert (await peer.receive()).tag == (ns.SM, "resumed")
-            peer.managed = True
+            peer, answer = await resume(connect, "alice", alice.smid, 0, memory=False)
+            assert answer.tag == (ns.SM, "resumed")
             await peer.sync()
             sigterm()
             # Not a bare close: the lending connection waits until the session is done.

@@ -186,9 +186,9 @@ async def online(
     return peer
 
 
-async def authenticated(connect: Connect, user: str) -> Peer:
-    """A stream past SASL and the restart, before bind."""
-    raw = await connect(PLAIN, memory=True)
+async def authenticated(connect: Connect, user: str, *, memory: bool = True) -> Peer:
+    """A stream past SASL and the restart, before bind (loopback TCP without `memory`)."""
+    raw = await connect(PLAIN, memory=memory)
     await raw.open()
     assert (await raw.auth(user, PASSWORD, "PLAIN")).name == "success"
     raw.parser.reset()
@@ -196,9 +196,11 @@ async def authenticated(connect: Connect, user: str) -> Peer:
     return Peer(raw)
 
 
-async def resume(connect: Connect, user: str, previd: str | None, h: int) -> tuple[Peer, Element]:
+async def resume(
+    connect: Connect, user: str, previd: str | None, h: int, *, memory: bool = True
+) -> tuple[Peer, Element]:
     """A new stream that sends `<resume previd h/>` after SASL; returns it and the answer."""
-    peer = await authenticated(connect, user)
+    peer = await authenticated(connect, user, memory=memory)
     await peer.send(f"<resume xmlns='{ns.SM}' previd='{previd}' h='{h}'/>")
     answer = await peer.receive()
     if answer.tag == (ns.SM, "resumed"):

@@ -9,6 +9,7 @@ anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import math
@@ -52,8 +53,20 @@ class GeneralConfig:
     """Seconds from connect until a resource is bound; else stream error connection-timeout."""
     max_auth_failures: int = 3
     """Failed SASL attempts per connection before it is closed with policy-violation."""
+    pre_auth_max_stanza_size: int = 8192
+    """Bytes one stanza may take before authentication (SASL and STARTTLS need little);
+    larger -> stream error policy-violation."""
+    stanza_timeout: float = 60.0
+    """Seconds one stanza may stay unfinished on the wire (a slow sender holding a half
+    stanza); longer -> stream error policy-violation."""
     send_queue_size: int = 1000
     """Stanzas queued for one slow client before it is closed with resource-constraint."""
+    send_queue_bytes: int = 10 * 1024 * 1024
+    """Bytes of memory queued for one slow client (estimated, `Element.size`) before it is
+    closed with resource-constraint."""
+    max_connections: int = 0
+    """Open client connections (all listeners) before new ones are refused; 0: the
+    descriptor limit less a reserve for files and stores."""
     shutdown_grace: float = 5.0
     """Seconds of draining after SIGINT/SIGTERM (new streams refused, /healthz 503)
     before open streams are closed with system-shutdown."""
@@ -85,11 +98,27 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LockoutConfig:
+    """`auth.lockout`: failed SASL attempts within `window` seconds that refuse further
+    attempts for `duration` seconds; 0 turns a rule off."""
+
+    ip_failures: int = 20
+    """Failures from one address (an IPv6 /64), any accounts: that address is refused."""
+    account_failures: int = 10
+    """Failures on one account, any addresses: addresses that failed on it are refused;
+    others (the account's owner) still log in."""
+    window: float = 600.0
+    duration: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     database: Path = Path("data/gateway.sqlite")
     """SQLite file holding accounts (SCRAM salted credentials only)."""
     scram_iterations: int = 4096
     """PBKDF2 iterations for new credentials (RFC 7677 asks for at least 4096)."""
+    lockout: LockoutConfig = field(default_factory=LockoutConfig)
+    """Temporary refusal of SASL after repeated failures (password guessing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +138,9 @@ class StreamManagementConfig:
     buffer: bool = True
     buffer_max: int | None = 100
     """Unacked stanzas kept per session; None is `infinity`."""
+    buffer_max_bytes: int = 10 * 1024 * 1024
+    """Bytes of memory (estimated, `Element.size`) the unacked stanzas of one session may
+    hold; more ends the session with resource-constraint, as `buffer_max` does."""
     ack: bool = True
     ack_freq: int = 1
     resume_timeout: float = 600.0
@@ -127,6 +159,8 @@ class StreamManagementConfig:
 @dataclass(frozen=True, slots=True)
 class OfflineConfig:
     max_per_user: int = 1000
+    max_bytes_per_user: int = 10 * 1024 * 1024
+    """Bytes of stored messages one account may hold; more -> service-unavailable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +347,19 @@ def _parse_general(r: _Reader) -> GeneralConfig:
         negotiation_timeout=r.seconds("negotiation_timeout", d.negotiation_timeout, 1, 3600),
         max_auth_failures=r.integer("max_auth_failures", d.max_auth_failures, 1, 100),
         send_queue_size=r.integer("send_queue_size", d.send_queue_size, 10, 1_000_000),
+        send_queue_bytes=r.integer("send_queue_bytes", d.send_queue_bytes, 65536, 2**40),
+        pre_auth_max_stanza_size=r.integer(
+            "pre_auth_max_stanza_size", d.pre_auth_max_stanza_size, 1024, 64 * 1024 * 1024
+        ),
+        stanza_timeout=r.seconds("stanza_timeout", d.stanza_timeout, 1, 3600),
+        max_connections=r.integer("max_connections", d.max_connections, 0, 10_000_000),
         shutdown_grace=r.seconds("shutdown_grace", d.shutdown_grace, 0, 600),
     )
     r.done()
+    if g.pre_auth_max_stanza_size > g.max_stanza_size:
+        if r.has("pre_auth_max_stanza_size"):
+            raise r.error("pre_auth_max_stanza_size", "must not be larger than max_stanza_size")
+        g = dataclasses.replace(g, pre_auth_max_stanza_size=g.max_stanza_size)
     return g
 
 
@@ -393,10 +437,23 @@ def _parse_sm(r: _Reader) -> StreamManagementConfig:
         ack_timeout=r.seconds("ack_timeout", d.ack_timeout, 0, 86400),
         max_parked_per_user=r.integer("max_parked_per_user", d.max_parked_per_user, 1, 1000),
         max_parked=r.integer("max_parked", d.max_parked, 1, 10_000_000),
+        buffer_max_bytes=r.integer("buffer_max_bytes", d.buffer_max_bytes, 65536, 2**40),
         handoff_on_shutdown=r.boolean("handoff_on_shutdown", d.handoff_on_shutdown),
     )
     r.done()
     return sm
+
+
+def _parse_lockout(r: _Reader) -> LockoutConfig:
+    d = LockoutConfig()
+    lockout = LockoutConfig(
+        ip_failures=r.integer("ip_failures", d.ip_failures, 0, 1_000_000),
+        account_failures=r.integer("account_failures", d.account_failures, 0, 1_000_000),
+        window=r.seconds("window", d.window, 1, 86400 * 7),
+        duration=r.seconds("duration", d.duration, 1, 86400 * 7),
+    )
+    r.done()
+    return lockout
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -488,13 +545,18 @@ def parse_config(
     auth = AuthConfig(
         database=database,
         scram_iterations=a.integer("scram_iterations", da.scram_iterations, 4096, 1_000_000),
+        lockout=_parse_lockout(a.section("lockout")),
     )
     a.done()
 
     m = root.section("modules")
     sm = _parse_sm(m.section("mod_stream_management"))
     o = m.section("mod_offline")
-    offline = OfflineConfig(max_per_user=o.integer("max_per_user", 1000, 0, 1_000_000))
+    do = OfflineConfig()
+    offline = OfflineConfig(
+        max_per_user=o.integer("max_per_user", do.max_per_user, 0, 1_000_000),
+        max_bytes_per_user=o.integer("max_bytes_per_user", do.max_bytes_per_user, 65536, 2**40),
+    )
     o.done()
     m.done()
 
@@ -525,6 +587,7 @@ __all__ = [
     "GatewayConfig",
     "GeneralConfig",
     "ListenerConfig",
+    "LockoutConfig",
     "LogFormat",
     "LoggingConfig",
     "StreamManagementConfig",

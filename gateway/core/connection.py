@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import random
 import secrets
 import ssl
 import time
@@ -50,6 +51,7 @@ import structlog
 import trio
 
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode
+from gateway.core.auth_limits import AuthThrottle
 from gateway.core.ending import end_session, record_stale_h
 from gateway.core.handoff import Handoff
 from gateway.core.presence import handle_presence
@@ -64,6 +66,7 @@ from gateway.errors import (
     StreamErrorCondition,
 )
 from gateway.logsetup import bind_connection, bind_jid
+from gateway.net.limits import ConnectionGate
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
 from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleHTable
@@ -71,9 +74,11 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import (
+    Action,
     Authenticated,
     BindRequested,
     C2SNegotiation,
+    CheckPassword,
     LookupCredentials,
     NegotiationSettings,
     Output,
@@ -102,9 +107,13 @@ log = structlog.get_logger(module=__name__)
 
 CLOSE_GRACE = 2.0  # seconds to write the closing bytes to a live transport
 TLS_HANDSHAKE_TIMEOUT = 15.0
+NEGOTIATION_JITTER = 0.2  # part of negotiation_timeout added at random to each deadline
+CLOSE_CONCURRENCY = 32  # unbound connections closing at once (see serve_wire)
 FLUSH_CHUNK = 100  # offline messages popped per step of a flush
+FLUSH_MEMORY_FACTOR = 4  # memory per stored byte assumed when pacing a flush
 
 CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]
+PasswordCheck = Callable[[CheckPassword], Awaitable[bool]]
 
 
 @dataclass(eq=False)
@@ -114,6 +123,7 @@ class ServerContext:
     config: GatewayConfig
     router: Router
     lookup_credentials: CredentialLookup
+    check_password: PasswordCheck
     ssl_context: ssl.SSLContext | None
     resume: ResumeRegistry
     sm_sessions: SmSessionTable
@@ -131,6 +141,14 @@ class ServerContext:
     # The hand-off store as the core uses it (gateway.core.handoff); None: sessions end
     # at shutdown and nothing is taken back at start.
     handoff: Handoff | None = None
+    # Temporary SASL refusal after repeated failures (auth.lockout); None: off.
+    lockout: AuthThrottle | None = None
+    # Counts the open client connections of every listener (general.max_connections).
+    gate: ConnectionGate = field(default_factory=ConnectionGate)
+    # Unbound connections closing at once (see serve_wire).
+    closing: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(CLOSE_CONCURRENCY)
+    )
 
 
 class Outcome(enum.Enum):
@@ -190,12 +208,19 @@ class Connection:
         self.claiming: Handover | None = None  # offered, waiting for the session's answer
         self.writer_lost = False
         self.in_flight: list[Element] = []
+        # The writer's write in progress, and whether one was cut off mid-way (see _writer).
+        self.write_scope: trio.CancelScope | None = None
+        self.write_cut = False
         self.request_sent_at: float | None = None
         self.flushing = False
         # Set when the writer wrote or the client acked: room for more offline messages.
         self.room_changed = trio.Event()
         self.protocol_error: RemoteProtocolError | None = None
         self.stanzas_in = 0
+        self.restarted = False  # the last negotiation event restarted the stream
+        self.auth_refused = False  # the last SASL failure was the lockout's refusal
+        # The unfinished stanza being timed: (wire, its offset, since when), see _read_events.
+        self.unfinished: tuple[Wire, int, float] | None = None
         self.started = time.monotonic()
         # While parked: when resumption ends (trio clock). Set before parking to override
         # the granted max (a session taken back from a hand-off keeps its deadline).
@@ -279,7 +304,7 @@ class Connection:
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
             ):
                 try:
-                    if final:
+                    if final and not self.write_cut:
                         await self.wire.write(final)
                 finally:
                     await self.wire.aclose()
@@ -295,46 +320,88 @@ class Connection:
         """Run the negotiation until a resource is bound or a session resumed."""
         neg = self.negotiation
         while not neg.is_established:
-            events = await self.wire.read_events()
-            for index, event in enumerate(events):
+            events = await self._read_events()
+            for index in range(len(events)):
                 failures = neg.auth_failures
-                actions = neg.receive(event)
-                await self._flush()
-                restart = False
-                for action in actions:
-                    if isinstance(action, StartTls):
-                        assert self.ctx.ssl_context is not None
-                        self._check_restart_point(events, index)
-                        with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                            await self.wire.start_tls(self.ctx.ssl_context)
-                        self.wire.restart()
-                        neg.tls_established()
-                        restart = True
-                    elif isinstance(action, LookupCredentials):
-                        creds = await self.ctx.lookup_credentials(action)
-                        actions_after = neg.provide_credentials(creds)
-                        await self._flush()
-                        if any(isinstance(a, Authenticated) for a in actions_after):
-                            self._check_restart_point(events, index)
-                        restart = self._after_auth(actions_after)
-                    elif isinstance(action, Authenticated):
-                        self._check_restart_point(events, index)
-                        restart = self._after_auth([action])
-                    elif isinstance(action, BindRequested):
-                        await self._bind(action)
-                        # Stanzas pipelined after the bind request are the session's.
-                        self.pending = events[index + 1 :]
-                        return Negotiated.BOUND
-                    elif isinstance(action, ResumeRequested):
-                        if await self._resume(action.element, events[index + 1 :]):
-                            return Negotiated.RESUMED
-                    elif isinstance(action, StreamEnded):
-                        return Negotiated.CLIENT_CLOSED
-                if neg.auth_failures > failures:
-                    log.info("auth_failed", failures=neg.auth_failures)
-                if restart:
+                try:
+                    result = await self._negotiate_event(events, index)
+                finally:
+                    # Also when the failure ended the stream (max_auth_failures).
+                    if neg.auth_failures > failures:
+                        self._auth_failed()
+                if result is not None:
+                    return result
+                if self.restarted:
                     break  # the parser was reset: a new stream starts
         return Negotiated.BOUND
+
+    async def _negotiate_event(self, events: list[Event], index: int) -> Negotiated | None:
+        """Handle `events[index]`; a result when negotiation is over. Sets `restarted`
+        when the stream restarts (the rest of `events` is then not the new stream's)."""
+        neg = self.negotiation
+        self.restarted = False
+        actions = neg.receive(events[index])
+        await self._flush()
+        restart = False
+        for action in actions:
+            if isinstance(action, StartTls):
+                assert self.ctx.ssl_context is not None
+                self._check_restart_point(events, index)
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await self.wire.start_tls(self.ctx.ssl_context)
+                self.wire.restart()
+                self.unfinished = None
+                neg.tls_established()
+                restart = True
+            elif isinstance(action, LookupCredentials | CheckPassword):
+                actions_after = await self._check_credentials(action)
+                await self._flush()
+                if any(isinstance(a, Authenticated) for a in actions_after):
+                    self._check_restart_point(events, index)
+                restart = self._after_auth(actions_after)
+            elif isinstance(action, Authenticated):
+                self._check_restart_point(events, index)
+                restart = self._after_auth([action])
+            elif isinstance(action, BindRequested):
+                await self._bind(action)
+                # Stanzas pipelined after the bind request are the session's.
+                self.pending = events[index + 1 :]
+                return Negotiated.BOUND
+            elif isinstance(action, ResumeRequested):
+                if await self._resume(action.element, events[index + 1 :]):
+                    return Negotiated.RESUMED
+            elif isinstance(action, StreamEnded):
+                return Negotiated.CLIENT_CLOSED
+        self.restarted = restart
+        return None
+
+    async def _check_credentials(self, action: LookupCredentials | CheckPassword) -> list[Action]:
+        """Check SASL credentials, unless the address is locked out for this account."""
+        neg = self.negotiation
+        lockout = self.ctx.lockout
+        if lockout is not None:
+            account = f"{action.username}@{action.host}"
+            wait = lockout.refusal(self.wire.peer.ip, account, trio.current_time())
+            if wait is not None:
+                self.auth_refused = True
+                log.info("auth_locked_out", retry_after=math.ceil(wait))
+                return neg.refuse_credentials(
+                    f"too many failed attempts; try again in {math.ceil(wait)} seconds"
+                )
+        if isinstance(action, CheckPassword):
+            return neg.password_checked(await self.ctx.check_password(action))
+        return neg.provide_credentials(await self.ctx.lookup_credentials(action))
+
+    def _auth_failed(self) -> None:
+        """A SASL attempt failed: log it and count it for the lockout (a refusal by the
+        lockout itself is not counted again)."""
+        neg = self.negotiation
+        log.info("auth_failed", failures=neg.auth_failures)
+        refused, self.auth_refused = self.auth_refused, False
+        username = neg.failed_username
+        if refused or username is None or neg.host is None or self.ctx.lockout is None:
+            return
+        self.ctx.lockout.failed(self.wire.peer.ip, f"{username}@{neg.host}", trio.current_time())
 
     def _check_restart_point(self, events: list[Event], index: int) -> None:
         """RFC 6120 5.4.3.3 / 6.4.6: nothing may follow <starttls/> or a successful SASL
@@ -347,7 +414,13 @@ class Connection:
     def _after_auth(self, actions: Sequence[object]) -> bool:
         for action in actions:
             if isinstance(action, Authenticated):
+                if self.ctx.lockout is not None:
+                    self.ctx.lockout.succeeded(
+                        self.wire.peer.ip, str(action.jid), trio.current_time()
+                    )
+                self.wire.set_max_stanza_size(self.ctx.config.general.max_stanza_size)
                 self.wire.restart()
+                self.unfinished = None
                 bind_jid(str(action.jid))
                 log.info("authenticated", mechanism=self.negotiation.mechanism)
                 return True
@@ -360,6 +433,8 @@ class Connection:
             self.ctx.config.general.send_queue_size
         )
         session.outgoing = send_channel
+        session.queued_bytes = 0
+        session.max_queued_bytes = self.ctx.config.general.send_queue_bytes
         self.outgoing_receive = receive_channel
 
     async def _bind(self, action: BindRequested) -> None:
@@ -443,6 +518,7 @@ class Connection:
         session = self.session
         assert session is not None
         self.writer_lost = False
+        self.write_cut = False
         self.protocol_error = None
         self.handover_in = None
         outcome = Outcome.CLOSE_REQUESTED
@@ -466,6 +542,8 @@ class Connection:
                     outcome = Outcome.TRANSPORT_LOST
                 except OSError:
                     outcome = Outcome.TRANSPORT_LOST
+                finally:
+                    self._bound_write()
                 nursery.cancel_scope.cancel()
         self.serve_nursery = None
         if self._received_handover() is not None:
@@ -507,7 +585,26 @@ class Connection:
                     raise RemoteProtocolError(
                         StreamErrorCondition.NOT_WELL_FORMED, "stream header inside the stream"
                     )
-            events = await self.wire.read_events()
+            events = await self._read_events()
+
+    async def _read_events(self) -> list[Event]:
+        """The next parser events from the wire. A stanza that stays unfinished for
+        `general.stanza_timeout` (a peer holding memory with a half stanza) is a
+        `policy-violation`, before and after authentication."""
+        wire = self.wire
+        offset = wire.unfinished_at
+        if offset is None:
+            self.unfinished = None
+            return await wire.read_events()
+        since = trio.current_time()
+        if self.unfinished is not None and self.unfinished[:2] == (wire, offset):
+            since = self.unfinished[2]
+        self.unfinished = (wire, offset, since)
+        with trio.move_on_at(since + self.ctx.config.general.stanza_timeout):
+            return await wire.read_events()
+        raise RemoteProtocolError(
+            StreamErrorCondition.POLICY_VIOLATION, "a stanza stayed unfinished too long"
+        )
 
     async def _writer(self) -> None:
         receive = self.outgoing_receive
@@ -525,8 +622,19 @@ class Connection:
                 # if the session ends meanwhile, so nothing vanishes mid-write.
                 self.in_flight = batch
                 requested = any(e is ACK_REQUEST for e in batch)
-                await self.wire.write(batch)
+                # A write is not cut short when serving ends (half a stanza would make the
+                # stream error that follows unreadable); _bound_write gives it a deadline.
+                with trio.CancelScope(shield=True) as write_scope:
+                    self.write_scope = write_scope
+                    await self.wire.write(batch)
+                self.write_scope = None
+                if write_scope.cancelled_caught:
+                    # The grace ran out mid-write: nothing more may go on this stream.
+                    self.write_cut = True
+                    return
                 self.in_flight = []
+                if self.session is not None:
+                    self.session.queued_bytes -= sum(e.size for e in batch)
                 self.room_changed.set()
                 scope = self.ack_scope
                 if requested and ack_timeout and scope is not None and scope.deadline == math.inf:
@@ -536,6 +644,12 @@ class Connection:
             if self.session is not None and self.session.cancel_scope is not None:
                 self.session.cancel_scope.cancel()
 
+    def _bound_write(self) -> None:
+        """Serving ends: a write in progress may finish within CLOSE_GRACE, no longer."""
+        scope = self.write_scope
+        if scope is not None and scope.deadline == math.inf:
+            scope.deadline = trio.current_time() + CLOSE_GRACE
+
     def _start_flush(self) -> None:
         """Start the offline flush on the serving nursery (one at a time per session)."""
         if self.flushing or self.serve_nursery is None or self.ctx.router.offline is None:
@@ -543,18 +657,23 @@ class Connection:
         self.flushing = True
         self.serve_nursery.start_soon(self._flush_offline)
 
-    def _flush_room(self) -> int:
-        """How many offline messages fit now without overflowing the queue or SM buffer."""
+    def _flush_room(self) -> tuple[int, int]:
+        """How many offline messages, and how many stored bytes of them, fit now without
+        overflowing the queue or the SM buffer (a quarter of each is left to live traffic)."""
         session = self.session
         if session is None or session.outgoing is None:
-            return 0
+            return 0, 0
         stats = session.outgoing.statistics()
         room = int(stats.max_buffer_size) - stats.current_buffer_used - 1
+        room_bytes = session.max_queued_bytes * 3 // 4 - session.queued_bytes
         sm = session.sm
-        if sm is not None and sm.buffering and sm.buffer_max is not None:
-            # Leave a quarter of the buffer to live traffic.
-            room = min(room, sm.buffer_max - sm.buffer_size - sm.buffer_max // 4)
-        return min(room, FLUSH_CHUNK)
+        if sm is not None and sm.buffering:
+            if sm.buffer_max is not None:
+                room = min(room, sm.buffer_max - sm.buffer_size - sm.buffer_max // 4)
+            if sm.buffer_max_bytes is not None:
+                room_bytes = min(room_bytes, sm.buffer_max_bytes * 3 // 4 - sm.buffer_bytes)
+        # Stored bytes are wire bytes; in memory a message takes a few times more.
+        return min(room, FLUSH_CHUNK), room_bytes // FLUSH_MEMORY_FACTOR
 
     async def _flush_offline(self) -> None:
         """XEP-0160 flush paced by the client: only what fits, more as it acks/reads."""
@@ -563,16 +682,21 @@ class Connection:
         assert session is not None and offline is not None
         try:
             while session.flush_pending:
-                room = self._flush_room()
-                if room <= 0:
+                room, room_bytes = self._flush_room()
+                if room <= 0 or room_bytes <= 0:
                     self.room_changed = trio.Event()
                     await self.room_changed.wait()
                     continue
-                _sent, more = await offline.flush(session, room)
+                # Made before the flush: the writer may make room while it runs.
+                room_changed = self.room_changed = trio.Event()
+                sent, more = await offline.flush(session, room, room_bytes)
                 if not more and session.close_request is None:
                     # (A closing session refused some: they went back to the store, and
                     # a hand-off must still flush them after the resume.)
                     session.flush_pending = False
+                elif more and not sent:
+                    # The next message does not fit yet: wait for the client to read.
+                    await room_changed.wait()
         finally:
             self.flushing = False
 
@@ -697,7 +821,11 @@ class Connection:
             session.send_nonza(failed(exc.condition))
             return
         sm = self.ctx.new_sm_state(
-            buffer_max=cfg.buffer_max, ack_freq=cfg.ack_freq, ack=cfg.ack, buffering=cfg.buffer
+            buffer_max=cfg.buffer_max,
+            buffer_max_bytes=cfg.buffer_max_bytes,
+            ack_freq=cfg.ack_freq,
+            ack=cfg.ack,
+            buffering=cfg.buffer,
         )
         assert session.full_jid is not None
         # <enabled/> is queued before any counted stanza: both happen in this one step.
@@ -956,7 +1084,8 @@ async def serve_connection(
 ) -> None:
     """Serve one accepted TCP connection (plain, STARTTLS, direct TLS, PROXY-unwrapped)."""
     cfg = ctx.config.general
-    parser = StreamParser(max_stanza_size=cfg.max_stanza_size, max_depth=cfg.max_depth)
+    # Until SASL succeeds only the small pre-authentication limit applies (_after_auth).
+    parser = StreamParser(max_stanza_size=cfg.pre_auth_max_stanza_size, max_depth=cfg.max_depth)
     await serve_wire(ctx, StreamWire(transport, parser), tls=listener.tls, port=listener.port)
 
 
@@ -979,7 +1108,11 @@ async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int)
                 with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
                     await wire.start_tls(ctx.direct_tls_context)
                 neg.secure = True
-            deadline = trio.current_time() + ctx.config.general.negotiation_timeout
+            # Spread over a fifth of the timeout: connections opened in a burst (a flood)
+            # do not all time out in the same instant.
+            timeout = ctx.config.general.negotiation_timeout
+            jitter = NEGOTIATION_JITTER * random.random()  # noqa: S311 - not a secret
+            deadline = trio.current_time() + timeout * (1 + jitter)
             result = Negotiated.CLIENT_CLOSED
             with trio.CancelScope(deadline=deadline) as negotiation_scope:
                 result = await conn.negotiate()
@@ -1025,4 +1158,12 @@ async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int)
         neg.queue_stream_error(StreamErrorCondition.INTERNAL_SERVER_ERROR)
         final = neg.take_output()
     finally:
-        await conn.finish(final, reason)
+        if conn.session is None and not conn.is_lending:
+            # Connections that never bound a resource end in crowds (thousands reaching
+            # negotiation_timeout together): a few at a time, so that every other client
+            # keeps getting its turns meanwhile. Shielded: waiting here is no way out.
+            with trio.CancelScope(shield=True):
+                async with ctx.closing:
+                    await conn.finish(final, reason)
+        else:
+            await conn.finish(final, reason)

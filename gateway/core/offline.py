@@ -83,11 +83,17 @@ class OfflineService:
     """Stores messages for accounts without an available resource and flushes them."""
 
     def __init__(
-        self, store: SqliteOfflineStore, run_blocking: RunBlocking, *, max_per_user: int
+        self,
+        store: SqliteOfflineStore,
+        run_blocking: RunBlocking,
+        *,
+        max_per_user: int,
+        max_bytes_per_user: int | None = None,
     ) -> None:
         self.store = store
         self.run_blocking = run_blocking
         self.max_per_user = max_per_user
+        self.max_bytes_per_user = max_bytes_per_user
         self.locks = _UserLocks()
         self.stored = 0
         self.flushed = 0
@@ -123,7 +129,8 @@ class OfflineService:
                 log.exception("offline_store_failed", to=str(to))
                 stored = False
             if not stored:
-                # The per-user cap (mod_offline.max_per_user): the sender learns it.
+                # The per-user caps (mod_offline.max_per_user, max_bytes_per_user): the
+                # sender learns it.
                 await bounce(
                     stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="offline storage is full"
                 )
@@ -132,11 +139,20 @@ class OfflineService:
 
     def _store(self, to: JID, data: bytes, stamp: str) -> bool:
         return self.store.store(
-            to.domain, to.local or "", data, stamp, max_per_user=self.max_per_user
+            to.domain,
+            to.local or "",
+            data,
+            stamp,
+            max_per_user=self.max_per_user,
+            max_bytes_per_user=self.max_bytes_per_user,
         )
 
-    async def flush(self, session: Session, limit: int) -> tuple[int, bool]:
-        """Send up to `limit` stored messages to `session` (available now), oldest first.
+    async def flush(
+        self, session: Session, limit: int, max_bytes: int | None = None
+    ) -> tuple[int, bool]:
+        """Send up to `limit` stored messages (and `max_bytes` stored bytes, at least one
+        message) to `session` (available now), oldest first; a message that does not fit
+        the session's byte bounds stays for the next step.
 
         Returns (messages sent, whether the store may hold more). Popping, sending and
         putting back what the session refused are one shielded unit: a session closing
@@ -148,7 +164,11 @@ class OfflineService:
             with trio.CancelScope(shield=True):
                 rows = await self.run_blocking(
                     functools.partial(
-                        self.store.pop_all, bare.domain, bare.local or "", limit=limit
+                        self.store.pop_all,
+                        bare.domain,
+                        bare.local or "",
+                        limit=limit,
+                        max_bytes=max_bytes,
                     )
                 )
                 unsent: list[tuple[bytes, str]] = []
@@ -160,24 +180,19 @@ class OfflineService:
                         continue
                     if message.namespace != ns.CLIENT:
                         continue
-                    if not session.send(message):
+                    if not session.has_room_for(message) or not session.send(message):
                         unsent = rows[index:]
                         break
                     sent += 1
-                for data, stamp in unsent:
-                    # The session is closing: back into the store (the cap already counted
-                    # them), never dropped.
+                if unsent:
+                    # The session is closing, or full for now: back into the store ahead
+                    # of the rest (the caps already counted them), never dropped.
                     await self.run_blocking(
                         functools.partial(
-                            self.store.store,
-                            bare.domain,
-                            bare.local or "",
-                            data,
-                            stamp,
-                            max_per_user=self.max_per_user + len(rows),
+                            self.store.put_back, bare.domain, bare.local or "", unsent
                         )
                     )
         self.flushed += sent
         if sent:
             log.info("offline_flushed", count=sent)
-        return sent, len(rows) == limit and not unsent
+        return sent, bool(rows)

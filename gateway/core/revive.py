@@ -72,6 +72,7 @@ async def serve_revived(
             counter_out=snapshot.counter_out,
             buffer=snapshot.buffer,
             buffer_max=cfg.buffer_max,
+            buffer_max_bytes=cfg.buffer_max_bytes,
             ack_freq=cfg.ack_freq,
             ack=cfg.ack,
         )

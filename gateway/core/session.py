@@ -61,6 +61,9 @@ class Session:
             unavailable presence when it goes away (RFC 6121 section 4.6.3).
         sm: the XEP-0198 state (`SMState`), once the client enabled stream management.
         outgoing: the channel to the writer of the current transport; None while parked.
+        queued_bytes: memory (`Element.size`) of what `outgoing` holds; the writer takes
+            it off as it writes.
+        max_queued_bytes: the bound on `queued_bytes` (`general.send_queue_bytes`).
     """
 
     conn_id: str
@@ -81,6 +84,8 @@ class Session:
     close_request: CloseRequest | None = None
     cancel_scope: trio.CancelScope | None = None
     stanzas_out: int = 0
+    queued_bytes: int = 0
+    max_queued_bytes: int = 10 * 1024 * 1024
     # Offline messages wait to be flushed (paced by the owner task, see connection.py).
     flush_pending: bool = False
     on_flush_request: Callable[[], None] | None = None
@@ -116,16 +121,48 @@ class Session:
             return False
         if sm is not None:
             return self._send_managed(sm, stanza)
-        if self.outgoing is None:
-            return False
-        try:
-            self.outgoing.send_nowait(stanza)
-        except trio.WouldBlock:
-            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        if not self._queue(stanza):
             return False
         self.stanzas_out += 1
+        return True
+
+    def has_room_for(self, stanza: Element) -> bool:
+        """Whether `stanza` fits the byte bounds of the SM buffer and the outgoing queue
+        (the offline flush asks before it sends, so it never overflows a session)."""
+        size = stanza.size
+        sm = self.sm
+        limit = sm.buffer_max_bytes if sm is not None and sm.buffering else None
+        if sm is not None and limit is not None and sm.buffer and sm.buffer_bytes + size > limit:
+            return False
+        queued = self.queued_bytes
+        return not queued or queued + size <= self.max_queued_bytes
+
+    def _queue(self, element: Element) -> bool:
+        """Put `element` on the writer's channel without blocking.
+
+        A full channel, in stanzas or in bytes (one element alone always fits), means the
+        client does not read: the session is closed with `resource-constraint`.
+
+        Returns:
+            True when queued; False when full (closing) or there is no transport.
+        """
+        outgoing = self.outgoing
+        if outgoing is None:
+            return False
+        size = element.size
+        queued = self.queued_bytes
+        full = bool(queued) and queued + size > self.max_queued_bytes
+        if not full:
+            try:
+                outgoing.send_nowait(element)
+            except trio.WouldBlock:
+                full = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        if full:
+            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
+            return False
+        self.queued_bytes = queued + size
         return True
 
     def _send_managed(self, sm: SMState, stanza: Element) -> bool:
@@ -135,28 +172,15 @@ class Session:
             self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "too many unacknowledged stanzas")
             return True  # kept in the buffer: rerouted when the session ends
         self.stanzas_out += 1
-        if self.outgoing is None:
-            return True  # parked: buffered until a resume or the end
-        try:
-            self.outgoing.send_nowait(stanza)
-            if request:
-                self.outgoing.send_nowait(ACK_REQUEST)
-        except trio.WouldBlock:
-            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the transport is going away; the buffer keeps the stanza
+        # Parked (no transport) or a transport going away: the buffer keeps the stanza
+        # until a resume or the end.
+        if self._queue(stanza) and request:
+            self._queue(ACK_REQUEST)
         return True
 
     def send_nonza(self, element: Element) -> None:
         """Queue a nonza (SM answers); never counted nor buffered."""
-        if self.outgoing is None:
-            return
-        try:
-            self.outgoing.send_nowait(element)
-        except trio.WouldBlock:
-            self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "the client is not reading")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        self._queue(element)
 
     def request_flush(self) -> None:
         """Ask the owner to send this account's offline messages (after initial presence)."""

@@ -139,6 +139,13 @@ async def serve_websocket(
     )
 
     async def handle(stream: trio.SocketStream) -> None:
+        with ctx.gate.admit() as admitted:
+            if admitted:
+                await handle_admitted(stream)
+            else:
+                await trio.aclose_forcefully(stream)
+
+    async def handle_admitted(stream: trio.SocketStream) -> None:
         tcp_peer = peer_of(stream)
         if tcp_peer is None:
             await trio.aclose_forcefully(stream)
@@ -199,8 +206,12 @@ async def _serve_upgrade(
             max_message_size=general.max_stanza_size + 1024,
         )
         if SUBPROTOCOL not in request.proposed_subprotocols:
-            # RFC 7395 section 3.1: the xmpp subprotocol is required.
-            await request.reject(400, body=b"the xmpp WebSocket subprotocol is required\n")
+            # RFC 7395 section 3.1: the xmpp subprotocol is required. The library's reader
+            # task would wait for the client to leave: end it, and with it the socket.
+            log.info("websocket_rejected", reason="no xmpp subprotocol")
+            with trio.move_on_after(REQUEST_HEAD_TIMEOUT):
+                await request.reject(400, body=b"the xmpp WebSocket subprotocol is required\n")
+            ws_nursery.cancel_scope.cancel()
             return
         ws = await request.accept(subprotocol=SUBPROTOCOL)
         if listener.ping_interval:
@@ -208,8 +219,9 @@ async def _serve_upgrade(
         peer = client_address(
             tcp_peer, headers, ctx.config.trusted_proxies, ctx.config.forwarded_header
         )
+        # Until SASL succeeds only the small pre-authentication limit applies.
         framing = WebSocketFraming(
-            max_stanza_size=general.max_stanza_size, max_depth=general.max_depth
+            max_stanza_size=general.pre_auth_max_stanza_size, max_depth=general.max_depth
         )
         await serve_wire(ctx, MessageWire(ws, peer, framing), tls=listener.tls, port=listener.port)
         ws_nursery.cancel_scope.cancel()

@@ -55,6 +55,16 @@ class Wire(Protocol):
     @property
     def has_partial_data(self) -> bool: ...
 
+    @property
+    def unfinished_at(self) -> int | None:
+        """Where the stanza still being received starts (an offset; the same on two reads
+        means the same stanza), or None between stanzas."""
+        ...
+
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        """The size limit for stanzas from now on (small before authentication)."""
+        ...
+
     async def start_tls(self, context: ssl.SSLContext) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -96,11 +106,22 @@ class StreamWire:
     def has_partial_data(self) -> bool:
         return self.parser.has_partial_data
 
+    @property
+    def unfinished_at(self) -> int | None:
+        return self.parser.unfinished_at
+
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        self.parser.set_max_stanza_size(max_stanza_size)
+
     async def start_tls(self, context: ssl.SSLContext) -> None:
         await self.transport.start_tls(context)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        try:
+            await self.transport.aclose()
+        finally:
+            # Frees a half-received stanza now, not at the next cyclic collection.
+            self.parser.close()
 
 
 class MessageWire:
@@ -150,11 +171,21 @@ class MessageWire:
     def has_partial_data(self) -> bool:
         return False
 
+    @property
+    def unfinished_at(self) -> int | None:
+        return None  # a message is parsed whole
+
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        self.framing.set_max_stanza_size(max_stanza_size)
+
     async def start_tls(self, context: ssl.SSLContext) -> None:
         raise LocalProtocolError("STARTTLS is never offered over WebSocket")
 
     async def aclose(self) -> None:
-        await self.ws.aclose()
+        try:
+            await self.ws.aclose()
+        finally:
+            self.framing.close()
 
 
 class DetachedWire:
@@ -182,6 +213,13 @@ class DetachedWire:
     @property
     def has_partial_data(self) -> bool:
         return False
+
+    @property
+    def unfinished_at(self) -> int | None:
+        return None
+
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        """Nothing is received."""
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         raise LocalProtocolError("a detached wire has no transport to secure")

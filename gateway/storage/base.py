@@ -63,10 +63,18 @@ class OfflineStore(Protocol):
     """
 
     def store(
-        self, host: str, username: str, stanza: bytes, stamp: str, *, max_per_user: int
+        self,
+        host: str,
+        username: str,
+        stanza: bytes,
+        stamp: str,
+        *,
+        max_per_user: int,
+        max_bytes_per_user: int | None = None,
     ) -> bool:
         """Append one message; False (nothing written) when the account already holds
-        `max_per_user` messages. The check and the write are one atomic step.
+        `max_per_user` messages, or the message would take its stored bytes past
+        `max_bytes_per_user`. The check and the write are one atomic step.
 
         Raises:
             StorageError: the backend failed.
@@ -74,15 +82,25 @@ class OfflineStore(Protocol):
         ...
 
     def pop_all(
-        self, host: str, username: str, *, limit: int | None = None
+        self, host: str, username: str, *, limit: int | None = None, max_bytes: int | None = None
     ) -> list[tuple[bytes, str]]:
-        """Remove and return `(stanza, stamp)` pairs, oldest first (at most `limit`).
+        """Remove and return `(stanza, stamp)` pairs, oldest first (at most `limit`, and
+        at most `max_bytes` of stanzas, but always the oldest one when there is one).
 
         What is returned is removed in the same atomic step, so two concurrent callers never
         both get one message.
 
         Raises:
             StorageError: the backend failed.
+        """
+        ...
+
+    def put_back(self, host: str, username: str, rows: Sequence[tuple[bytes, str]]) -> None:
+        """Return popped `(stanza, stamp)` pairs to the store, in order, ahead of the
+        account's other messages (a flush that could not send them); no cap applies.
+
+        Raises:
+            StorageError: the backend failed (nothing is written).
         """
         ...
 

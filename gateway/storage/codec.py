@@ -21,6 +21,9 @@ _HEADER: Final = b"<stream:stream xmlns:stream='" + ns.STREAM.encode() + b"'>"
 #: every stanza the gateway accepted (and then stored) decodes.
 _MAX_DEPTH: Final = 256
 
+#: Size limit for decoding, as a multiple of the stored bytes (see `decode_stanza`).
+_DECODE_SIZE_FACTOR: Final = 64
+
 
 def encode_stanza(element: Element) -> bytes:
     """Serialize a stanza for storage, every namespace declared on the element itself.
@@ -50,7 +53,11 @@ def decode_stanza(data: bytes) -> Element:
     Raises:
         StorageError: `data` is not exactly one well-formed element (a damaged row).
     """
-    parser = StreamParser(max_stanza_size=len(_HEADER) + len(data) + 1, max_depth=_MAX_DEPTH)
+    # The size limit only has to let `data` through; it is generous because the parser's
+    # memory budget follows it, and a stored stanza of many tiny elements (accepted under
+    # the configured limits) takes far more memory than bytes.
+    limit = _DECODE_SIZE_FACTOR * (len(_HEADER) + len(data) + 1)
+    parser = StreamParser(max_stanza_size=limit, max_depth=_MAX_DEPTH)
     try:
         # The footer is fed on its own: data that closes the wrapper itself
         # ("<a/></stream:stream><b/>") must not have its tail silently ignored.
@@ -62,6 +69,8 @@ def decode_stanza(data: bytes) -> Element:
         events += parser.feed(STREAM_FOOTER)
     except RemoteProtocolError as exc:
         raise StorageError(f"stored offline stanza is damaged: {exc}") from exc
+    finally:
+        parser.close()
     if (
         len(events) != 3
         or not isinstance(events[1], ElementReceived)

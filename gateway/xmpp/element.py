@@ -8,6 +8,13 @@ notation `{ns}local` for namespaced ones (`xml:lang` is `{XML}lang`, see `XML_LA
 Elements are never mutated after construction: routing code that needs another `to` or
 `from` makes a shallow copy with `replace_attrs`, which shares the children. This keeps
 "one parse per stanza" cheap and lets one element be delivered to several sessions.
+
+Memory accounting (STYLE P3). `Element.size` estimates the bytes an element and its
+subtree hold in this process (CPython objects, not wire bytes: an empty `<a/>` is 4 bytes
+on the wire and about 200 in memory). Queues and buffers that hold elements are bounded
+with it, and the parser applies the same costs to a stanza it is still building, so one
+figure means the same thing everywhere. The costs were measured with tracemalloc on
+CPython 3.11 (64-bit) and round up.
 """
 
 from __future__ import annotations
@@ -18,6 +25,19 @@ from typing import Final
 from gateway.xmpp import namespaces as ns
 
 XML_LANG: Final = "{" + ns.XML + "}lang"
+
+#: Bytes one element holds besides its attributes and children: the object, its attribute
+#: dict and child tuple, its name and namespace strings.
+ELEMENT_COST: Final = 200
+#: Bytes one attribute holds besides its name and value characters (two strings, a slot).
+ATTRIBUTE_COST: Final = 100
+#: Bytes one text child holds besides its characters (a string object and a slot).
+TEXT_COST: Final = 56
+
+
+def attributes_cost(attrs: Mapping[str, str]) -> int:
+    """The estimated bytes held by `attrs` (see the module docstring)."""
+    return sum(ATTRIBUTE_COST + len(key) + len(value) for key, value in attrs.items())
 
 
 class Element:
@@ -30,8 +50,9 @@ class Element:
         children: child elements and text nodes, in order.
     """
 
-    __slots__ = ("attrs", "children", "name", "namespace")
+    __slots__ = ("_size", "attrs", "children", "name", "namespace")
 
+    _size: int
     namespace: str
     name: str
     attrs: Mapping[str, str]
@@ -48,6 +69,7 @@ class Element:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "attrs", dict(attrs) if attrs else {})
         object.__setattr__(self, "children", tuple(children))
+        object.__setattr__(self, "_size", -1)
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError("Element is immutable")
@@ -56,6 +78,18 @@ class Element:
     def tag(self) -> tuple[str, str]:
         """`(namespace, local name)`."""
         return (self.namespace, self.name)
+
+    @property
+    def size(self) -> int:
+        """The estimated bytes this element and its subtree hold in memory (see the module
+        docstring); computed once, children shared with copies keep theirs."""
+        size: int = self._size
+        if size < 0:
+            size = ELEMENT_COST + attributes_cost(self.attrs)
+            for child in self.children:
+                size += child.size if isinstance(child, Element) else TEXT_COST + len(child)
+            object.__setattr__(self, "_size", size)
+        return size
 
     @property
     def text(self) -> str:

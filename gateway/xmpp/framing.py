@@ -193,6 +193,21 @@ class WebSocketFraming:
         self._is_closed = False
         self._error: RemoteProtocolError | None = None
 
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        """Change the message size limit (small before authentication, full after).
+
+        Raises:
+            ValueError: the limit is too small.
+        """
+        if max_stanza_size < len(_CONTEXT):
+            raise ValueError(f"max_stanza_size must be at least {len(_CONTEXT)}")
+        self._max_stanza_size = max_stanza_size
+        self._parser.set_max_stanza_size(max_stanza_size)
+
+    def close(self) -> None:
+        """Free the parser now (see `StreamParser.close`); later messages fail."""
+        self._parser.close()
+
     def receive_message(self, text: str) -> list[Event]:
         """Translate one WebSocket text message.
 

@@ -29,7 +29,7 @@ import binascii
 import enum
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.errors import (
@@ -45,7 +45,7 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened
-from gateway.xmpp.sasl import HashName, ScramCredentials, ScramServer, parse_plain, verify_plain
+from gateway.xmpp.sasl import HashName, ScramCredentials, ScramServer, parse_plain
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize, stream_header
 from gateway.xmpp.stanza import error_reply, sasl_failure, stream_error
 
@@ -54,6 +54,9 @@ SCRAM_MECHANISMS: Final[dict[str, HashName]] = {
     "SCRAM-SHA-1": "sha1",
 }
 PLAIN: Final = "PLAIN"
+#: Longest base64 SASL payload taken: a PLAIN message with the longest JIDs and password,
+#: SCRAM messages are far shorter. Longer is `malformed-request`, before any work on it.
+MAX_SASL_TEXT: Final = 12288
 
 
 class Phase(enum.Enum):
@@ -108,6 +111,17 @@ class LookupCredentials:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckPassword:
+    """PLAIN: check `password` against the account's stored credentials, at the same cost
+    whether the account exists or not and off the event loop (PBKDF2), then call
+    `password_checked`."""
+
+    host: str
+    username: str
+    password: str = field(repr=False)  # never in logs (STYLE G4)
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticated:
     """SASL succeeded for `jid` (a bare JID)."""
 
@@ -147,6 +161,7 @@ class StreamEnded:
 Action = (
     StartTls
     | LookupCredentials
+    | CheckPassword
     | Authenticated
     | BindRequested
     | ResumeRequested
@@ -208,6 +223,9 @@ class C2SNegotiation:
         self.jid: JID | None = None  # bare JID once authenticated
         self.full_jid: JID | None = None
         self.auth_failures = 0
+        #: The username of the last failed SASL exchange, if it named one (the shell's
+        #: lockout counts failures per account).
+        self.failed_username: str | None = None
         self.mechanism: str | None = None  # the SASL mechanism that succeeded
         self._header_sent = False
         self._out: list[Output] = []
@@ -509,9 +527,9 @@ class C2SNegotiation:
                 authzid, authcid, password = parse_plain(data)
                 username = self._normalise_username(authcid)
                 self._check_authzid(authzid, username)
-                self._plain = (authzid, username, password)
+                self._plain = (authzid, username, "")
                 self._awaiting_credentials = True
-                return [LookupCredentials(self.host, username, "sha256")]
+                return [CheckPassword(self.host, username, password)]
             if self._scram is None:
                 assert self._mechanism is not None
                 self._scram = ScramServer(SCRAM_MECHANISMS[self._mechanism])
@@ -525,28 +543,34 @@ class C2SNegotiation:
             return self._sasl_fail(failure.condition, failure.text)
         return self._sasl_success(server_final)
 
+    def password_checked(self, is_valid: bool) -> list[Action]:
+        """Finish a PLAIN exchange with the shell's verdict on `CheckPassword`."""
+        if not self._awaiting_credentials or self._mechanism != PLAIN:
+            raise LocalProtocolError("password_checked without a CheckPassword")
+        self._awaiting_credentials = False
+        if not is_valid:
+            return self._sasl_fail(SaslCondition.NOT_AUTHORIZED)
+        return self._sasl_success(None)
+
+    def refuse_credentials(self, text: str) -> list[Action]:
+        """Answer the exchange waiting for `LookupCredentials` or `CheckPassword` with
+        `temporary-auth-failure` without checking anything (the shell's lockout after
+        repeated failures); it counts as a failed attempt."""
+        if not self._awaiting_credentials:
+            raise LocalProtocolError("refuse_credentials without a pending exchange")
+        self._awaiting_credentials = False
+        return self._sasl_fail(SaslCondition.TEMPORARY_AUTH_FAILURE, text)
+
     def provide_credentials(self, creds: ScramCredentials | None) -> list[Action]:
-        """Continue the exchange with the stored credentials (None: no such account)."""
-        if not self._awaiting_credentials or self._plain is None:
+        """Continue a SCRAM exchange with the stored credentials (None: no such account)."""
+        if not self._awaiting_credentials or self._scram is None:
             raise LocalProtocolError("provide_credentials without a LookupCredentials")
         self._awaiting_credentials = False
-        password = self._plain[2]
-        if self._mechanism == PLAIN:
-            self._plain = (None, self._plain[1], "")  # forget the password at once
-            if creds is None or not verify_plain(password, creds, "sha256"):
-                return self._sasl_fail(SaslCondition.NOT_AUTHORIZED)
-            return self._sasl_success(None)
-        assert self._scram is not None
         # An unknown user gets a plausible challenge and fails at the last step, so the
         # answer does not reveal which accounts exist.
         challenge = self._scram.server_first(creds)
         self.send(Element(ns.SASL, "challenge", None, [base64.b64encode(challenge).decode()]))
         return []
-
-    @property
-    def pending_username(self) -> str | None:
-        """The username of the exchange in progress (for logs), if known."""
-        return self._plain[1] if self._plain else None
 
     def _normalise_username(self, raw: str) -> str:
         assert self.host is not None
@@ -583,6 +607,7 @@ class C2SNegotiation:
     def _sasl_fail(
         self, condition: SaslCondition, text: str | None = None, *, count: bool = True
     ) -> list[Action]:
+        self.failed_username = self._plain[1] if self._plain else None
         self._reset_sasl()
         self.send(sasl_failure(condition, text))
         self.phase = Phase.FEATURES
@@ -654,6 +679,9 @@ def _decode_sasl(text: str) -> bytes | AuthFailure | None:
     text = text.strip()
     if not text:
         return None
+    if len(text) > MAX_SASL_TEXT:
+        # Refused before any decoding or SASLprep work.
+        return AuthFailure(SaslCondition.MALFORMED_REQUEST, "SASL message too long")
     if text == "=":
         return b""
     try:

@@ -41,6 +41,16 @@ a 10 MB chunk fails after a few slices instead of after building a 10 MB element
 counted from its first byte to the start of its end tag. Elements nested more than
 `max_depth` levels deep (the stanza is level 1) are `policy-violation` too.
 
+Memory. Bytes on the wire do not bound the memory a stanza takes: an empty `<a/>` is 4
+bytes but about 200 as an object. While a stanza is built, its estimated memory (the costs
+of `gateway.xmpp.element`) is kept in `_cost`; past `STANZA_MEMORY_FACTOR` times
+`max_stanza_size` it is `policy-violation`. Text that arrives in many small pieces (a byte
+per TCP segment) is joined once its pieces' overhead is a quarter of that budget, so a
+slow sender is charged for its text, not for the way it was split. `set_max_stanza_size`
+changes both limits (a small one before authentication, the full one after).
+`close()` drops the expat parser, whose handlers refer back to this object: without it the
+pair is a reference cycle that only the cyclic collector frees.
+
 Expat reparses an incomplete token from its start every time data arrives, so a huge start
 tag sent a byte at a time costs quadratic time (CVE-2023-52425). Expat >= 2.6 fixes this with
 "reparse deferral", which can hold back a complete stanza until more data arrives: fatal
@@ -73,7 +83,7 @@ from typing import Final, TypeAlias
 from xml.parsers import expat
 
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
-from gateway.xmpp.element import Element
+from gateway.xmpp.element import ELEMENT_COST, TEXT_COST, Element, attributes_cost
 
 __all__ = ["ElementReceived", "Event", "StreamClosed", "StreamOpened", "StreamParser"]
 
@@ -104,6 +114,9 @@ _TAG_DQ: Final = 2
 _REF: Final = 3
 
 _TAG_SPECIAL: Final = re.compile(rb"[>'\"]")
+
+#: A stanza being built may hold this many times `max_stanza_size` bytes of memory.
+STANZA_MEMORY_FACTOR: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +154,9 @@ class StreamClosed:
 Event: TypeAlias = StreamOpened | ElementReceived | StreamClosed
 
 _STREAM_CLOSED: Final = StreamClosed()
+
+#: What a closed parser holds instead of its expat parser: one shared, handler-less one.
+_CLOSED_PARSER: Final = expat.ParserCreate("UTF-8", _SEP, None)
 
 #: An open element of the stanza being read: expat name ("uri}local"), attrs, children.
 _Open: TypeAlias = tuple[str, dict[str, str], list[Element | str]]
@@ -252,13 +268,17 @@ class StreamParser:
     """
 
     __slots__ = (
+        "__weakref__",
         "_closed",
+        "_cost",
         "_default_ns",
         "_defer_state",
         "_error",
         "_events",
         "_held",
+        "_loose",
         "_max_depth",
+        "_max_memory",
         "_max_stanza_size",
         "_parser",
         "_received",
@@ -267,17 +287,27 @@ class StreamParser:
         "_stack",
         "_stanza_start",
         "_tail",
-        "_text_pieces",
         "_token_start",
     )
 
     def __init__(self, *, max_stanza_size: int = 262144, max_depth: int = 32) -> None:
-        if max_stanza_size < 1 or max_depth < 1:
+        if max_depth < 1:
+            raise ValueError("max_stanza_size and max_depth must be positive")
+        self._max_depth = max_depth
+        self.set_max_stanza_size(max_stanza_size)
+        self.reset()
+
+    def set_max_stanza_size(self, max_stanza_size: int) -> None:
+        """Change the size limit (and with it the memory budget) from the next byte on.
+
+        Raises:
+            ValueError: the limit is not positive.
+        """
+        if max_stanza_size < 1:
             raise ValueError("max_stanza_size and max_depth must be positive")
         self._max_stanza_size = max_stanza_size
-        self._max_depth = max_depth
+        self._max_memory = STANZA_MEMORY_FACTOR * max_stanza_size
         self._slice = min(max_stanza_size, _MAX_SLICE)
-        self.reset()
 
     def reset(self) -> None:
         """Forget everything and expect a new stream header (a stream restart).
@@ -326,8 +356,19 @@ class StreamParser:
         #: Bytes received but not given to expat while a large token is deferred, or None.
         self._held: bytearray | None = None
         self._defer_state = _TAG_OUT
-        #: Text callbacks appended next to earlier text in the open stanza (see _on_text).
-        self._text_pieces = 0
+        #: Text pieces that follow other text in an open element's children (see _on_text).
+        self._loose = 0
+        #: Estimated memory held by the stanza being built (see the module docstring).
+        self._cost = 0
+
+    def close(self) -> None:
+        """Drop the expat parser and what it holds (see the module docstring); `feed()`
+        then fails with `not-well-formed` until `reset()`."""
+        self._parser = _CLOSED_PARSER
+        self._stack = []
+        self._held = None
+        self._tail = b""
+        self._error = RemoteProtocolError(StreamErrorCondition.NOT_WELL_FORMED, "parser closed")
 
     @property
     def has_partial_data(self) -> bool:
@@ -337,6 +378,17 @@ class StreamParser:
         past the restart point cannot belong to the old stream.
         """
         return self._stanza_start >= 0 or self._held is not None or bool(self._tail.strip())
+
+    @property
+    def unfinished_at(self) -> int | None:
+        """The byte offset (since the last reset) where the unfinished stanza or token
+        starts, or None between stanzas. The shell times how long one stays unfinished:
+        the same offset on two reads is the same unit."""
+        if self._stanza_start >= 0:
+            return self._stanza_start
+        if self._held is not None or self._tail.strip():
+            return self._token_start
+        return None
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse more of the stream.
@@ -498,9 +550,12 @@ class StreamParser:
                 raise RemoteProtocolError(
                     StreamErrorCondition.POLICY_VIOLATION, "elements nested too deeply"
                 )
+            self._charge(ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST)
             stack.append((name, attrs, []))
         elif self._root_open:
             self._stanza_start = self._parser.CurrentByteIndex
+            self._cost = 0
+            self._charge(ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST)
             stack.append((name, attrs, []))
         else:
             self._root_open = True
@@ -514,8 +569,10 @@ class StreamParser:
             self._events.append(_STREAM_CLOSED)
             return
         qname, attrs, children = stack.pop()
-        if self._text_pieces:
-            children = _join_text(children)
+        if self._loose:
+            joined = _join_text(children)
+            self._release(len(children) - len(joined))
+            children = joined
         namespace, _, local = qname.rpartition(_SEP)
         element = Element(namespace, local, _clark(attrs) if attrs else None, children)
         if stack:
@@ -524,7 +581,8 @@ class StreamParser:
         if self._parser.CurrentByteIndex - self._stanza_start > self._max_stanza_size:
             raise RemoteProtocolError(StreamErrorCondition.POLICY_VIOLATION, "stanza too large")
         self._stanza_start = -1
-        self._text_pieces = 0
+        self._loose = 0
+        self._cost = 0
         self._events.append(ElementReceived(element))
 
     def _on_text(self, data: str) -> None:
@@ -535,11 +593,35 @@ class StreamParser:
                 # Text split over callbacks (long text, or across feed() calls): keep the
                 # pieces and join them once at the end tag, so a text fed a byte at a
                 # time is not copied over and over.
-                self._text_pieces += 1
+                self._loose += 1
             children.append(data)
+            self._charge(TEXT_COST + len(data))
         elif data.strip(_XML_SPACE):
             # Expat only reports text inside the root, so this is at stream level.
             raise RemoteProtocolError(StreamErrorCondition.BAD_FORMAT, "text at stream level")
+
+    def _charge(self, cost: int) -> None:
+        """Add `cost` to the stanza's memory; over the budget, join split text first."""
+        self._cost += cost
+        if self._cost <= self._max_memory:
+            return
+        if self._loose * TEXT_COST >= self._max_memory // 4:
+            # Each join frees at least a quarter of the budget, so joining stays linear
+            # in the bytes received.
+            for _name, _attrs, children in self._stack:
+                joined = _join_text(children)
+                self._release(len(children) - len(joined))
+                children[:] = joined
+            if self._cost <= self._max_memory:
+                return
+        raise RemoteProtocolError(
+            StreamErrorCondition.POLICY_VIOLATION, "stanza takes too much memory"
+        )
+
+    def _release(self, pieces: int) -> None:
+        """`pieces` loose text pieces were joined into their neighbours."""
+        self._loose -= pieces
+        self._cost -= pieces * TEXT_COST
 
     def _on_namespace(self, prefix: str | None, uri: str | None) -> None:
         if prefix is None and not self._root_open:

@@ -66,6 +66,10 @@ _ALPHA: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 #: Used to derive fake salts for unknown users when the caller gives no secret. Per process:
 #: nodes that share one account database should pass a shared `fake_salt_secret`.
 _PROCESS_SECRET: Final = secrets.token_bytes(32)
+#: The salt `check_plain` hashes with for unknown accounts (the result is discarded).
+_FAKE_PLAIN_SALT: Final = secrets.token_bytes(16)
+#: Longest password taken, in characters (PRECIS OpaqueString work grows with it).
+MAX_PASSWORD_LENGTH: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +108,12 @@ def prepare_password(password: str) -> str:
     """Enforce the PRECIS OpaqueString profile on a password.
 
     Raises:
-        ValueError: the password is empty or has characters OpaqueString disallows.
+        ValueError: the password is empty, longer than `MAX_PASSWORD_LENGTH` characters
+            (refused before any work: SASLprep is costly per character), or has
+            characters OpaqueString disallows.
     """
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValueError(f"password is longer than {MAX_PASSWORD_LENGTH} characters")
     try:
         return _OPAQUE.enforce(password)
     except UnicodeEncodeError as exc:
@@ -153,6 +161,23 @@ def verify_plain(password: str, creds: ScramCredentials, hash_name: HashName) ->
         return False
     _, stored_key, _ = _keys(prepared, creds.salt, creds.iterations, hash_name)
     return hmac.compare_digest(stored_key, creds.stored_key)
+
+
+def check_plain(
+    password: str, creds: ScramCredentials | None, hash_name: HashName, *, fake_iterations: int
+) -> bool:
+    """`verify_plain` at the same cost whether the account exists (`creds`) or not, so the
+    time of a failure does not tell which accounts exist. Costs PBKDF2: call it off the
+    event loop.
+
+    Args:
+        fake_iterations: the PBKDF2 iteration count of new accounts (`auth.scram_iterations`).
+    """
+    if creds is None:
+        fake = ScramCredentials(_FAKE_PLAIN_SALT, fake_iterations, b"", b"")
+        verify_plain(password, fake, hash_name)
+        return False
+    return verify_plain(password, creds, hash_name)
 
 
 def parse_plain(message: bytes) -> tuple[str | None, str, str]:

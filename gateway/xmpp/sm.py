@@ -198,12 +198,17 @@ class BufferOverflow(RemoteProtocolError):
     session ends and everything in `SMState.unacked()` is rerouted.
 
     Args:
-        size: the buffer's length, `buffer_max + 1` on the first overflow.
-        buffer_max: the bound.
+        size: the buffer's length, `buffer_max + 1` on the first overflow (or its bytes,
+            with `in_bytes`).
+        buffer_max: the bound (`buffer_max`, or `buffer_max_bytes` with `in_bytes`).
+        in_bytes: the byte bound was crossed rather than the stanza count.
     """
 
-    def __init__(self, size: int, buffer_max: int) -> None:
-        super().__init__(StreamErrorCondition.RESOURCE_CONSTRAINT, "too many unacked stanzas")
+    def __init__(self, size: int, buffer_max: int, *, in_bytes: bool = False) -> None:
+        super().__init__(
+            StreamErrorCondition.RESOURCE_CONSTRAINT,
+            "unacked stanzas take too much memory" if in_bytes else "too many unacked stanzas",
+        )
         self.size = size
         self.buffer_max = buffer_max
 
@@ -435,6 +440,8 @@ class SMState:
 
     Args:
         buffer_max: the most unacked stanzas kept; None is the seed's `infinity`.
+        buffer_max_bytes: the most memory (`Element.size`) the unacked stanzas may hold;
+            None is no bound. One stanza alone is always kept, however large.
         ack_freq: `sent()` asks for an `<r/>` every this many stanzas (>= 1).
         ack: whether to ask for acks at all (the seed's `ack`).
         buffering: keep sent stanzas until acked (the seed's `buffer`); needed to resume.
@@ -450,7 +457,9 @@ class SMState:
         "ack",
         "ack_freq",
         "buffer",
+        "buffer_bytes",
         "buffer_max",
+        "buffer_max_bytes",
         "buffering",
         "counter_in",
         "counter_out",
@@ -471,9 +480,12 @@ class SMState:
         buffering: bool = True,
         counter_in: int = 0,
         counter_out: int = 0,
+        buffer_max_bytes: int | None = None,
     ) -> None:
         if buffer_max is not None and buffer_max < 1:
             raise ValueError(f"buffer_max must be positive or None, got {buffer_max!r}")
+        if buffer_max_bytes is not None and buffer_max_bytes < 1:
+            raise ValueError(f"buffer_max_bytes must be positive or None, got {buffer_max_bytes!r}")
         if ack_freq < 1:
             raise ValueError(f"ack_freq must be positive, got {ack_freq!r}")
         _check_h(counter_in)
@@ -481,6 +493,9 @@ class SMState:
         #: Sent stanzas not yet acked, oldest first (empty unless `buffering`).
         self.buffer: deque[Element] = deque()
         self.buffer_max = buffer_max
+        #: The memory the buffer's stanzas hold (sum of `Element.size`).
+        self.buffer_bytes = 0
+        self.buffer_max_bytes = buffer_max_bytes
         self.ack_freq = ack_freq
         self.ack = ack
         self.buffering = buffering
@@ -563,17 +578,23 @@ class SMState:
             since the last request); the count restarts at once.
 
         Raises:
-            BufferOverflow: the buffer now holds more than `buffer_max` stanzas. The stanza
-                is kept (do not write it: it is rerouted with the rest) and `resumable` is
-                now False; the request count does not advance.
+            BufferOverflow: the buffer now holds more than `buffer_max` stanzas, or more
+                than `buffer_max_bytes` bytes in more than one stanza. The stanza is kept
+                (do not write it: it is rerouted with the rest) and `resumable` is now
+                False; the request count does not advance.
         """
         self.send_count = h_add(self.send_count)
         if self.buffering:
             buffer = self.buffer
             buffer.append(stanza)
+            self.buffer_bytes += stanza.size
             if self.buffer_max is not None and len(buffer) > self.buffer_max:
                 self.resumable = False
                 raise BufferOverflow(len(buffer), self.buffer_max)
+            limit = self.buffer_max_bytes
+            if limit is not None and self.buffer_bytes > limit and len(buffer) > 1:
+                self.resumable = False
+                raise BufferOverflow(self.buffer_bytes, limit, in_bytes=True)
         if not self.ack:
             return False
         count = self.sent_since_request + 1
@@ -610,7 +631,9 @@ class SMState:
         if not self.buffering:
             return []
         popleft = self.buffer.popleft
-        return [popleft() for _ in range(count)]
+        done = [popleft() for _ in range(count)]
+        self.buffer_bytes -= sum(stanza.size for stanza in done)
+        return done
 
     def answer(self) -> Element:
         """The `<a h=counter_in/>` that answers the client's `<r/>` (XEP-0198 section 4)."""
@@ -653,13 +676,15 @@ class SMState:
         buffer_max: int | None,
         ack_freq: int,
         ack: bool = True,
+        buffer_max_bytes: int | None = None,
     ) -> SMState:
         """A resumable state rebuilt from a hand-off snapshot (a session kept across a
         restart or moved to another node; DESIGN section 6).
 
         The result is what `enable()` then the traffic had left: `buffer` holds the
         unacked stanzas, oldest first, so `send_count` is `counter_out` + len(buffer).
-        A buffer longer than `buffer_max` (the limit was lowered meanwhile) is kept whole;
+        A buffer over `buffer_max` or `buffer_max_bytes` (a limit was lowered meanwhile)
+        is kept whole;
         the next `sent()` overflows.
 
         Raises:
@@ -672,10 +697,12 @@ class SMState:
             buffering=True,
             counter_in=counter_in,
             counter_out=counter_out,
+            buffer_max_bytes=buffer_max_bytes,
         )
         if max_ < 1:
             raise ValueError(f"max must be positive, got {max_!r}")
         state.buffer.extend(buffer)
+        state.buffer_bytes = sum(stanza.size for stanza in buffer)
         state.send_count = h_add(counter_out, len(state.buffer))
         state.smid, state.max = smid, max_
         state.resumable = state._enabled = True

@@ -248,3 +248,39 @@ def test_encoding_refuses_characters_xml_cannot_carry() -> None:
 def test_damaged_stored_stanzas_are_storage_errors(data: bytes) -> None:
     with pytest.raises(StorageError):
         decode_stanza(data)
+
+
+def test_store_refuses_a_message_past_the_byte_quota(store: SqliteOfflineStore) -> None:
+    data = b"<message xmlns='jabber:client'><body>" + b"x" * 1000 + b"</body></message>"
+    for _ in range(3):
+        assert store.store(HOST, "juliet", data, STAMP, max_per_user=100, max_bytes_per_user=3300)
+    assert not store.store(HOST, "juliet", data, STAMP, max_per_user=100, max_bytes_per_user=3300)
+    assert store.store(HOST, "romeo", data, STAMP, max_per_user=100, max_bytes_per_user=3300)
+    assert store.count(HOST, "juliet") == 3
+
+
+def test_pop_all_takes_at_most_max_bytes_but_always_the_oldest(store: SqliteOfflineStore) -> None:
+    for n in range(5):
+        store.store(HOST, "juliet", message(n), STAMP, max_per_user=10)
+    size = len(message(0))
+    assert [s for s, _ in store.pop_all(HOST, "juliet", max_bytes=2 * size)] == [
+        message(0),
+        message(1),
+    ]
+    assert [s for s, _ in store.pop_all(HOST, "juliet", max_bytes=1)] == [message(2)]
+    assert len(store.pop_all(HOST, "juliet", limit=1, max_bytes=10 * size)) == 1
+
+
+def test_put_back_rows_come_first_again_in_their_order(store: SqliteOfflineStore) -> None:
+    for n in range(4):
+        store.store(HOST, "juliet", message(n), f"s{n}", max_per_user=10)
+    popped = store.pop_all(HOST, "juliet", limit=3)
+    store.store(HOST, "juliet", message(9), "s9", max_per_user=10)
+    store.put_back(HOST, "juliet", popped[1:])
+    store.put_back(HOST, "juliet", [])
+    assert store.pop_all(HOST, "juliet") == [
+        (message(1), "s1"),
+        (message(2), "s2"),
+        (message(3), "s3"),
+        (message(9), "s9"),
+    ]

@@ -21,6 +21,7 @@ from gateway.config import (
     GatewayConfig,
     GeneralConfig,
     ListenerConfig,
+    LockoutConfig,
     LogFormat,
     LoggingConfig,
     StreamManagementConfig,
@@ -183,6 +184,12 @@ GENERAL_VALUES = [
     ("send_queue_size", 1_000_000, 1_000_000),
     ("shutdown_grace", 0, 0.0),
     ("shutdown_grace", 600, 600.0),
+    ("pre_auth_max_stanza_size", 1024, 1024),
+    ("stanza_timeout", 1, 1.0),
+    ("stanza_timeout", 3600, 3600.0),
+    ("send_queue_bytes", 65536, 65536),
+    ("max_connections", 0, 0),
+    ("max_connections", 50_000, 50_000),
 ]
 
 
@@ -737,3 +744,51 @@ def test_redis_backend_is_refused_until_clusters_exist(tmp_path: Path) -> None:
         load_config(path)
     assert info.value.key == "modules.mod_stream_management.backend"
     assert "not available yet" in str(info.value)
+
+
+def test_hostile_client_limits_have_safe_defaults(tmp_path: Path) -> None:
+    cfg = _load(tmp_path)
+    assert cfg.general.pre_auth_max_stanza_size == 8192
+    assert cfg.general.stanza_timeout == 60.0
+    assert cfg.general.send_queue_bytes == 10 * 1024 * 1024
+    assert cfg.modules.mod_stream_management.buffer_max_bytes == 10 * 1024 * 1024
+    assert cfg.modules.mod_offline.max_bytes_per_user == 10 * 1024 * 1024
+    assert cfg.auth.lockout == LockoutConfig(20, 10, 600.0, 900.0)
+
+
+def test_pre_auth_limit_follows_a_smaller_max_stanza_size_unless_given(tmp_path: Path) -> None:
+    assert _load(tmp_path, general={"max_stanza_size": 4096}).general.pre_auth_max_stanza_size == (
+        4096
+    )
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, general={"max_stanza_size": 4096, "pre_auth_max_stanza_size": 8192})
+    assert info.value.key == "general.pre_auth_max_stanza_size"
+    assert "larger than max_stanza_size" in str(info.value)
+
+
+def test_lockout_and_byte_limits_are_read_and_checked(tmp_path: Path) -> None:
+    cfg = _load(
+        tmp_path,
+        auth={"lockout": {"ip_failures": 0, "account_failures": 3, "window": 60, "duration": 5}},
+        modules={
+            "mod_offline": {"max_bytes_per_user": 65536},
+            "mod_stream_management": {"buffer_max_bytes": 1 << 20},
+        },
+    )
+    assert cfg.auth.lockout == LockoutConfig(0, 3, 60.0, 5.0)
+    assert cfg.modules.mod_offline.max_bytes_per_user == 65536
+    assert cfg.modules.mod_stream_management.buffer_max_bytes == 1 << 20
+    for section, data, key in [
+        ("auth", {"lockout": {"window": 0}}, "auth.lockout.window"),
+        ("auth", {"lockout": {"tries": 1}}, "auth.lockout.tries"),
+        (
+            "modules",
+            {"mod_offline": {"max_bytes_per_user": 10}},
+            "modules.mod_offline.max_bytes_per_user",
+        ),
+        ("general", {"send_queue_bytes": 1}, "general.send_queue_bytes"),
+        ("general", {"stanza_timeout": 0}, "general.stanza_timeout"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            _load(tmp_path, **{section: data})
+        assert info.value.key == key

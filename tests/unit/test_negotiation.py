@@ -6,7 +6,12 @@ import base64
 
 import pytest
 
-from gateway.errors import RemoteProtocolError, StanzaErrorCondition, StreamErrorCondition
+from gateway.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    StanzaErrorCondition,
+    StreamErrorCondition,
+)
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -15,6 +20,7 @@ from gateway.xmpp.negotiation import (
     Authenticated,
     BindRequested,
     C2SNegotiation,
+    CheckPassword,
     LookupCredentials,
     NegotiationSettings,
     Phase,
@@ -225,11 +231,11 @@ def test_too_many_failures_end_the_stream_with_policy_violation() -> None:
     peer.feed(HEADER)
     bad = base64.b64encode(b"\0user\0wrong").decode()
     peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{bad}</auth>".encode())
-    peer.neg.provide_credentials(CREDS["sha256"])
+    peer.neg.password_checked(False)
     assert peer.read()[0].tag == (ns.SASL, "failure")
     peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{bad}</auth>".encode())
     with pytest.raises(RemoteProtocolError) as info:
-        peer.neg.provide_credentials(CREDS["sha256"])
+        peer.neg.password_checked(False)
     assert info.value.condition is StreamErrorCondition.POLICY_VIOLATION
 
 
@@ -239,13 +245,41 @@ def test_plain_on_tls_none_listener_succeeds_and_unknown_user_fails() -> None:
     assert "PLAIN" in _mechanisms(features)
     ok = base64.b64encode(b"\0user\0pencil").decode()
     peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{ok}</auth>".encode())
-    lookup = peer.last()
-    assert isinstance(lookup, LookupCredentials) and lookup.username == "user"
-    peer.neg.provide_credentials(None)
+    check = peer.last()
+    assert isinstance(check, CheckPassword) and check.username == "user"
+    assert check.password == "pencil" and "pencil" not in repr(check)
+    peer.neg.password_checked(False)
     (failure,) = peer.read()
     assert failure.find(ns.SASL, "not-authorized") is not None
     peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{ok}</auth>".encode())
-    assert isinstance(peer.neg.provide_credentials(CREDS["sha256"])[0], Authenticated)
+    assert isinstance(peer.neg.password_checked(True)[0], Authenticated)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
+def test_refused_credentials_are_a_temporary_auth_failure_that_counts(mechanism: str) -> None:
+    peer = Peer(max_auth_failures=2, tls_available=False, plain_without_tls=True)
+    peer.feed(HEADER)
+    if mechanism == "PLAIN":
+        data = base64.b64encode(b"\0user\0pencil").decode()
+    else:
+        data = base64.b64encode(ScramClient("sha256", "user", "pencil").first()).decode()
+    peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='{mechanism}'>{data}</auth>".encode())
+    assert peer.neg.refuse_credentials("try again in 60 seconds") == []
+    (failure,) = peer.read()
+    assert failure.find(ns.SASL, "temporary-auth-failure") is not None
+    assert failure.find_text(ns.SASL, "text") == "try again in 60 seconds"
+    assert peer.neg.auth_failures == 1 and peer.neg.phase is Phase.FEATURES
+    with pytest.raises(LocalProtocolError):
+        peer.neg.refuse_credentials("nothing is pending")
+
+
+def test_overlong_sasl_payload_is_malformed_before_any_work() -> None:
+    peer = Peer(tls_available=False, plain_without_tls=True)
+    peer.feed(HEADER)
+    data = base64.b64encode(b"\0user\0" + b"x" * 20000).decode()
+    (failure,) = peer.feed(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{data}</auth>".encode())
+    assert failure.find(ns.SASL, "malformed-request") is not None
+    assert not any(isinstance(a, CheckPassword) for a in peer.actions)
 
 
 def test_auth_without_initial_response_gets_an_empty_challenge() -> None:
@@ -255,7 +289,7 @@ def test_auth_without_initial_response_gets_an_empty_challenge() -> None:
     assert challenge.name == "challenge" and challenge.text == ""
     ok = base64.b64encode(b"\0user\0pencil").decode()
     peer.feed(f"<response xmlns='{ns.SASL}'>{ok}</response>".encode())
-    assert isinstance(peer.last(), LookupCredentials)
+    assert isinstance(peer.last(), CheckPassword)
 
 
 @pytest.mark.parametrize(

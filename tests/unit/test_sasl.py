@@ -10,13 +10,16 @@ import pytest
 
 from gateway.errors import AuthFailure, LocalProtocolError, SaslCondition
 from gateway.xmpp.sasl import (
+    MAX_PASSWORD_LENGTH,
     HashName,
     ScramClient,
     ScramCredentials,
     ScramServer,
     ScramState,
+    check_plain,
     derive_scram_credentials,
     parse_plain,
+    prepare_password,
     verify_plain,
 )
 
@@ -420,6 +423,35 @@ def test_verify_plain_checks_against_stored_scram_keys(hash_name: HashName) -> N
     assert not verify_plain("Pencil", creds, hash_name)
     assert not verify_plain("", creds, hash_name)
     assert not verify_plain("pen\x00cil", creds, hash_name)
+
+
+def test_check_plain_costs_one_pbkdf2_whether_the_account_exists_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The time of a PLAIN failure must not tell whether the account exists: an unknown
+    # account is hashed too, with the iteration count of new accounts.
+    calls: list[int] = []
+    real = hashlib.pbkdf2_hmac
+
+    def counted(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        calls.append(iterations)
+        return real(name, password, salt, iterations)
+
+    creds = rfc_creds("sha256")
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counted)
+    assert check_plain("pencil", creds, "sha256", fake_iterations=4096)
+    assert not check_plain("wrong", creds, "sha256", fake_iterations=4096)
+    assert not check_plain("pencil", None, "sha256", fake_iterations=4096)
+    assert calls == [creds.iterations, creds.iterations, 4096]
+
+
+def test_overlong_password_is_refused_before_saslprep() -> None:
+    creds = rfc_creds("sha256")
+    longest = "x" * MAX_PASSWORD_LENGTH
+    assert prepare_password(longest) == longest
+    with pytest.raises(ValueError, match="longer than"):
+        prepare_password(longest + "x")
+    assert not verify_plain("x" * 190_000, creds, "sha256")
 
 
 @pytest.mark.parametrize(

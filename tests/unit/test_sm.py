@@ -886,3 +886,55 @@ def test_enabling_a_restored_state_is_our_bug() -> None:
     with pytest.raises(LocalProtocolError):
         state.enable(EnableRequest(resume=True, max=None), resume_timeout=600, new_smid=no_smid)
     assert state.smid == "sm9"
+
+
+# -- the buffer bounded in bytes (buffer_max_bytes) -----------------------------------------
+
+
+def big(n: int, chars: int) -> Element:
+    return Element(
+        ns.CLIENT, "message", {"id": f"b{n}"}, [Element(ns.CLIENT, "body", None, ["x" * chars])]
+    )
+
+
+def test_buffer_over_buffer_max_bytes_overflows_and_ends_resumability() -> None:
+    state = SMState(buffer_max=100, buffer_max_bytes=10_000, ack_freq=1)
+    state.enable(EnableRequest(resume=True, max=None), resume_timeout=600, new_smid=lambda: "s")
+    state.sent(big(0, 4000))
+    state.sent(big(1, 4000))
+    with pytest.raises(BufferOverflow) as info:
+        state.sent(big(2, 4000))
+    assert info.value.condition is StreamErrorCondition.RESOURCE_CONSTRAINT
+    assert info.value.text == "unacked stanzas take too much memory"
+    assert state.buffer_size == 3 and not state.resumable  # kept, to be rerouted
+
+
+def test_one_stanza_larger_than_buffer_max_bytes_alone_is_kept() -> None:
+    state = SMState(buffer_max=100, buffer_max_bytes=1000, ack_freq=1)
+    state.sent(big(0, 5000))
+    assert state.buffer_bytes == big(0, 5000).size
+
+
+def test_acks_and_resumption_release_buffer_bytes() -> None:
+    state = SMState(buffer_max=100, buffer_max_bytes=10_000, ack_freq=1)
+    state.enable(EnableRequest(resume=True, max=None), resume_timeout=600, new_smid=lambda: "s")
+    stanzas = [big(n, 2500) for n in range(3)]
+    for stanza in stanzas:
+        state.sent(stanza)
+    state.acked(2)
+    assert state.buffer_bytes == stanzas[2].size
+    state.resume(3)
+    assert state.buffer_bytes == 0
+    restored = SMState.restored(
+        smid="s",
+        max_=60,
+        counter_in=0,
+        counter_out=0,
+        buffer=stanzas,
+        buffer_max=100,
+        buffer_max_bytes=10_000,
+        ack_freq=1,
+    )
+    assert restored.buffer_bytes == sum(s.size for s in stanzas)
+    with pytest.raises(ValueError, match="buffer_max_bytes"):
+        SMState(buffer_max=1, buffer_max_bytes=0, ack_freq=1)

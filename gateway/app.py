@@ -31,7 +31,8 @@ from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
 from gateway.core.auth_limits import AuthThrottle
 from gateway.core.blocking import in_threads, inline
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.core.handoff import Handoff
 from gateway.core.offline import OfflineService
 from gateway.core.resume import ResumeRegistry

@@ -14,7 +14,8 @@ import trustme
 
 from gateway.app import run_server
 from gateway.config import GatewayConfig, parse_config
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.storage.sqlite import SqliteAccountStore
 from tests.helpers.client import RawClient

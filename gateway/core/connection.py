@@ -44,19 +44,16 @@ import random
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import structlog
 import trio
 
-from gateway.config import GatewayConfig, ListenerConfig, TlsMode
-from gateway.core.auth_limits import AuthThrottle
+from gateway.config import ListenerConfig, TlsMode
+from gateway.core.context import ServerContext
 from gateway.core.ending import end_session, record_stale_h
-from gateway.core.handoff import Handoff
 from gateway.core.presence import handle_presence
-from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot
-from gateway.core.router import Router
+from gateway.core.resume import Handover, ResumeSlot
 from gateway.core.session import ACK_REQUEST, CloseRequest, Session, SessionType
 from gateway.errors import (
     JIDError,
@@ -66,10 +63,9 @@ from gateway.errors import (
     StreamErrorCondition,
 )
 from gateway.logsetup import bind_connection, bind_jid
-from gateway.net.limits import ConnectionGate
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
-from gateway.storage.base import SmSessionRecord, SmSessionTable, StaleHTable
+from gateway.storage.base import SmSessionRecord
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -87,13 +83,11 @@ from gateway.xmpp.negotiation import (
     StreamEnded,
 )
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened, StreamParser
-from gateway.xmpp.sasl import ScramCredentials
 from gateway.xmpp.sm import (
     AckBehind,
     HandledCountTooHigh,
     SmCondition,
     SmError,
-    SMState,
     failed,
     handled_count_too_high,
     parse_ack,
@@ -108,47 +102,8 @@ log = structlog.get_logger(module=__name__)
 CLOSE_GRACE = 2.0  # seconds to write the closing bytes to a live transport
 TLS_HANDSHAKE_TIMEOUT = 15.0
 NEGOTIATION_JITTER = 0.2  # part of negotiation_timeout added at random to each deadline
-CLOSE_CONCURRENCY = 32  # unbound connections closing at once (see serve_wire)
 FLUSH_CHUNK = 100  # offline messages popped per step of a flush
 FLUSH_MEMORY_FACTOR = 4  # memory per stored byte assumed when pacing a flush
-
-CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]
-PasswordCheck = Callable[[CheckPassword], Awaitable[bool]]
-
-
-@dataclass(eq=False)
-class ServerContext:
-    """What every connection shares: config, router, stores, TLS context, live connections."""
-
-    config: GatewayConfig
-    router: Router
-    lookup_credentials: CredentialLookup
-    check_password: PasswordCheck
-    ssl_context: ssl.SSLContext | None
-    resume: ResumeRegistry
-    sm_sessions: SmSessionTable
-    stale_h: StaleHTable
-    connections: set[Connection] = field(default_factory=set)
-    draining: bool = False
-    listen_ports: list[int] = field(default_factory=list)
-    websocket_ports: list[int] = field(default_factory=list)
-    # Where connections run; transports accepted elsewhere (tests' memory streams) are
-    # served here too, so they end before the server closes its stores.
-    handler_nursery: trio.Nursery | None = None
-    direct_tls_context: ssl.SSLContext | None = None
-    # Builds each session's SMState (tests inject counters near 2**32 here).
-    new_sm_state: Callable[..., SMState] = SMState
-    # The hand-off store as the core uses it (gateway.core.handoff); None: sessions end
-    # at shutdown and nothing is taken back at start.
-    handoff: Handoff | None = None
-    # Temporary SASL refusal after repeated failures (auth.lockout); None: off.
-    lockout: AuthThrottle | None = None
-    # Counts the open client connections of every listener (general.max_connections).
-    gate: ConnectionGate = field(default_factory=ConnectionGate)
-    # Unbound connections closing at once (see serve_wire).
-    closing: trio.CapacityLimiter = field(
-        default_factory=lambda: trio.CapacityLimiter(CLOSE_CONCURRENCY)
-    )
 
 
 class Outcome(enum.Enum):

@@ -14,7 +14,8 @@ import structlog
 import trio
 
 from gateway.config import TlsMode
-from gateway.core.connection import Connection, ServerContext
+from gateway.core.connection import Connection
+from gateway.core.context import ServerContext
 from gateway.core.handoff import Revivable
 from gateway.core.session import Session, SessionType
 from gateway.logsetup import bind_connection, bind_jid

@@ -21,7 +21,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from gateway.config import TlsMode, WebSocketListenerConfig
-from gateway.core.connection import ServerContext, serve_wire
+from gateway.core.connection import serve_wire
+from gateway.core.context import ServerContext
 from gateway.net.tcp import PrefixStream, open_listeners, peer_of
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import MessageWire

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trustme
 
-from gateway.core.connection import ServerContext
+from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.conftest import PASSWORD, Connect

@@ -37,7 +37,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from gateway.core.connection import ServerContext
+from gateway.core.context import ServerContext
 from gateway.storage.codec import decode_stanza
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns

@@ -25,7 +25,8 @@ from structlog.testing import capture_logs
 
 from gateway.app import run_server
 from gateway.config import GatewayConfig
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.errors import StorageError
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.storage.base import HandoffStore, SessionSnapshot

@@ -10,7 +10,8 @@ import base64
 import trio
 import trio.testing
 
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.net.limits import ConnectionGate, connection_cap, raise_descriptor_limit
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.xmpp import namespaces as ns

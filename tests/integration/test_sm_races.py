@@ -28,7 +28,8 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot, SlotState
 from gateway.core.session import Session, SessionType
 from gateway.net.transport import PeerInfo, StreamTransport

@@ -6,7 +6,7 @@ import ssl
 
 import trio
 
-from gateway.core.connection import ServerContext
+from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.conftest import PASSWORD, Connect

@@ -22,7 +22,8 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.core.connection import ServerContext, serve_connection
+from gateway.core.connection import serve_connection
+from gateway.core.context import ServerContext
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element

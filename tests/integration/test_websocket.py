@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from trio_websocket import HandshakeError as WsHandshakeError
 
-from gateway.core.connection import ServerContext
+from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.framing import WebSocketFraming

@@ -1,0 +1,69 @@
+"""What every connection of one gateway shares: the server context.
+
+Built once by `gateway.app` (which also wires the listeners of `gateway.net` to the
+connection task) and passed to every connection task; tests build it the same way.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from gateway.config import GatewayConfig
+from gateway.core.auth_limits import AuthThrottle
+from gateway.core.handoff import Handoff
+from gateway.core.resume import ResumeRegistry
+from gateway.core.router import Router
+from gateway.net.limits import ConnectionGate
+from gateway.storage.base import SmSessionTable, StaleHTable
+from gateway.xmpp.negotiation import CheckPassword, LookupCredentials
+from gateway.xmpp.sasl import ScramCredentials
+from gateway.xmpp.sm import SMState
+
+if TYPE_CHECKING:
+    from gateway.core.connection import Connection
+
+CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]
+PasswordCheck = Callable[[CheckPassword], Awaitable[bool]]
+
+#: Connections that never bound a resource closing at once (see `serve_wire`).
+CLOSE_CONCURRENCY: Final = 32
+
+
+@dataclass(eq=False)
+class ServerContext:
+    """What every connection shares: config, router, stores, TLS context, live connections."""
+
+    config: GatewayConfig
+    router: Router
+    lookup_credentials: CredentialLookup
+    check_password: PasswordCheck
+    ssl_context: ssl.SSLContext | None
+    resume: ResumeRegistry
+    sm_sessions: SmSessionTable
+    stale_h: StaleHTable
+    connections: set[Connection] = field(default_factory=set)
+    draining: bool = False
+    listen_ports: list[int] = field(default_factory=list)
+    websocket_ports: list[int] = field(default_factory=list)
+    # Where connections run; transports accepted elsewhere (tests' memory streams) are
+    # served here too, so they end before the server closes its stores.
+    handler_nursery: trio.Nursery | None = None
+    direct_tls_context: ssl.SSLContext | None = None
+    # Builds each session's SMState (tests inject counters near 2**32 here).
+    new_sm_state: Callable[..., SMState] = SMState
+    # The hand-off store as the core uses it (gateway.core.handoff); None: sessions end
+    # at shutdown and nothing is taken back at start.
+    handoff: Handoff | None = None
+    # Temporary SASL refusal after repeated failures (auth.lockout); None: off.
+    lockout: AuthThrottle | None = None
+    # Counts the open client connections of every listener (general.max_connections).
+    gate: ConnectionGate = field(default_factory=ConnectionGate)
+    # Unbound connections closing at once (see serve_wire).
+    closing: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(CLOSE_CONCURRENCY)
+    )

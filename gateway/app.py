@@ -295,19 +295,20 @@ async def _listen_until_signal(
 
 
 #: Cyclic garbage collector thresholds for a server process (Python's are 700, 10, 10).
-COLLECTOR_THRESHOLDS = (50_000, 20, 100)
+COLLECTOR_THRESHOLDS = (20_000, 10, 10)
 
 
 def tune_collector() -> None:
-    """Make the cyclic garbage collector run far less often.
+    """Make the cyclic garbage collector run less often.
 
     Thousands of connections keep millions of objects alive, and with Python's default
     thresholds a burst of connections opening or closing (a flood reaching
     negotiation_timeout together) started full collections again and again, each longer
-    than the last (up to 1.4 s with 10,000 connections) and each finding nothing: the
-    gateway's garbage is freed by reference counting (parsers are closed explicitly, so
-    no connection leaves a cycle behind). With these thresholds the same burst pauses the
-    event loop for at most tens of milliseconds at a time.
+    than the last (up to 1.4 s with 10,000 connections) and each finding nothing. The
+    gateway frees a connection by reference counting (it breaks its own cycles when a
+    connection ends, and trio's TLS stream's, see `release_tls`), so collections can be
+    rarer; they still run, for whatever cycle a library leaves. With these thresholds
+    the same burst pauses the event loop for tens of milliseconds at a time.
     """
     gc.set_threshold(*COLLECTOR_THRESHOLDS)
 

@@ -1020,6 +1020,18 @@ class Connection:
                 self.log_closed(reason)
         finally:
             self.finished.set()
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the references that make this connection and its session a cycle (the
+        session's callbacks into this object, a kept exception and its traceback), so
+        both are freed by reference counting as soon as the task ends: with thousands
+        of connections, waiting for the cyclic collector means holding their memory."""
+        session = self.session
+        if session is not None:
+            session.on_flush_request = None
+            session.cancel_scope = None
+        self.protocol_error = None
 
     def log_closed(self, reason: str) -> None:
         session = self.session

@@ -24,7 +24,7 @@ from gateway.config import TlsMode, WebSocketListenerConfig
 from gateway.core.connection import serve_wire
 from gateway.core.context import ServerContext
 from gateway.net.tcp import PrefixStream, open_listeners, peer_of
-from gateway.net.transport import PeerInfo
+from gateway.net.transport import PeerInfo, release_tls
 from gateway.net.wire import MessageWire
 from gateway.xmpp.framing import WebSocketFraming
 from gateway.xmpp.proxy_protocol import is_trusted
@@ -156,9 +156,9 @@ async def serve_websocket(
             if listener.tls is TlsMode.DIRECT:
                 assert ctx.ssl_context is not None
                 tls = trio.SSLStream(stream, ctx.ssl_context, server_side=True)
+                inner = tls  # closed (and released) below, also after a failed handshake
                 with trio.fail_after(REQUEST_HEAD_TIMEOUT):
                     await tls.do_handshake()
-                inner = tls
                 tcp_peer = PeerInfo(tcp_peer.ip, tcp_peer.port, secure=True)
             raw = await read_request_head(inner)
             parsed = parse_head(raw) if raw is not None else None
@@ -180,11 +180,20 @@ async def serve_websocket(
                 await inner.send_all(_http_response("404 Not Found", b"not found\n"))
                 return
             await _serve_upgrade(ctx, listener, PrefixStream(raw, inner), tcp_peer, headers)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            OSError,
+            ConnectionClosed,
+        ):
+            # A peer that went away during the handshake: nothing to answer. (Anything
+            # escaping here would end serve_listeners, and the whole gateway with it.)
             pass
         finally:
             with trio.move_on_after(1, shield=True):
                 await trio.aclose_forcefully(inner)
+            release_tls(inner)
 
     await trio.serve_listeners(handle, listeners, handler_nursery=handler_nursery)
 
@@ -210,7 +219,8 @@ async def _serve_upgrade(
             # RFC 7395 section 3.1: the xmpp subprotocol is required. The library's reader
             # task would wait for the client to leave: end it, and with it the socket.
             log.info("websocket_rejected", reason="no xmpp subprotocol")
-            with trio.move_on_after(REQUEST_HEAD_TIMEOUT):
+            with trio.move_on_after(REQUEST_HEAD_TIMEOUT), contextlib.suppress(ConnectionClosed):
+                # (The client may be gone already: nothing to tell it then.)
                 await request.reject(400, body=b"the xmpp WebSocket subprotocol is required\n")
             ws_nursery.cancel_scope.cancel()
             return

@@ -5,20 +5,22 @@ Theory of operation
 `serve_connection` owns one accepted transport and, once a resource is bound, the
 `Session` and its XEP-0198 `SMState` for the session's whole life.
 
-1. Negotiation, under `general.negotiation_timeout`: read bytes, feed the parser, hand
-   events to the pure `C2SNegotiation`, perform its actions (STARTTLS, the credential lookup
-   in a worker thread, binding through the router, a `<resume/>`) and write its output.
-2. Serving (`_serve_transport`): a nursery with the reader (this task's body), a single
-   writer task draining the session's bounded outgoing channel into batched socket writes,
-   and, for a resumable session, the `watch` task that receives a handover from a newer
-   connection. Others only `Session.send()` (into the SM buffer and the channel) or
-   `Session.close()` (cancels the serving scope).
+1. Negotiation, under `general.negotiation_timeout` (`gateway.core.negotiate`): the pure
+   `C2SNegotiation` driven over the wire until a resource is bound (the session is made
+   here, `_bind`), a session resumed (this transport is lent to it) or the stream closed.
+2. Serving, one `Pump` per transport (`gateway.core.pump`): the reader (this task's
+   body), a single writer draining the session's bounded outgoing channel into batched
+   socket writes, the ack timer, and companions: the offline flush (`FlushPacer`) and,
+   for a resumable session, the `watch` for a handover from a newer connection. Others
+   only `Session.send()` (into the SM buffer and the channel) or `Session.close()`
+   (cancels the serving scope).
 3. When the transport is lost (EOF, socket error, or an `<r/>` unanswered for
    `ack_timeout`: the writer sets a deadline on the reader's scope) and the session is
-   resumable, the task parks in `resume_session`: the session stays in the router, stanzas
-   keep going into its SM buffer, and it waits up to the granted `max` for a `Handover` on
-   its slot's channel. A handover is adopted: `<resumed/>`, the client's h applied, the rest
-   of the buffer resent in order, then back to 2 on the lent transport.
+   resumable, the task parks in `resume_session` (`gateway.core.resume`): the session stays
+   in the router, stanzas keep going into its SM buffer, and it waits up to the granted
+   `max` for a `Handover` on its slot's channel. A handover is adopted: `<resumed/>`, the
+   client's h applied, the rest of the buffer resent in order, then back to 2 on the lent
+   transport.
 4. Otherwise the session ends (`gateway.core.ending`): it leaves the router and `sm_session`,
    records its h in `stale_h` when enabled, broadcasts unavailable presence, and hands
    every unacked stanza back to the router (messages rerouted or stored offline, iq
@@ -38,8 +40,6 @@ same end path, shielded, so stanzas are handed back before the task exits.
 from __future__ import annotations
 
 import contextlib
-import enum
-import math
 import random
 import secrets
 import ssl
@@ -52,37 +52,23 @@ import trio
 from gateway.config import ListenerConfig, TlsMode
 from gateway.core.context import ServerContext
 from gateway.core.ending import end_session, record_stale_h
+from gateway.core.negotiate import TLS_HANDSHAKE_TIMEOUT, Negotiated, Negotiator
+from gateway.core.offline import FlushPacer
 from gateway.core.presence import handle_presence
-from gateway.core.resume import Handover, ResumeSlot
-from gateway.core.session import ACK_REQUEST, CloseRequest, Session, SessionType
-from gateway.errors import (
-    JIDError,
-    RemoteProtocolError,
-    StanzaError,
-    StanzaErrorCondition,
-    StreamErrorCondition,
-)
+from gateway.core.pump import Outcome, Pump
+from gateway.core.reading import StanzaTimer
+from gateway.core.resume import Handover, ResumeSlot, accept_handover, wait_parked, watch
+from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session, SessionType
+from gateway.errors import RemoteProtocolError, StanzaError, StreamErrorCondition
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
 from gateway.storage.base import SmSessionRecord
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from gateway.xmpp.jid import JID
-from gateway.xmpp.negotiation import (
-    Action,
-    Authenticated,
-    BindRequested,
-    C2SNegotiation,
-    CheckPassword,
-    LookupCredentials,
-    NegotiationSettings,
-    Output,
-    ResumeRequested,
-    StartTls,
-    StreamEnded,
-)
-from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened, StreamParser
+from gateway.xmpp.intake import Refused, accept_stanza
+from gateway.xmpp.negotiation import BindRequested, C2SNegotiation, NegotiationSettings, Output
+from gateway.xmpp.parser import Event, StreamParser
 from gateway.xmpp.sm import (
     AckBehind,
     HandledCountTooHigh,
@@ -92,45 +78,21 @@ from gateway.xmpp.sm import (
     handled_count_too_high,
     parse_ack,
     parse_enable,
-    parse_resume,
     resumed,
 )
-from gateway.xmpp.stanza import IQ_TYPES, StanzaKind, error_reply, stanza_kind
+from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
 
 log = structlog.get_logger(module=__name__)
 
-CLOSE_GRACE = 2.0  # seconds to write the closing bytes to a live transport
-TLS_HANDSHAKE_TIMEOUT = 15.0
 NEGOTIATION_JITTER = 0.2  # part of negotiation_timeout added at random to each deadline
-FLUSH_CHUNK = 100  # offline messages popped per step of a flush
-FLUSH_MEMORY_FACTOR = 4  # memory per stored byte assumed when pacing a flush
-
-
-class Outcome(enum.Enum):
-    """How serving one transport ended."""
-
-    CLIENT_CLOSED = "client_closed"
-    TRANSPORT_LOST = "transport_lost"
-    ACK_TIMEOUT = "ack_timeout"
-    CLOSE_REQUESTED = "close_requested"
-    PROTOCOL_ERROR = "protocol_error"
-    HANDOVER = "handover"
-
-
-class Negotiated(enum.Enum):
-    BOUND = "bound"
-    RESUMED = "resumed"
-    CLIENT_CLOSED = "client_closed"
 
 
 class Connection:
     """State of one connection task (owned by it; see module docstring)."""
 
-    def __init__(self, ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int) -> None:
+    def __init__(self, ctx: ServerContext, wire: Wire, *, tls: TlsMode) -> None:
         self.ctx = ctx
         self.wire = wire
-        self.tls = tls
-        self.port = port
         self.conn_id = secrets.token_hex(4)
         cfg = ctx.config.general
         tls_possible = (
@@ -149,33 +111,23 @@ class Connection:
                 stream_management=True,
             )
         )
+        self.timer = StanzaTimer(cfg.stanza_timeout)
+        self.negotiator = Negotiator(
+            ctx, wire, self.negotiation, self.timer, self.conn_id, self._bind
+        )
         self.session: Session | None = None
         self.slot: ResumeSlot | None = None
         self.scope = trio.CancelScope()
         self.close_request: CloseRequest | None = None
+        # Events for the next pump: pipelined after the bind request or the <resume/>.
         self.pending: list[Event] = []
         self.outgoing_receive: trio.MemoryReceiveChannel[Element] | None = None
-        self.serve_nursery: trio.Nursery | None = None
-        self.ack_scope: trio.CancelScope | None = None
-        self.handover_in: Handover | None = None  # received while serving
+        self.pump: Pump | None = None  # while a transport is served
+        self.flush: FlushPacer | None = None  # once bound
         self.lent_from: Handover | None = None  # the handover whose transport we use
-        self.lent_to: Handover | None = None  # our transport, lent to a parked session
-        self.claiming: Handover | None = None  # offered, waiting for the session's answer
-        self.writer_lost = False
-        self.in_flight: list[Element] = []
-        # The writer's write in progress, and whether one was cut off mid-way (see _writer).
-        self.write_scope: trio.CancelScope | None = None
-        self.write_cut = False
+        # When the <r/> after a resend on resumption was written (the next pump's timer).
         self.request_sent_at: float | None = None
-        self.flushing = False
-        # Set when the writer wrote or the client acked: room for more offline messages.
-        self.room_changed = trio.Event()
-        self.protocol_error: RemoteProtocolError | None = None
         self.stanzas_in = 0
-        self.restarted = False  # the last negotiation event restarted the stream
-        self.auth_refused = False  # the last SASL failure was the lockout's refusal
-        # The unfinished stanza being timed: (wire, its offset, since when), see _read_events.
-        self.unfinished: tuple[Wire, int, float] | None = None
         self.started = time.monotonic()
         # While parked: when resumption ends (trio clock). Set before parking to override
         # the granted max (a session taken back from a hand-off keeps its deadline).
@@ -188,11 +140,16 @@ class Connection:
         self.finished = trio.Event()
 
     @property
+    def lent_to(self) -> Handover | None:
+        """Our transport, lent to the resumed session that accepted it."""
+        return self.negotiator.lent_to
+
+    @property
     def is_lending(self) -> bool:
         """Our transport is (or may be about to be) used by a resumed session: this task
         must not return before that session is done with it (the listener closes the
         socket when the task returns)."""
-        return self.lent_to is not None or self.claiming is not None
+        return self.negotiator.lent_to is not None or self.negotiator.claiming is not None
 
     @property
     def is_resumable(self) -> bool:
@@ -200,6 +157,14 @@ class Connection:
         session = self.session
         sm = session.sm if session is not None else None
         return self.slot is not None and sm is not None and sm.resumable
+
+    def take_in_flight(self) -> list[Element]:
+        """What the writer was writing when serving ended (handed back without SM)."""
+        pump = self.pump
+        if pump is None:
+            return []
+        batch, pump.in_flight = pump.in_flight, []
+        return batch
 
     def _hands_off_at_shutdown(self) -> bool:
         return (
@@ -220,8 +185,7 @@ class Connection:
         """
         sm = session.sm
         assert sm is not None and sm.smid is not None and sm.max is not None
-        self.session = session
-        session.on_flush_request = self._start_flush
+        self._own(session)
         self.slot = self.ctx.resume.create(sm.smid, session.bare_jid, session)
         self.handoff_epoch = epoch
         self.snapshot_peer = peer
@@ -244,22 +208,17 @@ class Connection:
             self.close_request = CloseRequest(condition, text)
         self.scope.cancel()
 
-    # -- I/O helpers ----------
-
-    async def _flush(self) -> None:
-        """Write what the negotiation queued."""
-        await self.wire.write(self.negotiation.take_output())
-
     async def _close_transport(self, final: Sequence[Output]) -> None:
         """Write `final` (best effort, bounded) and close the current wire; never raises
         for a transport that is already gone."""
+        cut = self.pump is not None and self.pump.write_cut
         try:
             with (
                 trio.move_on_after(CLOSE_GRACE, shield=True),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
             ):
                 try:
-                    if final and not self.write_cut:
+                    if final and not cut:
                         await self.wire.write(final)
                 finally:
                     await self.wire.aclose()
@@ -269,117 +228,13 @@ class Connection:
                 self.lent_from.done.set()
                 self.lent_from = None
 
-    # -- phase 1: negotiation ----------
+    # -- phase 1: negotiation (gateway.core.negotiate); binding makes the session ----------
 
-    async def negotiate(self) -> Negotiated:
-        """Run the negotiation until a resource is bound or a session resumed."""
-        neg = self.negotiation
-        while not neg.is_established:
-            events = await self._read_events()
-            for index in range(len(events)):
-                failures = neg.auth_failures
-                try:
-                    result = await self._negotiate_event(events, index)
-                finally:
-                    # Also when the failure ended the stream (max_auth_failures).
-                    if neg.auth_failures > failures:
-                        self._auth_failed()
-                if result is not None:
-                    return result
-                if self.restarted:
-                    break  # the parser was reset: a new stream starts
-        return Negotiated.BOUND
-
-    async def _negotiate_event(self, events: list[Event], index: int) -> Negotiated | None:
-        """Handle `events[index]`; a result when negotiation is over. Sets `restarted`
-        when the stream restarts (the rest of `events` is then not the new stream's)."""
-        neg = self.negotiation
-        self.restarted = False
-        actions = neg.receive(events[index])
-        await self._flush()
-        restart = False
-        for action in actions:
-            if isinstance(action, StartTls):
-                assert self.ctx.ssl_context is not None
-                self._check_restart_point(events, index)
-                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                    await self.wire.start_tls(self.ctx.ssl_context)
-                self.wire.restart()
-                self.unfinished = None
-                neg.tls_established()
-                restart = True
-            elif isinstance(action, LookupCredentials | CheckPassword):
-                actions_after = await self._check_credentials(action)
-                await self._flush()
-                if any(isinstance(a, Authenticated) for a in actions_after):
-                    self._check_restart_point(events, index)
-                restart = self._after_auth(actions_after)
-            elif isinstance(action, Authenticated):
-                self._check_restart_point(events, index)
-                restart = self._after_auth([action])
-            elif isinstance(action, BindRequested):
-                await self._bind(action)
-                # Stanzas pipelined after the bind request are the session's.
-                self.pending = events[index + 1 :]
-                return Negotiated.BOUND
-            elif isinstance(action, ResumeRequested):
-                if await self._resume(action.element, events[index + 1 :]):
-                    return Negotiated.RESUMED
-            elif isinstance(action, StreamEnded):
-                return Negotiated.CLIENT_CLOSED
-        self.restarted = restart
-        return None
-
-    async def _check_credentials(self, action: LookupCredentials | CheckPassword) -> list[Action]:
-        """Check SASL credentials, unless the address is locked out for this account."""
-        neg = self.negotiation
-        lockout = self.ctx.lockout
-        if lockout is not None:
-            account = f"{action.username}@{action.host}"
-            wait = lockout.refusal(self.wire.peer.ip, account, trio.current_time())
-            if wait is not None:
-                self.auth_refused = True
-                log.info("auth_locked_out", retry_after=math.ceil(wait))
-                return neg.refuse_credentials(
-                    f"too many failed attempts; try again in {math.ceil(wait)} seconds"
-                )
-        if isinstance(action, CheckPassword):
-            return neg.password_checked(await self.ctx.check_password(action))
-        return neg.provide_credentials(await self.ctx.lookup_credentials(action))
-
-    def _auth_failed(self) -> None:
-        """A SASL attempt failed: log it and count it for the lockout (a refusal by the
-        lockout itself is not counted again)."""
-        neg = self.negotiation
-        log.info("auth_failed", failures=neg.auth_failures)
-        refused, self.auth_refused = self.auth_refused, False
-        username = neg.failed_username
-        if refused or username is None or neg.host is None or self.ctx.lockout is None:
-            return
-        self.ctx.lockout.failed(self.wire.peer.ip, f"{username}@{neg.host}", trio.current_time())
-
-    def _check_restart_point(self, events: list[Event], index: int) -> None:
-        """RFC 6120 5.4.3.3 / 6.4.6: nothing may follow <starttls/> or a successful SASL
-        exchange before the stream restart; say so instead of hanging on lost bytes."""
-        if index + 1 < len(events) or self.wire.has_partial_data:
-            raise RemoteProtocolError(
-                StreamErrorCondition.POLICY_VIOLATION, "data was pipelined across a stream restart"
-            )
-
-    def _after_auth(self, actions: Sequence[object]) -> bool:
-        for action in actions:
-            if isinstance(action, Authenticated):
-                if self.ctx.lockout is not None:
-                    self.ctx.lockout.succeeded(
-                        self.wire.peer.ip, str(action.jid), trio.current_time()
-                    )
-                self.wire.set_max_stanza_size(self.ctx.config.general.max_stanza_size)
-                self.wire.restart()
-                self.unfinished = None
-                bind_jid(str(action.jid))
-                log.info("authenticated", mechanism=self.negotiation.mechanism)
-                return True
-        return False
+    def _own(self, session: Session) -> None:
+        """Become the owner task of `session` (bound now, or taken back from a snapshot)."""
+        self.session = session
+        self.flush = FlushPacer(self.ctx.router.offline, session)
+        session.on_flush_request = self._start_flush
 
     def _new_outgoing(self, session: Session) -> None:
         send_channel, receive_channel = trio.open_memory_channel[Element](
@@ -408,259 +263,46 @@ class Connection:
         if self.close_request is not None:
             session.close_request = self.close_request
         full = self.ctx.router.bind(session, neg.jid, action.resource)
-        self.session = session
-        session.on_flush_request = self._start_flush
+        self._own(session)
         neg.bind_result(action.iq, full)
         bind_jid(str(full))
         log.info("resource_bound")
-        await self._flush()
+        await self.negotiator.flush()
 
-    async def _resume(self, element: Element, pipelined: list[Event]) -> bool:
-        """The lender's side of XEP-0198 section 5: hand this transport to the session."""
-        neg = self.negotiation
-        assert neg.jid is not None
-        try:
-            request = parse_resume(element)
-        except SmError as exc:
-            neg.send(failed(exc.condition))
-            await self._flush()
-            return False
-        if not self.ctx.config.modules.mod_stream_management.buffer:
-            # XEP-0198 section 5: a server that does not support resumption answers
-            # feature-not-implemented (without a buffer nothing could be resent).
-            neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
-            await self._flush()
-            return False
-        handover = Handover(
-            wire=self.wire,
-            negotiation=neg,
-            pending=pipelined,
-            h=request.h,
-            conn_id=self.conn_id,
-        )
-        slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
-        if slot is not None:
-            log.info(
-                "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id
-            )
-            self.claiming = handover
-            try:
-                await handover.accepted.wait()
-            finally:
-                self.claiming = None
-            if handover.resumed:
-                self.lent_to = handover
-                return True
-        stale = await self._stale_h_for(request.previd, neg.jid)
-        log.info("sm_resume_failed", smid=request.previd, stale_h=stale)
-        # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
-        neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
-        await self._flush()
-        return False
-
-    async def _stale_h_for(self, smid: str, jid: JID) -> int | None:
-        if not self.ctx.config.modules.mod_stream_management.stale_h.enabled:
-            return None
-        entry = await self.ctx.stale_h.get(smid)
-        if entry is None or entry.jid != str(jid):
-            return None
-        return entry.h
-
-    # -- phase 2: serving a transport ----------
+    # -- phase 2: serving a transport (gateway.core.pump) ----------
 
     async def _serve_transport(self) -> Outcome:
         """Serve the session on the current transport until something ends it."""
-        session = self.session
-        assert session is not None
-        self.writer_lost = False
-        self.write_cut = False
-        self.protocol_error = None
-        self.handover_in = None
-        outcome = Outcome.CLOSE_REQUESTED
-        with trio.CancelScope() as serve_scope:
-            session.cancel_scope = serve_scope
-            if session.close_request is not None:
-                serve_scope.cancel()
-            async with trio.open_nursery() as nursery:
-                self.serve_nursery = nursery
-                nursery.start_soon(self._writer)
-                if session.flush_pending:
-                    self._start_flush()
-                if self.slot is not None:
-                    nursery.start_soon(self._watch, self.slot)
-                try:
-                    outcome = await self._reader()
-                except RemoteProtocolError as exc:
-                    self.protocol_error = exc
-                    outcome = Outcome.PROTOCOL_ERROR
-                except (TransportLost, trio.BrokenResourceError, trio.ClosedResourceError):
-                    outcome = Outcome.TRANSPORT_LOST
-                except OSError:
-                    outcome = Outcome.TRANSPORT_LOST
-                finally:
-                    self._bound_write()
-                nursery.cancel_scope.cancel()
-        self.serve_nursery = None
-        if self._received_handover() is not None:
-            return Outcome.HANDOVER
-        if session.close_request is not None:
-            return Outcome.CLOSE_REQUESTED
-        if self.writer_lost:
-            return Outcome.TRANSPORT_LOST
-        return outcome
-
-    def _received_handover(self) -> Handover | None:
-        # A method, so type checkers do not narrow the attribute the watch task sets.
-        return self.handover_in
-
-    async def _reader(self) -> Outcome:
-        outcome = Outcome.ACK_TIMEOUT
-        with trio.CancelScope() as ack_scope:
-            # Only the ack deadline (set by the writer after an <r/>) cancels this scope.
-            self.ack_scope = ack_scope
-            ack_timeout = self.ctx.config.modules.mod_stream_management.ack_timeout
-            if self.request_sent_at is not None and ack_timeout:
-                # The <r/> that followed a resend on resumption was written before this
-                # reader existed.
-                ack_scope.deadline = self.request_sent_at + ack_timeout
-            self.request_sent_at = None
-            outcome = await self._read_loop()
-        self.ack_scope = None
-        return outcome
-
-    async def _read_loop(self) -> Outcome:
-        events, self.pending = self.pending, []
-        while True:
-            for event in events:
-                if isinstance(event, ElementReceived):
-                    await self._on_element(event.element)
-                elif isinstance(event, StreamClosed):
-                    return Outcome.CLIENT_CLOSED
-                elif isinstance(event, StreamOpened):
-                    raise RemoteProtocolError(
-                        StreamErrorCondition.NOT_WELL_FORMED, "stream header inside the stream"
-                    )
-            events = await self._read_events()
-
-    async def _read_events(self) -> list[Event]:
-        """The next parser events from the wire. A stanza that stays unfinished for
-        `general.stanza_timeout` (a peer holding memory with a half stanza) is a
-        `policy-violation`, before and after authentication."""
-        wire = self.wire
-        offset = wire.unfinished_at
-        if offset is None:
-            self.unfinished = None
-            return await wire.read_events()
-        since = trio.current_time()
-        if self.unfinished is not None and self.unfinished[:2] == (wire, offset):
-            since = self.unfinished[2]
-        self.unfinished = (wire, offset, since)
-        with trio.move_on_at(since + self.ctx.config.general.stanza_timeout):
-            return await wire.read_events()
-        raise RemoteProtocolError(
-            StreamErrorCondition.POLICY_VIOLATION, "a stanza stayed unfinished too long"
+        session, receive = self.session, self.outgoing_receive
+        assert session is not None and receive is not None
+        pending, self.pending = self.pending, []
+        request_sent_at, self.request_sent_at = self.request_sent_at, None
+        pacer = self.flush
+        pump = Pump(
+            self.ctx.config,
+            self.wire,
+            session,
+            receive,
+            self.timer,
+            self._on_element,
+            pacer.note_room if pacer is not None else _nothing,
+            pending=pending,
+            request_sent_at=request_sent_at,
         )
+        self.pump = pump
 
-    async def _writer(self) -> None:
-        receive = self.outgoing_receive
-        assert receive is not None
-        ack_timeout = self.ctx.config.modules.mod_stream_management.ack_timeout
-        try:
-            async for element in receive:
-                batch = [element]
-                while True:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                # Until the write returns, the batch is in flight: handed back (without SM)
-                # if the session ends meanwhile, so nothing vanishes mid-write.
-                self.in_flight = batch
-                requested = any(e is ACK_REQUEST for e in batch)
-                # A write is not cut short when serving ends (half a stanza would make the
-                # stream error that follows unreadable); _bound_write gives it a deadline.
-                with trio.CancelScope(shield=True) as write_scope:
-                    self.write_scope = write_scope
-                    await self.wire.write(batch)
-                self.write_scope = None
-                if write_scope.cancelled_caught:
-                    # The grace ran out mid-write: nothing more may go on this stream.
-                    self.write_cut = True
-                    return
-                self.in_flight = []
-                if self.session is not None:
-                    self.session.queued_bytes -= sum(e.size for e in batch)
-                self.room_changed.set()
-                scope = self.ack_scope
-                if requested and ack_timeout and scope is not None and scope.deadline == math.inf:
-                    scope.deadline = trio.current_time() + ack_timeout
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            self.writer_lost = True
-            if self.session is not None and self.session.cancel_scope is not None:
-                self.session.cancel_scope.cancel()
+        def start(nursery: trio.Nursery) -> None:
+            if session.flush_pending:
+                self._start_flush()
+            if self.slot is not None:
+                nursery.start_soon(watch, self.slot, pump.receive_handover)
 
-    def _bound_write(self) -> None:
-        """Serving ends: a write in progress may finish within CLOSE_GRACE, no longer."""
-        scope = self.write_scope
-        if scope is not None and scope.deadline == math.inf:
-            scope.deadline = trio.current_time() + CLOSE_GRACE
+        return await pump.serve(start)
 
     def _start_flush(self) -> None:
         """Start the offline flush on the serving nursery (one at a time per session)."""
-        if self.flushing or self.serve_nursery is None or self.ctx.router.offline is None:
-            return  # already running, or it starts when serving (re)starts
-        self.flushing = True
-        self.serve_nursery.start_soon(self._flush_offline)
-
-    def _flush_room(self) -> tuple[int, int]:
-        """How many offline messages, and how many stored bytes of them, fit now without
-        overflowing the queue or the SM buffer (a quarter of each is left to live traffic)."""
-        session = self.session
-        if session is None or session.outgoing is None:
-            return 0, 0
-        stats = session.outgoing.statistics()
-        room = int(stats.max_buffer_size) - stats.current_buffer_used - 1
-        room_bytes = session.max_queued_bytes * 3 // 4 - session.queued_bytes
-        sm = session.sm
-        if sm is not None and sm.buffering:
-            if sm.buffer_max is not None:
-                room = min(room, sm.buffer_max - sm.buffer_size - sm.buffer_max // 4)
-            if sm.buffer_max_bytes is not None:
-                room_bytes = min(room_bytes, sm.buffer_max_bytes * 3 // 4 - sm.buffer_bytes)
-        # Stored bytes are wire bytes; in memory a message takes a few times more.
-        return min(room, FLUSH_CHUNK), room_bytes // FLUSH_MEMORY_FACTOR
-
-    async def _flush_offline(self) -> None:
-        """XEP-0160 flush paced by the client: only what fits, more as it acks/reads."""
-        session = self.session
-        offline = self.ctx.router.offline
-        assert session is not None and offline is not None
-        try:
-            while session.flush_pending:
-                room, room_bytes = self._flush_room()
-                if room <= 0 or room_bytes <= 0:
-                    self.room_changed = trio.Event()
-                    await self.room_changed.wait()
-                    continue
-                # Made before the flush: the writer may make room while it runs.
-                room_changed = self.room_changed = trio.Event()
-                sent, more = await offline.flush(session, room, room_bytes)
-                if not more and session.close_request is None:
-                    # (A closing session refused some: they went back to the store, and
-                    # a hand-off must still flush them after the resume.)
-                    session.flush_pending = False
-                elif more and not sent:
-                    # The next message does not fit yet: wait for the client to read.
-                    await room_changed.wait()
-        finally:
-            self.flushing = False
-
-    async def _watch(self, slot: ResumeSlot) -> None:
-        """Receive a handover while still serving; only cancels the serving scope (C9)."""
-        handover = await slot.receive_channel.receive()
-        self.handover_in = handover
-        assert self.session is not None and self.session.cancel_scope is not None
-        self.session.cancel_scope.cancel()
+        if self.flush is not None:
+            self.flush.start(self.pump.nursery if self.pump is not None else None)
 
     async def _on_element(self, element: Element) -> None:
         session = self.session
@@ -679,43 +321,11 @@ class Connection:
 
     async def _on_stanza(self, session: Session, kind: StanzaKind, element: Element) -> None:
         assert session.full_jid is not None
-        if kind is StanzaKind.IQ and (
-            element.get("id") is None or element.get("type") not in IQ_TYPES
-        ):
-            # RFC 6120 8.1.3 / 8.2.3: an iq needs an id and a known type.
-            if element.get("type") != "error":
-                session.send(
-                    error_reply(
-                        element.replace_attrs(**{"from": str(session.full_jid)}),
-                        StanzaErrorCondition.BAD_REQUEST,
-                        text="an iq needs an id and a type of get, set, result or error",
-                        from_=session.host or "",
-                    )
-                )
+        stanza = accept_stanza(element, kind, session.full_jid, session.host or "")
+        if isinstance(stanza, Refused):
+            if stanza.reply is not None:
+                session.send(stanza.reply)
             return
-        full = str(session.full_jid)
-        claimed = element.get("from")
-        if claimed is not None and claimed != full:
-            try:
-                claimed_jid = JID.parse(claimed)
-            except JIDError as exc:
-                raise RemoteProtocolError(StreamErrorCondition.INVALID_FROM) from exc
-            if claimed_jid not in (session.full_jid, session.full_jid.bare()):
-                # RFC 6120 section 8.1.2.1: a client may not send as another entity.
-                raise RemoteProtocolError(StreamErrorCondition.INVALID_FROM)
-        stanza = element.replace_attrs(**{"from": full})
-        to = stanza.get("to")
-        if to is not None:
-            try:
-                JID.parse(to)
-            except JIDError:
-                if stanza.get("type") != "error":
-                    session.send(
-                        error_reply(
-                            stanza, StanzaErrorCondition.JID_MALFORMED, from_=session.host or ""
-                        )
-                    )
-                return
         try:
             if kind is StanzaKind.PRESENCE:
                 await handle_presence(self.ctx.router, session, stanza)
@@ -753,9 +363,10 @@ class Connection:
                 ) from exc
             except AckBehind:
                 log.debug("sm_ack_behind", h=h)
-            if self.ack_scope is not None:
-                self.ack_scope.deadline = math.inf  # the client is alive
-            self.room_changed.set()
+            if self.pump is not None:
+                self.pump.client_alive()
+            if self.flush is not None:
+                self.flush.note_room()
         elif name == "resume":
             # XEP-0198 section 5: resumption comes instead of binding, not after it.
             session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
@@ -798,81 +409,33 @@ class Connection:
             await self.ctx.sm_sessions.register(
                 SmSessionRecord(smid, str(session.bare_jid), "local", trio.current_time())
             )
-            if self.serve_nursery is not None:
-                self.serve_nursery.start_soon(self._watch, self.slot)
+            pump = self.pump
+            if pump is not None and pump.nursery is not None:
+                pump.nursery.start_soon(watch, self.slot, pump.receive_handover)
             structlog.contextvars.bind_contextvars(smid=smid)
         log.info("sm_enabled", resume=smid is not None, max=granted)
 
-    # -- phase 3: resume_session ----------
+    # -- phase 3: resume_session (gateway.core.resume) ----------
 
     async def _park(self) -> Handover | None:
         """Wait (up to the granted max) for a resuming connection's handover."""
         session, slot = self.session, self.slot
         assert session is not None and slot is not None and session.sm is not None
-        session.outgoing = None  # stanzas now only enter the SM buffer
         self.outgoing_receive = None
-        now = trio.current_time()
-        for victim in self.ctx.resume.park(slot, now):
-            log.info(
-                "sm_parked_session_evicted", smid=victim.smid, victim_conn_id=victim.session.conn_id
-            )
-            victim.session.close(None, "too many parked sessions")
         deadline = self.resume_deadline
         if deadline is None:
-            deadline = now + (session.sm.max or 0)
+            deadline = trio.current_time() + (session.sm.max or 0)
         self.resume_deadline = deadline
-        log.info(
-            "session_parked",
-            timeout=round(max(deadline - now, 0.0), 3),
-            unacked=session.sm.buffer_size,
-        )
-        with trio.CancelScope(deadline=deadline) as park_scope:
-            session.cancel_scope = park_scope
-            if session.close_request is not None:
-                park_scope.cancel()
-            return await slot.receive_channel.receive()
-        return None
+        return await wait_parked(self.ctx.resume, slot, session, deadline)
 
     async def _adopt(self, handover: Handover) -> bool:
         """Serve `handover`'s transport: <resumed/>, apply h, resend the rest (section 5)."""
         session, slot = self.session, self.slot
         assert session is not None and slot is not None and session.sm is not None
-        sm = session.sm
-        neg = handover.negotiation
-        if session.close_request is not None:
-            # Someone ended this session (a bind conflict, shutdown, eviction, overflow)
-            # in the same step as the claim: the resume fails, the session ends.
-            handover.resumed = False
-            handover.accepted.set()
+        resend = await accept_handover(session, handover)
+        if resend is None:
             return False
-        try:
-            resend = sm.resume(handover.h)
-        except AckBehind:
-            resend = sm.unacked()
-        except SmError:
-            # No longer resumable (its buffer overflowed while parked): the lender answers
-            # <failed/>, and this session ends and reroutes.
-            handover.resumed = False
-            handover.accepted.set()
-            return False
-        except HandledCountTooHigh as exc:
-            log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
-            handover.resumed = False
-            neg.queue_stream_error(
-                StreamErrorCondition.UNDEFINED_CONDITION,
-                "you acknowledged more stanzas than were sent",
-                handled_count_too_high(exc.h, exc.send_count),
-            )
-            with trio.move_on_after(CLOSE_GRACE, shield=True):
-                with contextlib.suppress(
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
-                ):
-                    await handover.wire.write(neg.take_output())
-                await handover.wire.aclose()
-            handover.lost_transport = True
-            handover.accepted.set()
-            handover.done.set()
-            return False
+        sm, neg = session.sm, handover.negotiation
         # Switch this task to the lent stream (wire, negotiation state); from now on its
         # log lines carry the new peer (children spawned later inherit it).
         old_peer = str(self.wire.peer) if self.snapshot_peer is None else self.snapshot_peer
@@ -906,7 +469,7 @@ class Connection:
             old_peer=old_peer,
         )
         try:
-            await self._flush()
+            await self.wire.write(neg.take_output())
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # The new transport died at once: the reader notices and the session parks
             # again with everything still in its buffer.
@@ -932,7 +495,8 @@ class Connection:
             handover: Handover | None = None
             if outcome is Outcome.HANDOVER:
                 # XEP-0198 section 5: the old transport is still attached: close it first.
-                handover = self.handover_in
+                assert self.pump is not None
+                handover = self.pump.handover_in
                 self.negotiation.queue_stream_error(
                     StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
                 )
@@ -971,10 +535,10 @@ class Connection:
         neg = self.negotiation
         session = self.session
         request = session.close_request if session is not None else self.close_request
-        if outcome is Outcome.PROTOCOL_ERROR and self.protocol_error is not None:
-            exc = self.protocol_error
-            log.info("stream_error", condition=exc.condition.value, text=exc.text)
-            neg.queue_stream_error(exc.condition, exc.text, exc.extra)
+        error = self.pump.protocol_error if self.pump is not None else None
+        if outcome is Outcome.PROTOCOL_ERROR and error is not None:
+            log.info("stream_error", condition=error.condition.value, text=error.text)
+            neg.queue_stream_error(error.condition, error.text, error.extra)
             return neg.take_output()
         if outcome is Outcome.CLOSE_REQUESTED and request is not None and request.condition:
             neg.queue_stream_error(request.condition, request.text)
@@ -987,8 +551,9 @@ class Connection:
     def _reason(self, outcome: Outcome) -> str:
         session = self.session
         request = session.close_request if session is not None else None
-        if outcome is Outcome.PROTOCOL_ERROR and self.protocol_error is not None:
-            return self.protocol_error.condition.value
+        error = self.pump.protocol_error if self.pump is not None else None
+        if outcome is Outcome.PROTOCOL_ERROR and error is not None:
+            return error.condition.value
         if outcome is Outcome.CLOSE_REQUESTED and request is not None:
             return request.condition.value if request.condition else "closed"
         return outcome.value
@@ -1024,14 +589,16 @@ class Connection:
 
     def _release(self) -> None:
         """Drop the references that make this connection and its session a cycle (the
-        session's callbacks into this object, a kept exception and its traceback), so
-        both are freed by reference counting as soon as the task ends: with thousands
-        of connections, waiting for the cyclic collector means holding their memory."""
+        session's callbacks into this object, the pump's into it, a kept exception and
+        its traceback), so both are freed by reference counting as soon as the task
+        ends: with thousands of connections, waiting for the cyclic collector means
+        holding their memory."""
         session = self.session
         if session is not None:
             session.on_flush_request = None
             session.cancel_scope = None
-        self.protocol_error = None
+        self.pump = None
+        self.flush = None
 
     def log_closed(self, reason: str) -> None:
         session = self.session
@@ -1046,19 +613,23 @@ class Connection:
         )
 
 
+def _nothing() -> None:
+    """No offline flush to wake (a session without one)."""
+
+
 async def serve_connection(
     ctx: ServerContext, listener: ListenerConfig, transport: StreamTransport
 ) -> None:
     """Serve one accepted TCP connection (plain, STARTTLS, direct TLS, PROXY-unwrapped)."""
     cfg = ctx.config.general
-    # Until SASL succeeds only the small pre-authentication limit applies (_after_auth).
+    # Until SASL succeeds only the small pre-authentication limit applies.
     parser = StreamParser(max_stanza_size=cfg.pre_auth_max_stanza_size, max_depth=cfg.max_depth)
     await serve_wire(ctx, StreamWire(transport, parser), tls=listener.tls, port=listener.port)
 
 
 async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int) -> None:
     """Serve one client connection from accept to close (the per-connection boundary)."""
-    conn = Connection(ctx, wire, tls=tls, port=port)
+    conn = Connection(ctx, wire, tls=tls)
     bind_connection(conn.conn_id, str(wire.peer), wire.kind)
     log.info("connection_opened", listener_port=port)
     ctx.connections.add(conn)
@@ -1082,7 +653,7 @@ async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int)
             deadline = trio.current_time() + timeout * (1 + jitter)
             result = Negotiated.CLIENT_CLOSED
             with trio.CancelScope(deadline=deadline) as negotiation_scope:
-                result = await conn.negotiate()
+                result = await conn.negotiator.run()
             if negotiation_scope.cancelled_caught:
                 raise RemoteProtocolError(
                     StreamErrorCondition.CONNECTION_TIMEOUT, "negotiation took too long"

@@ -53,8 +53,7 @@ async def end_session(conn: Connection) -> None:
     if sm is not None and sm.buffering:
         leftovers = sm.unacked()
     elif conn.outgoing_receive is not None:
-        leftovers = [e for e in conn.in_flight if stanza_kind(e) is not None]
-        conn.in_flight = []
+        leftovers = [e for e in conn.take_in_flight() if stanza_kind(e) is not None]
         while True:
             try:
                 leftovers.append(conn.outgoing_receive.receive_nowait())

@@ -20,8 +20,8 @@ import trio
 from gateway.core.blocking import RunBlocking
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
+from gateway.storage.base import OfflineStore
 from gateway.storage.codec import decode_stanza, encode_stanza
-from gateway.storage.offline_sqlite import SqliteOfflineStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -84,7 +84,7 @@ class OfflineService:
 
     def __init__(
         self,
-        store: SqliteOfflineStore,
+        store: OfflineStore,
         run_blocking: RunBlocking,
         *,
         max_per_user: int,
@@ -196,3 +196,77 @@ class OfflineService:
         if sent:
             log.info("offline_flushed", count=sent)
         return sent, bool(rows)
+
+
+#: Offline messages popped per step of a flush.
+FLUSH_CHUNK = 100
+#: Memory per stored byte assumed when pacing a flush (stored bytes are wire bytes).
+FLUSH_MEMORY_FACTOR = 4
+
+
+class FlushPacer:
+    """The XEP-0160 flush of one session, paced by its client: only what fits in its
+    outgoing queue and SM buffer now (a quarter of each is left to live traffic), more as
+    it reads and acks. Owned by the session's connection task; one flush at a time.
+
+    Args:
+        offline: the offline service, or None when there is none.
+        session: the session flushed to.
+    """
+
+    def __init__(self, offline: OfflineService | None, session: Session) -> None:
+        self.offline = offline
+        self.session = session
+        self.flushing = False
+        #: Set when the writer wrote or the client acked: there may be room again.
+        self.room_changed = trio.Event()
+
+    def start(self, nursery: trio.Nursery | None) -> None:
+        """Start the flush on `nursery` (the serving one) unless it runs already; with no
+        nursery (not serving) it starts when serving (re)starts."""
+        if self.flushing or nursery is None or self.offline is None:
+            return
+        self.flushing = True
+        nursery.start_soon(self._run, self.offline)
+
+    def note_room(self) -> None:
+        """The writer wrote or the client acked."""
+        self.room_changed.set()
+
+    def room(self) -> tuple[int, int]:
+        """How many messages, and how many stored bytes of them, fit now."""
+        session = self.session
+        if session.outgoing is None:
+            return 0, 0
+        stats = session.outgoing.statistics()
+        room = int(stats.max_buffer_size) - stats.current_buffer_used - 1
+        room_bytes = session.max_queued_bytes * 3 // 4 - session.queued_bytes
+        sm = session.sm
+        if sm is not None and sm.buffering:
+            if sm.buffer_max is not None:
+                room = min(room, sm.buffer_max - sm.buffer_size - sm.buffer_max // 4)
+            if sm.buffer_max_bytes is not None:
+                room_bytes = min(room_bytes, sm.buffer_max_bytes * 3 // 4 - sm.buffer_bytes)
+        return min(room, FLUSH_CHUNK), room_bytes // FLUSH_MEMORY_FACTOR
+
+    async def _run(self, offline: OfflineService) -> None:
+        session = self.session
+        try:
+            while session.flush_pending:
+                room, room_bytes = self.room()
+                if room <= 0 or room_bytes <= 0:
+                    self.room_changed = trio.Event()
+                    await self.room_changed.wait()
+                    continue
+                # Made before the flush: the writer may make room while it runs.
+                room_changed = self.room_changed = trio.Event()
+                sent, more = await offline.flush(session, room, room_bytes)
+                if not more and session.close_request is None:
+                    # (A closing session refused some: they went back to the store, and
+                    # a hand-off must still flush them after the resume.)
+                    session.flush_pending = False
+                elif more and not sent:
+                    # The next message does not fit yet: wait for the client to read.
+                    await room_changed.wait()
+        finally:
+            self.flushing = False

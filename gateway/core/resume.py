@@ -29,17 +29,25 @@ limit evicts the oldest parked slot (its session ends cleanly and its stanzas ar
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 
-from gateway.core.session import Session
+from gateway.core.session import CLOSE_GRACE, Session
+from gateway.errors import StreamErrorCondition
 from gateway.net.wire import Wire
+from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import C2SNegotiation
 from gateway.xmpp.parser import Event
+from gateway.xmpp.sm import AckBehind, HandledCountTooHigh, SmError, handled_count_too_high
+
+log = structlog.get_logger(module=__name__)
 
 
 class SlotState(enum.Enum):
@@ -175,3 +183,82 @@ class ResumeRegistry:
         if jid is None:
             return len(self.parked)
         return len(self.parked_by_jid.get(jid, ()))
+
+
+async def wait_parked(
+    registry: ResumeRegistry, slot: ResumeSlot, session: Session, deadline: float
+) -> Handover | None:
+    """Park `session` (its transport is gone) until a resume's handover or `deadline`.
+
+    Parking may evict older parked sessions (the registry's limits): they are closed and
+    end normally. Stanzas routed meanwhile go into the session's SM buffer only. A close
+    of the session (`Session.close`) ends the wait at once.
+
+    Returns:
+        The handover, or None when the deadline passed or the session was closed.
+    """
+    assert session.sm is not None
+    session.outgoing = None  # stanzas now only enter the SM buffer
+    now = trio.current_time()
+    for victim in registry.park(slot, now):
+        log.info(
+            "sm_parked_session_evicted", smid=victim.smid, victim_conn_id=victim.session.conn_id
+        )
+        victim.session.close(None, "too many parked sessions")
+    log.info(
+        "session_parked",
+        timeout=round(max(deadline - now, 0.0), 3),
+        unacked=session.sm.buffer_size,
+    )
+    with trio.CancelScope(deadline=deadline) as park_scope:
+        session.cancel_scope = park_scope
+        if session.close_request is not None:
+            park_scope.cancel()
+        return await slot.receive_channel.receive()
+    return None
+
+
+async def accept_handover(session: Session, handover: Handover) -> list[Element] | None:
+    """Apply a resume's h to the session (XEP-0198 section 5) and decide.
+
+    Returns:
+        The stanzas to resend after `<resumed/>`, or None when the resume is refused:
+        the session was closed in the same step as the claim, or is no longer resumable
+        (the lender answers `<failed/>`), or the client's h acks more than was sent (its
+        transport is then closed here with `undefined-condition`). Either way the lender
+        has its answer (`accepted`, and `done` when its transport is gone).
+    """
+    sm = session.sm
+    assert sm is not None
+    if session.close_request is None:
+        try:
+            return sm.resume(handover.h)
+        except AckBehind:
+            return sm.unacked()
+        except SmError:
+            pass  # no longer resumable: its buffer overflowed while parked
+        except HandledCountTooHigh as exc:
+            log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
+            neg = handover.negotiation
+            neg.queue_stream_error(
+                StreamErrorCondition.UNDEFINED_CONDITION,
+                "you acknowledged more stanzas than were sent",
+                handled_count_too_high(exc.h, exc.send_count),
+            )
+            with trio.move_on_after(CLOSE_GRACE, shield=True):
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
+                    await handover.wire.write(neg.take_output())
+                await handover.wire.aclose()
+            handover.lost_transport = True
+            handover.done.set()
+    handover.resumed = False
+    handover.accepted.set()
+    return None
+
+
+async def watch(slot: ResumeSlot, on_handover: Callable[[Handover], None]) -> None:
+    """While the session is served: receive a resume's handover and pass it on (which
+    only ends the serving; the session task adopts it, STYLE C9)."""
+    on_handover(await slot.receive_channel.receive())

@@ -45,7 +45,7 @@ async def serve_revived(
     """
     snapshot, full = revivable.snapshot, revivable.full_jid
     cfg = ctx.config.modules.mod_stream_management
-    conn = Connection(ctx, DetachedWire(NO_PEER), tls=TlsMode.NONE, port=0)
+    conn = Connection(ctx, DetachedWire(NO_PEER), tls=TlsMode.NONE)
     bind_connection(conn.conn_id, snapshot.peer or "none", "none")
     bind_jid(str(full))
     structlog.contextvars.bind_contextvars(smid=snapshot.smid)

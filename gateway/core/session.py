@@ -25,6 +25,9 @@ from gateway.xmpp.sm import BufferOverflow, SMState, ack_request
 
 # The one <r/> element: the writer recognises it by identity to start the ack timer.
 ACK_REQUEST: Final = ack_request()
+#: Seconds a closing transport gets to write its last bytes (and a write in progress to
+#: finish) before it is closed regardless.
+CLOSE_GRACE: Final = 2.0
 
 
 class SessionType(enum.Enum):

@@ -12,7 +12,7 @@ from gateway.core.blocking import RunBlocking
 from gateway.core.router import Router
 from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaError, StanzaErrorCondition
-from gateway.storage.roster_sqlite import RosterItem, SqliteRosterStore
+from gateway.storage.base import RosterItem, RosterStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -23,7 +23,7 @@ MAX_GROUPS = 64
 
 
 class RosterService:
-    def __init__(self, store: SqliteRosterStore, run_blocking: RunBlocking) -> None:
+    def __init__(self, store: RosterStore, run_blocking: RunBlocking) -> None:
         self.store = store
         self.run_blocking = run_blocking
 

@@ -1,34 +1,61 @@
 """Storage protocols: what the core needs from a backend, whatever the backend is.
 
+Every store is a `Protocol` here, with a memory and an SQLite implementation (a later
+issue adds Redis and PostgreSQL); each protocol has a contract suite that every
+implementation runs (`tests/storage/test_*_contract.py`). The core names only these
+protocols; `app.py` picks the implementations.
+
 Two kinds of store live here:
 
-* Durable stores (accounts, offline messages) have synchronous methods. The core calls them
-  through `trio.to_thread.run_sync`, so an implementation must be safe to call from several
-  worker threads at once, and must not assume that the same thread calls it twice.
+* Durable stores (accounts, roster, offline messages, hand-off snapshots) have synchronous
+  methods. The core calls them through a `RunBlocking` runner (trio's worker threads in
+  production), so an implementation must be safe to call from several threads at once, and
+  must not assume that the same thread calls it twice. `close()` ends a store; any later
+  call raises `StorageError`.
 * The stream management tables (`sm_session`, `stale_h`; DESIGN section 3, the seed's
   MongooseIM tables) have async methods: the memory backend answers at once (each call is
-  still a trio checkpoint), the redis backend for clusters does network I/O. They are called
+  still a trio checkpoint), the SQLite backend runs its blocking work through a
+  `RunBlocking` runner, the redis backend for clusters does network I/O. They are called
   from trio tasks directly, never from threads. Like any trio I/O, a call made inside a
   cancelled scope raises `trio.Cancelled`, so cleanup in a `finally` (removing the
   `sm_session` record, writing `stale_h` when a session ends) must run shielded (STYLE C5).
 
 "Not found" is `None` (or `False`), never an exception; a backend that fails raises
-`StorageError`. Times in SM records are whatever clock the caller passes (the core passes
-`trio.current_time()`); the tables never read a clock.
+`StorageError` from any method (the docstrings below list only the other exceptions, and
+what a failure leaves behind). Times in SM records are whatever clock the caller passes
+(the core passes `trio.current_time()`); the tables never read a clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, TypeVarTuple, Unpack
 
 from gateway.xmpp.element import Element
-from gateway.xmpp.sasl import HashName, ScramCredentials
+from gateway.xmpp.sasl import DEFAULT_ITERATIONS, HashName, ScramCredentials
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+
+class RunBlocking(Protocol):
+    """How a blocking call runs from trio: `await run(fn, *args)` returns `fn(*args)`.
+
+    The same shape as `gateway.core.blocking.RunBlocking` (`in_threads`, or `inline` in
+    tests with a mock clock), defined here because storage does not import the core
+    (STYLE L2). Stores that do blocking work behind an async protocol (the SQLite SM
+    tables) take one, as the core's services do for the sync stores.
+    """
+
+    def __call__(self, fn: Callable[[Unpack[_Ts]], _T], *args: *_Ts) -> Awaitable[_T]: ...
+
+
+# -- accounts --------------------------------------------------------------------------------
 
 
 class CredentialStore(Protocol):
-    """Accounts' SCRAM credentials, looked up at login.
+    """Accounts as login sees them: SCRAM credentials and existence.
 
     Usernames are JID localparts, already normalised by the caller; hosts are domainparts.
     """
@@ -36,19 +63,125 @@ class CredentialStore(Protocol):
     def get_credentials(
         self, host: str, username: str, hash_name: HashName
     ) -> ScramCredentials | None:
-        """The stored SCRAM credentials for one hash, or None when there is no such account.
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """The stored SCRAM credentials for one hash, or None when there is no such account."""
         ...
 
     def user_exists(self, host: str, username: str) -> bool:
-        """Whether the account exists.
+        """Whether the account exists."""
+        ...
+
+
+class AccountStore(CredentialStore, Protocol):
+    """Accounts with their SCRAM-SHA-1 and SCRAM-SHA-256 credentials, never a password
+    (`gateway.xmpp.sasl.derive_scram_credentials`): login's view plus administration
+    (the `user` command).
+
+    Passwords must be PRECIS OpaqueStrings; PBKDF2 runs outside any lock the store holds.
+    """
+
+    def add_user(
+        self, host: str, username: str, password: str, *, iterations: int = DEFAULT_ITERATIONS
+    ) -> None:
+        """Create an account.
 
         Raises:
-            StorageError: the backend failed.
+            StorageError: the account exists, or the backend failed.
+            ValueError: the password is not a valid OpaqueString (e.g. empty).
         """
+        ...
+
+    def set_password(
+        self, host: str, username: str, password: str, *, iterations: int = DEFAULT_ITERATIONS
+    ) -> None:
+        """Replace an account's credentials.
+
+        Raises:
+            StorageError: there is no such account, or the backend failed.
+            ValueError: the password is not a valid OpaqueString.
+        """
+        ...
+
+    def remove_user(self, host: str, username: str) -> bool:
+        """Delete an account and its credentials; False when there was none."""
+        ...
+
+    def list_users(self, host: str | None = None) -> list[tuple[str, str]]:
+        """`(host, username)` of every account (of one host when given), sorted."""
+        ...
+
+    def import_users(
+        self,
+        entries: Iterable[tuple[str, str, str]],
+        *,
+        iterations: int = DEFAULT_ITERATIONS,
+        workers: int | None = None,
+    ) -> int:
+        """Create or update `(host, username, password)` accounts in one atomic step; when
+        one account appears twice, the last password wins.
+
+        Args:
+            entries: `(host, username, password)`; usernames already normalised.
+            iterations: PBKDF2 iteration count.
+            workers: processes deriving keys (default one per CPU); 1 derives in this one.
+
+        Returns:
+            The number of distinct accounts created or updated.
+
+        Raises:
+            StorageError: the backend failed (nothing is written).
+            ValueError: a password is not a valid OpaqueString (nothing is written; the
+                message names the account, never the password).
+        """
+        ...
+
+    def close(self) -> None:
+        """End the store; later calls raise `StorageError`. Idempotent."""
+        ...
+
+
+# -- roster (RFC 6121 section 2) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RosterItem:
+    """One contact in an account's roster.
+
+    Attributes:
+        contact: the contact's bare JID.
+        name: the user's name for the contact, if any.
+        subscription: "none", "to", "from" or "both" (RFC 6121 section 2.1.2.5).
+        groups: the roster groups, in the user's order.
+    """
+
+    contact: str
+    name: str | None = None
+    subscription: str = "none"
+    groups: tuple[str, ...] = ()
+
+
+class RosterStore(Protocol):
+    """Roster items per account (host, username), keyed by contact."""
+
+    def items(self, host: str, username: str) -> list[RosterItem]:
+        """The account's items, sorted by contact."""
+        ...
+
+    def upsert(self, host: str, username: str, item: RosterItem) -> RosterItem:
+        """Add or update an item and return it as stored: name and groups are the item's,
+        the subscription is the existing item's ("none" for a new one), whatever
+        `item.subscription` says (a roster set never changes subscriptions)."""
+        ...
+
+    def remove(self, host: str, username: str, contact: str) -> bool:
+        """Delete one item; False when there was none."""
+        ...
+
+    def remove_account(self, host: str, username: str) -> int:
+        """Delete every item of the account; returns how many there were."""
+        ...
+
+    def close(self) -> None:
+        """End the store; later calls raise `StorageError`. Idempotent."""
         ...
 
 
@@ -58,7 +191,7 @@ class CredentialStore(Protocol):
 class OfflineStore(Protocol):
     """Messages kept for an account while it has no available resource (XEP-0160).
 
-    Stanzas are opaque serialized XML (see `gateway.storage.offline_sqlite.encode_stanza`);
+    Stanzas are opaque serialized XML (see `gateway.storage.codec.encode_stanza`);
     `stamp` is the XEP-0203 delay timestamp the caller computed when the message arrived.
     """
 
@@ -77,7 +210,7 @@ class OfflineStore(Protocol):
         `max_bytes_per_user`. The check and the write are one atomic step.
 
         Raises:
-            StorageError: the backend failed.
+            ValueError: `max_per_user` is negative.
         """
         ...
 
@@ -91,7 +224,7 @@ class OfflineStore(Protocol):
         both get one message.
 
         Raises:
-            StorageError: the backend failed.
+            ValueError: `limit` is negative.
         """
         ...
 
@@ -105,19 +238,15 @@ class OfflineStore(Protocol):
         ...
 
     def count(self, host: str, username: str) -> int:
-        """How many messages the account holds.
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """How many messages the account holds."""
         ...
 
     def remove_account(self, host: str, username: str) -> int:
-        """Delete every message of the account; returns how many there were.
+        """Delete every message of the account; returns how many there were."""
+        ...
 
-        Raises:
-            StorageError: the backend failed.
-        """
+    def close(self) -> None:
+        """End the store; later calls raise `StorageError`. Idempotent."""
         ...
 
 
@@ -164,27 +293,15 @@ class SmSessionTable(Protocol):
     """SM id -> the resumable session behind it (the seed's `sm_session`)."""
 
     async def register(self, record: SmSessionRecord) -> None:
-        """Add the record, replacing any record with the same `smid`.
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """Add the record, replacing any record with the same `smid`."""
         ...
 
     async def lookup(self, smid: str) -> SmSessionRecord | None:
-        """The record for `smid`, or None.
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """The record for `smid`, or None."""
         ...
 
     async def remove(self, smid: str) -> bool:
-        """Delete the record for `smid`; False when there was none.
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """Delete the record for `smid`; False when there was none."""
         ...
 
 
@@ -195,25 +312,19 @@ class StaleHTable(Protocol):
         """Add the entry, replacing any entry with the same `smid`.
 
         A backend may bound its size and drop its oldest entries to make room.
-
-        Raises:
-            StorageError: the backend failed.
         """
         ...
 
     async def get(self, smid: str) -> StaleH | None:
-        """The entry for `smid`, or None (never stored, swept or dropped).
-
-        Raises:
-            StorageError: the backend failed.
-        """
+        """The entry for `smid`, or None (never stored, swept or dropped)."""
         ...
 
     async def sweep(self, older_than: float) -> int:
         """Delete every entry with `at < older_than`; returns how many were deleted.
 
-        Raises:
-            StorageError: the backend failed.
+        Callers put entries with non-decreasing `at`; an entry put out of that order may
+        be kept until the entries put before it are swept (the memory table does that).
+        If cancelled, what was deleted before the cancellation stays deleted.
         """
         ...
 
@@ -285,9 +396,9 @@ class HandoffStore(Protocol):
         ...
 
     def count(self) -> int:
-        """How many snapshots are stored.
+        """How many snapshots are stored."""
+        ...
 
-        Raises:
-            StorageError: the backend failed.
-        """
+    def close(self) -> None:
+        """End the store; later calls raise `StorageError`. Idempotent."""
         ...

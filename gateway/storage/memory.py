@@ -1,6 +1,7 @@
-"""In-memory stream management tables (`sm_session`, `stale_h`): the single-node default.
+"""In-memory stores: the stream management tables (`sm_session`, `stale_h`, the single-node
+default) and `MemoryDatabase`, the base of the in-memory durable stores (`*_memory.py`).
 
-The tables are plain dicts owned by the trio thread; every method is a checkpoint first (so
+The SM tables are plain dicts owned by the trio thread; every method is a checkpoint first (so
 a cancelled call has done nothing) and then runs without awaiting, so no other task sees a
 half-done operation. `sweep` is the exception: it removes in batches with a checkpoint
 between them, so a sweep of 100k entries never holds the event loop for long.
@@ -14,15 +15,61 @@ an error; it is swept no later than the entries put before it.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
-from typing import Final
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Final, Self
 
 import trio
 
+from gateway.errors import StorageError
 from gateway.storage.base import SmSessionRecord, StaleH
 
 #: Entries `MemoryStaleHTable.sweep` removes between two checkpoints (~0.3 ms of work).
 _SWEEP_BATCH: Final = 1024
+
+
+class MemoryDatabase:
+    """What the in-memory durable stores share: a lock and `close()`.
+
+    The core calls durable stores from worker threads, so every method of a subclass runs
+    under `_locked()`: one lock per store, held for dict and deque operations only (never
+    for PBKDF2). The data lives as long as the object: a memory store is for tests and
+    for a gateway that keeps nothing across restarts.
+    """
+
+    #: Names the store in error messages (like `SqliteDatabase.component`).
+    component: str = ""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the store; later calls raise `StorageError`. Idempotent."""
+        with self._lock:
+            self._closed = True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the lock of an open store."""
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"{self.component} store is closed")
+            yield
 
 
 class MemorySmSessionTable:

@@ -20,29 +20,26 @@ version their tables there too.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, get_args
+from typing import Any, Final, Self
 
 from gateway.errors import StorageError
-from gateway.xmpp.sasl import (
-    DEFAULT_ITERATIONS,
-    HashName,
-    ScramCredentials,
-    derive_scram_credentials,
+from gateway.storage.credentials import (
+    HASHES,
+    DerivedAccount,
+    derive_accounts,
+    derive_credentials,
+    latest_passwords,
 )
+from gateway.xmpp.sasl import DEFAULT_ITERATIONS, HashName, ScramCredentials
 
 SCHEMA_COMPONENT: Final = "accounts"
 SCHEMA_VERSION: Final = 1
-#: Hashes stored for every account (the SCRAM mechanisms we offer).
-HASHES: Final[tuple[HashName, ...]] = get_args(HashName)
-#: import_users derives in this process below this many accounts (a pool costs ~0.1 s).
-_POOL_THRESHOLD: Final = 64
 
 _SCHEMA: Final = (
     """CREATE TABLE accounts (
@@ -185,7 +182,7 @@ class SqliteDatabase:
 
 
 class SqliteAccountStore(SqliteDatabase):
-    """Accounts with SCRAM credentials in one SQLite file; a `CredentialStore`.
+    """Accounts with SCRAM credentials in one SQLite file; an `AccountStore`.
 
     Args:
         path: the database file (parent directories are created), or ":memory:".
@@ -199,7 +196,7 @@ class SqliteAccountStore(SqliteDatabase):
     version = SCHEMA_VERSION
     schema = _SCHEMA
 
-    # -- CredentialStore -------------------------------------------------------------------
+    # -- login (CredentialStore) ----------------------------------------------------------
 
     def get_credentials(
         self, host: str, username: str, hash_name: HashName
@@ -232,7 +229,7 @@ class SqliteAccountStore(SqliteDatabase):
             StorageError: the account exists, or the database failed.
             ValueError: the password is not a valid PRECIS OpaqueString (e.g. empty).
         """
-        rows = _credential_rows(host, username, password, iterations)
+        rows = _credential_rows([(host, username, derive_credentials(password, iterations))])
         with self._transaction() as db:
             try:
                 db.execute("INSERT INTO accounts (host, username) VALUES (?, ?)", (host, username))
@@ -249,7 +246,7 @@ class SqliteAccountStore(SqliteDatabase):
             StorageError: there is no such account, or the database failed.
             ValueError: the password is not a valid PRECIS OpaqueString.
         """
-        rows = _credential_rows(host, username, password, iterations)
+        rows = _credential_rows([(host, username, derive_credentials(password, iterations))])
         with self._transaction() as db:
             found = db.execute(
                 "SELECT 1 FROM accounts WHERE host = ? AND username = ?", (host, username)
@@ -307,69 +304,20 @@ class SqliteAccountStore(SqliteDatabase):
             ValueError: a password is not a valid PRECIS OpaqueString (nothing is written;
                 the message names the account, not the password).
         """
-        latest: dict[tuple[str, str], str] = {}
-        for host, username, password in entries:
-            latest.pop((host, username), None)  # keep the order of the last occurrence
-            latest[(host, username)] = password
-        work = [(host, username, password) for (host, username), password in latest.items()]
-        rows = _derive_all(work, iterations, workers or os.cpu_count() or 1)
+        work = latest_passwords(entries)
+        rows = _credential_rows(derive_accounts(work, iterations, workers or os.cpu_count() or 1))
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO accounts (host, username) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                latest.keys(),
+                [(host, username) for host, username, _password in work],
             )
             db.executemany(_UPSERT_CREDENTIALS, rows)
         return len(work)
 
 
-def _credential_rows(
-    host: str, username: str, password: str, iterations: int
-) -> list[_CredentialRow]:
-    rows: list[_CredentialRow] = []
-    for hash_name in HASHES:
-        creds = derive_scram_credentials(password, hash_name, iterations=iterations)
-        rows.append(
-            (
-                host,
-                username,
-                hash_name,
-                creds.salt,
-                creds.iterations,
-                creds.stored_key,
-                creds.server_key,
-            )
-        )
-    return rows
-
-
-def _derive_chunk(job: tuple[list[tuple[str, str, str]], int]) -> list[_CredentialRow]:
-    """Pool worker: credential rows for a chunk of (host, username, password)."""
-    chunk, iterations = job
-    rows: list[_CredentialRow] = []
-    for host, username, password in chunk:
-        try:
-            rows.extend(_credential_rows(host, username, password, iterations))
-        except ValueError as exc:
-            # Name the account, never the password (STYLE G4); the message of `exc` has
-            # no password characters, and no chained cause is kept.
-            raise ValueError(f"account {username}@{host}: {exc}") from None
-    return rows
-
-
-def _derive_all(
-    work: list[tuple[str, str, str]], iterations: int, workers: int
-) -> list[_CredentialRow]:
-    if workers <= 1 or len(work) < _POOL_THRESHOLD:
-        return _derive_chunk((work, iterations))
-    # Several chunks per worker keep both busy to the end; chunks of at most 256 accounts
-    # (~1 s of PBKDF2) keep the pickling overhead negligible.
-    size = max(1, min(256, len(work) // (workers * 8)))
-    jobs = [(work[i : i + size], iterations) for i in range(0, len(work), size)]
-    # "spawn"-like start methods avoid fork()ing a process that may have threads (trio's
-    # worker threads, this store's lock); forkserver amortises the start-up.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        rows: list[_CredentialRow] = []
-        for chunk_rows in pool.imap(_derive_chunk, jobs):
-            rows.extend(chunk_rows)
-    return rows
+def _credential_rows(derived: Iterable[DerivedAccount]) -> list[_CredentialRow]:
+    return [
+        (host, username, hash_name, c.salt, c.iterations, c.stored_key, c.server_key)
+        for host, username, credentials in derived
+        for hash_name, c in zip(HASHES, credentials, strict=True)
+    ]

@@ -29,6 +29,8 @@ class StreamEnd(Exception):
 
 
 class RawClient:
+    """A scripted XMPP client on any trio stream: XML out as given, Elements in."""
+
     def __init__(self, stream: trio.abc.Stream, domain: str = "localhost") -> None:
         self.stream = stream
         self.domain = domain
@@ -39,9 +41,11 @@ class RawClient:
         self.closed = False
 
     async def send(self, xml: str | bytes) -> None:
+        """Write `xml` as it is (text is UTF-8 encoded)."""
         await self.stream.send_all(xml.encode() if isinstance(xml, str) else xml)
 
     async def _next_event(self) -> Event:
+        """The next parser event, reading from the stream when none is pending."""
         while not self.events:
             data = bytes(await self.stream.receive_some(65536))
             if not data:
@@ -70,6 +74,7 @@ class RawClient:
         return event.element
 
     async def expect(self, namespace: str, name: str) -> Element:
+        """The next element, which must be `{namespace}name`."""
         element = await self.receive()
         assert (element.namespace, element.name) == (namespace, name), element
         return element
@@ -80,7 +85,7 @@ class RawClient:
             element = await self.receive()
             if element.namespace == ns.STREAM and element.name == "error":
                 break
-        condition = next(c.name for c in element.elements() if c.namespace == ns.STREAMS_ERRORS)
+        condition = condition_of(element)
         try:
             while True:
                 await self.receive()
@@ -89,6 +94,7 @@ class RawClient:
         return condition
 
     async def starttls(self, context: ssl.SSLContext) -> None:
+        """Ask for STARTTLS and run the TLS handshake (the stream is then reopened)."""
         await self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         await self.expect(ns.TLS, "proceed")
         tls = trio.SSLStream(self.stream, context, server_hostname=self.domain)
@@ -125,6 +131,7 @@ class RawClient:
         return result
 
     async def bind(self, resource: str | None = None) -> str:
+        """Bind `resource` (or let the server pick one); return the full JID."""
         inner = f"<resource>{resource}</resource>" if resource else ""
         await self.send(f"<iq type='set' id='bind1'><bind xmlns='{ns.BIND}'>{inner}</bind></iq>")
         reply = await self.expect(ns.CLIENT, "iq")
@@ -144,6 +151,7 @@ class RawClient:
         resource: str | None = None,
         mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"] = "SCRAM-SHA-256",
     ) -> str:
+        """Open, STARTTLS (with `tls`), authenticate, restart and bind: the full JID."""
         await self.open()
         if tls is not None:
             await self.starttls(tls)
@@ -155,6 +163,7 @@ class RawClient:
         return await self.bind(resource)
 
     async def close(self) -> None:
+        """A clean close: `</stream:stream>`, read to the server's, close the stream."""
         await self.send("</stream:stream>")
         try:
             while True:
@@ -162,3 +171,24 @@ class RawClient:
         except StreamEnd:
             pass
         await self.stream.aclose()
+
+
+def condition_of(error: Element) -> str:
+    """The defined condition of a `<stream:error/>`."""
+    return next(c.name for c in error.elements() if c.namespace == ns.STREAMS_ERRORS)
+
+
+def mechanisms(features: Element) -> list[str]:
+    """The SASL mechanisms offered in stream `features` (none: an empty list)."""
+    offered = features.find(ns.SASL, "mechanisms")
+    return [] if offered is None else [m.text for m in offered.elements()]
+
+
+async def read_to_end(client: RawClient) -> list[Element]:
+    """Every element until the server closes the stream or the connection."""
+    received: list[Element] = []
+    try:
+        while True:
+            received.append(await client.receive())
+    except StreamEnd:
+        return received

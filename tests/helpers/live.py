@@ -17,7 +17,6 @@ dollar sign must be written `$$`.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import socket
 import string
@@ -27,7 +26,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
+
+from tests.helpers.logs import parse_json_lines
 
 ROOT: Final[Path] = Path(__file__).resolve().parents[2]
 START_TIMEOUT: Final = 30.0  # seconds for the listeners to accept connections
@@ -58,6 +59,8 @@ def gateway_cli(
 
 @dataclass
 class LiveGateway:
+    """A running gateway subprocess made by `live_gateway()`: its files, process, ports."""
+
     config: Path
     log: Path
     proc: subprocess.Popen[bytes]  # the current process (a new one after `start()`)
@@ -72,7 +75,7 @@ class LiveGateway:
         """The c2s port."""
         return self.ports["c2s"]
 
-    def log_events(self, run: int | None = None) -> list[dict[str, object]]:
+    def log_events(self, run: int | None = None) -> list[dict[str, Any]]:
         """The JSON log lines of every run, or of run `run` only (0: the first process,
         -1: the current one). A line still being written is left out."""
         data = self.log.read_bytes()
@@ -81,8 +84,7 @@ class LiveGateway:
             index = run % len(self.runs)
             end = self.runs[index + 1] if index + 1 < len(self.runs) else len(data)
             data = data[self.runs[index] : end]
-        lines = data.decode().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return parse_json_lines(data)
 
     def terminate(self) -> None:
         """Send SIGTERM (once per process: a second one may kill it mid-shutdown)."""
@@ -131,6 +133,7 @@ def _spawn(config: Path, log: Path, *, append: bool = False) -> subprocess.Popen
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log: Path, ports: Sequence[int]) -> None:
+    """Wait (at most START_TIMEOUT) until every one of `ports` accepts a connection."""
     deadline = time.monotonic() + START_TIMEOUT
     for port in ports:
         while True:
@@ -226,3 +229,29 @@ def live_gateway(
                 else:
                     if assert_clean_exit:
                         assert code == 0, log.read_text()[-4000:]
+
+
+def import_users(config: Path, users: Sequence[str], password: str) -> None:
+    """`user import -` through the CLI: `users`@localhost, each with `password`."""
+    lines = "".join(f"{user}@localhost {password}\n" for user in users)
+    imported = gateway_cli("user", "import", "-", "--config", str(config), stdin=lines)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+
+
+def starttls_config(*, general: str = "", modules: str = "") -> str:
+    """A `live_gateway()` config for real clients: one c2s listener (port `$c2s`) with
+    STARTTLS required and the certificate that `certs=True` makes, the accounts in
+    data/accounts.sqlite, JSON logs at info level. `general` adds YAML flow-mapping items
+    to the general section (`"shutdown_grace: 0.5"`); `modules`, when given, is the
+    content of the modules section (`"mod_stream_management: {resume_timeout: 60}"`)."""
+    lines = [
+        f"general: {{hosts: [localhost]{', ' + general if general else ''}}}",
+        "listen:",
+        "  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]",
+        "tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}",
+        "auth: {database: data/accounts.sqlite}",
+    ]
+    if modules:
+        lines += ["modules:", f"  {modules}"]
+    lines.append("logging: {level: info, format: json}")
+    return "\n".join(lines) + "\n"

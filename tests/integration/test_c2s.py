@@ -11,14 +11,9 @@ import trustme
 
 from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
-from gateway.xmpp.element import Element
-from tests.conftest import PASSWORD, Connect
-from tests.helpers.client import RawClient, StreamEnd
-
-
-def _mechanisms(features: Element) -> list[str]:
-    mechs = features.find(ns.SASL, "mechanisms")
-    return [] if mechs is None else [m.text for m in mechs.elements()]
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.client import RawClient, StreamEnd, mechanisms
+from tests.helpers.inprocess import Connect
 
 
 async def _logged_in(connect: Connect, user: str, tls: ssl.SSLContext, **kw: object) -> RawClient:
@@ -33,7 +28,7 @@ async def test_starttls_listener_offers_tls_and_scram_but_not_plain_before_tls(
     client = await connect(0)
     features = await client.open()
     assert features.find(ns.TLS, "starttls") is not None
-    assert _mechanisms(features) == ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+    assert mechanisms(features) == ["SCRAM-SHA-256", "SCRAM-SHA-1"]
 
 
 async def test_plain_is_offered_after_tls(connect: Connect, client_tls: ssl.SSLContext) -> None:
@@ -42,7 +37,7 @@ async def test_plain_is_offered_after_tls(connect: Connect, client_tls: ssl.SSLC
     await client.starttls(client_tls)
     features = await client.open()
     assert features.find(ns.TLS, "starttls") is None
-    assert "PLAIN" in _mechanisms(features)
+    assert "PLAIN" in mechanisms(features)
 
 
 async def test_login_with_each_mechanism_binds_a_resource(
@@ -86,7 +81,7 @@ async def test_plain_refused_without_tls_on_starttls_listener(connect: Connect) 
 async def test_plain_allowed_on_tls_none_listener(connect: Connect) -> None:
     client = await connect(2)
     features = await client.open()
-    assert "PLAIN" in _mechanisms(features)
+    assert "PLAIN" in mechanisms(features)
     assert (await client.auth("bob", PASSWORD, "PLAIN")).name == "success"
 
 
@@ -472,7 +467,7 @@ async def test_direct_tls_listener_negotiates_alpn_xmpp_client_and_offers_no_sta
         client = RawClient(tls)
         features = await client.open()
         assert features.find(ns.TLS, "starttls") is None
-        assert "PLAIN" in _mechanisms(features)
+        assert "PLAIN" in mechanisms(features)
         assert (await client.auth("alice", PASSWORD, "PLAIN")).name == "success"
         client.parser.reset()
         await client.open()

@@ -42,8 +42,9 @@ from gateway.storage.codec import decode_stanza
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from tests.conftest import PASSWORD, Connect, GatewayFactory
+from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient, StreamEnd
+from tests.helpers.inprocess import Connect, GatewayFactory
 
 USERS = tuple(f"u{i}" for i in range(8))
 GHOST = "ghost"  # no such account: messages to it bounce

@@ -20,7 +20,6 @@ from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp.sasl import verify_plain
 from tests.helpers.live import gateway_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
 general:
   hosts: [localhost, example.org]

@@ -22,7 +22,7 @@ stanzas in the hand-off are then exactly those sent to alice since her last `ack
 Scenario A (live session): alice is connected when the gateway stops; she gets the
 `system-shutdown` stream error and reconnects by herself, retrying every RETRY seconds
 (slixmpp's own back-off waits 3, 9, 21 seconds...) until the new process listens.
-Scenario B (parked session): `CutProxy` (from `test_sm_slixmpp.py`) resets alice's link
+Scenario B (parked session): `CutProxy` (`tests/helpers/proxy.py`) resets alice's link
 first, bob's messages go into her parked buffer, then the gateway restarts and alice
 connects again through the proxy (by hand: an automatic reconnect would resume on the
 first process, before the restart).
@@ -37,7 +37,6 @@ import asyncio
 import collections
 import contextlib
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,9 +47,11 @@ from slixmpp.plugins.xep_0198 import stanza as sm_stanza
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from tests.helpers.live import LiveGateway, live_gateway
-from tests.integration.test_slixmpp import PASSWORD
-from tests.integration.test_sm_slixmpp import CutProxy
+from tests.helpers.accounts import LIVE_PASSWORD
+from tests.helpers.live import LiveGateway, live_gateway, starttls_config
+from tests.helpers.logs import event_is, named, wait_for_log_line_asyncio
+from tests.helpers.proxy import CutProxy
+from tests.helpers.slixmpp_clients import verified_starttls
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +62,15 @@ SCENARIO_BOUND = 25.0  # seconds of wall time for a scenario (it takes under 2)
 WAIT = 10.0  # seconds: the bound on every single wait below
 RETRY = 0.2  # seconds between alice's connection attempts while the gateway is down
 
-CONFIG = """
-general: {hosts: [localhost], shutdown_grace: 0.5}
-listen:
-  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]
-tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}
-auth: {database: data/accounts.sqlite}
-modules:
-  mod_stream_management: {resume_timeout: 60, ack: false}
-logging: {level: info, format: json}
-"""
+CONFIG = starttls_config(
+    general="shutdown_grace: 0.5",
+    modules="mod_stream_management: {resume_timeout: 60, ack: false}",
+)
 
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[LiveGateway]:
-    with live_gateway(tmp_path, CONFIG, password=PASSWORD, certs=True) as server:
+    with live_gateway(tmp_path, CONFIG, password=LIVE_PASSWORD, certs=True) as server:
         yield server
 
 
@@ -95,12 +90,7 @@ class Client:
     """One slixmpp client (STARTTLS, the gateway's certificate verified) and what it saw."""
 
     def __init__(self, jid: str, gateway: LiveGateway, port: int, *, sm: bool) -> None:
-        client = QuickRetryXMPP(jid, PASSWORD)
-        client.enable_plaintext = False
-        client.enable_direct_tls = False
-        client.enable_starttls = True
-        client.ca_certs = gateway.cert
-        client.register_plugin("xep_0199")
+        client = verified_starttls(QuickRetryXMPP(jid, LIVE_PASSWORD), gateway.cert)
         self.sm: Any = None
         if sm:
             # A window never reached: the plugin asks the gateway for no acks by itself.
@@ -223,24 +213,6 @@ class Client:
                 self.client.abort()
 
 
-async def _log_event(
-    gateway: LiveGateway, run: int, name: str, jid: str | None = None
-) -> dict[str, object]:
-    """Wait (bounded) for the log line `name` (of `jid`, when given) of run `run`."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        found = _events(gateway.log_events(run), name, jid)
-        if found:
-            return found[0]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {name} in run {run}:\n{gateway.log.read_text()[-6000:]}")
-        await asyncio.sleep(0.05)
-
-
-def _events(events: list[dict[str, object]], name: str, jid: str | None = None) -> list[Any]:
-    return [e for e in events if e.get("event") == name and (jid is None or e.get("jid") == jid)]
-
-
 def _stored_smids(gateway: LiveGateway) -> list[str]:
     """The SM ids in the hand-off table of `auth.database` (read-only)."""
     path = gateway.config.parent / "data" / "accounts.sqlite"
@@ -248,31 +220,31 @@ def _stored_smids(gateway: LiveGateway) -> list[str]:
         return [str(row[0]) for row in db.execute("SELECT smid FROM sm_handoff ORDER BY seq")]
 
 
-async def _stop(gateway: LiveGateway) -> list[dict[str, object]]:
+async def _stop(gateway: LiveGateway) -> list[dict[str, Any]]:
     """Wait for the first process's exit (after `terminate()`): status 0; its log lines."""
     code = await asyncio.to_thread(gateway.stop)
     assert code == 0, gateway.log.read_text()[-6000:]
     return gateway.log_events(run=0)
 
 
-def _assert_handed_off(first_run: list[dict[str, object]], unacked: int) -> None:
+def _assert_handed_off(first_run: list[dict[str, Any]], unacked: int) -> None:
     """The first process kept alice's session (and only hers) with `unacked` stanzas."""
-    handed = _events(first_run, "session_handed_off")
+    handed = named(first_run, "session_handed_off")
     assert [e.get("jid") for e in handed] == [ALICE], handed
     assert handed[0]["unacked"] == unacked
     assert 0 < handed[0]["remaining"] <= RESUME_TIMEOUT
-    batch = _events(first_run, "sessions_handed_off")
+    batch = named(first_run, "sessions_handed_off")
     assert len(batch) == 1
     assert (batch[0]["sessions"], batch[0]["stanzas"]) == (1, unacked)
     # bob had no stream management: his session ended as before.
-    bobs = _events(first_run, "connection_closed", BOB)
+    bobs = named(first_run, "connection_closed", BOB)
     assert [e.get("reason") for e in bobs] == ["system-shutdown"], bobs
 
 
-def _assert_revived(second_run: list[dict[str, object]], unacked: int, handed: Any) -> None:
-    revived = _events(second_run, "sessions_revived")
+def _assert_revived(second_run: list[dict[str, Any]], unacked: int, handed: Any) -> None:
+    revived = named(second_run, "sessions_revived")
     assert len(revived) == 1 and revived[0]["sessions"] == 1, revived
-    mine = _events(second_run, "session_revived")
+    mine = named(second_run, "session_revived")
     assert [e.get("jid") for e in mine] == [ALICE], mine
     assert mine[0]["unacked"] == unacked
     # What was left of the resumption time went on counting while nothing ran.
@@ -305,7 +277,7 @@ def test_live_session_resumes_after_restart_and_gets_every_message_once(
             assert bob.stream_errors == ["system-shutdown"]
             first_run = await _stop(gateway)
             _assert_handed_off(first_run, unacked=3)
-            handed = _events(first_run, "session_handed_off")[0]
+            handed = named(first_run, "session_handed_off")[0]
             assert _stored_smids(gateway) == [smid]
 
             # alice is retrying meanwhile; the new process revives her session first.
@@ -315,7 +287,7 @@ def test_live_session_resumes_after_restart_and_gets_every_message_once(
             await alice.ping()  # anything resent came before its answer
             second_run = gateway.log_events(run=1)
             _assert_revived(second_run, unacked=3, handed=handed)
-            resumed = _events(second_run, "session_resumed", ALICE)
+            resumed = named(second_run, "session_resumed", ALICE)
             assert len(resumed) == 1
             # alice's <resume h/> acked m3..m5, which she had received: none comes again.
             assert resumed[0]["resent"] == 0
@@ -352,7 +324,9 @@ def test_parked_session_resumes_after_restart_with_its_buffer_once(gateway: Live
             await alice.ack_all()
             proxy.cut()
             await alice.until("cut", lambda: alice.events["disconnected"] == 1)
-            await _log_event(gateway, 0, "session_parked", ALICE)
+            await wait_for_log_line_asyncio(
+                gateway, event_is("session_parked", ALICE), timeout=WAIT, what="alice parked"
+            )
             # m2..m6 go into alice's parked buffer.
             await bob.send_to_alice(range(2, 7))
 
@@ -361,7 +335,7 @@ def test_parked_session_resumes_after_restart_with_its_buffer_once(gateway: Live
             assert bob.stream_errors == ["system-shutdown"]
             first_run = await _stop(gateway)
             _assert_handed_off(first_run, unacked=5)
-            handed = _events(first_run, "session_handed_off")[0]
+            handed = named(first_run, "session_handed_off")[0]
             assert _stored_smids(gateway) == [smid]
 
             await asyncio.to_thread(gateway.start)
@@ -377,7 +351,7 @@ def test_parked_session_resumes_after_restart_with_its_buffer_once(gateway: Live
             await alice.until("m7..m8", lambda: len(alice.deliveries) >= 9)
             await alice.ping()  # anything still on its way came before the answer
 
-            resumed = _events(gateway.log_events(run=1), "session_resumed", ALICE)
+            resumed = named(gateway.log_events(run=1), "session_resumed", ALICE)
             assert len(resumed) == 1
             assert resumed[0]["resent"] == 5  # m2..m6 came out of the revived buffer
             assert alice.sm.sm_id == smid

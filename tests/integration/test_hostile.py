@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import re
 import socket
 import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -29,7 +31,8 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.parser import ElementReceived, StreamClosed, StreamParser
 from tests.helpers.client import HEADER, RawClient, StreamEnd
-from tests.helpers.live import LiveGateway, gateway_cli, live_gateway
+from tests.helpers.live import LiveGateway, import_users, live_gateway
+from tests.helpers.logs import named
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +67,6 @@ def _config(
     return "\n".join(lines) + "\n"
 
 
-def _import_users(config: Path) -> None:
-    lines = "".join(f"{user}@localhost {PASSWORD}\n" for user in USERS)
-    imported = gateway_cli("user", "import", "-", "--config", str(config), stdin=lines)
-    assert imported.returncode == 0, imported.stdout + imported.stderr
-
-
 @contextlib.contextmanager
 def _gateway(tmp_path: Path, config: str, *, websocket: bool = False) -> Iterator[LiveGateway]:
     with live_gateway(
@@ -78,13 +75,14 @@ def _gateway(tmp_path: Path, config: str, *, websocket: bool = False) -> Iterato
         password=PASSWORD,
         ports=("c2s", "ws") if websocket else ("c2s",),
         users=(),
-        setup=_import_users,
+        setup=functools.partial(import_users, users=USERS, password=PASSWORD),
     ) as gateway:
         yield gateway
 
 
-def _events(gateway: LiveGateway, name: str) -> list[dict[str, object]]:
-    return [e for e in gateway.log_events() if e.get("event") == name]
+def _events(gateway: LiveGateway, name: str) -> list[dict[str, Any]]:
+    """The gateway's log lines `name` so far."""
+    return named(gateway.log_events(), name)
 
 
 async def _wait_log(gateway: LiveGateway, what: str, done: Callable[[], bool]) -> None:

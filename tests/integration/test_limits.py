@@ -10,25 +10,20 @@ import base64
 import trio
 import trio.testing
 
-from gateway.core.connection import serve_connection
 from gateway.core.context import ServerContext
 from gateway.net.limits import ConnectionGate, connection_cap, raise_descriptor_limit
-from gateway.net.transport import PeerInfo, StreamTransport
+from gateway.net.transport import PeerInfo
 from gateway.xmpp import namespaces as ns
-from gateway.xmpp.element import Element
-from tests.conftest import PASSWORD, GatewayFactory
-from tests.helpers.client import RawClient, StreamEnd
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.client import RawClient, read_to_end
+from tests.helpers.inprocess import GatewayFactory, serve_memory_client
 
 NONE = 2  # the tls: none listener of the test config: PLAIN without TLS
 
 
 def connect_from(ctx: ServerContext, ip: str) -> RawClient:
     """A client over a memory stream that the gateway sees coming from `ip`."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    transport = StreamTransport(server_stream, PeerInfo(ip, 40000))
-    assert ctx.handler_nursery is not None
-    ctx.handler_nursery.start_soon(serve_connection, ctx, ctx.config.c2s[NONE], transport)
-    return RawClient(client_stream)
+    return serve_memory_client(ctx, NONE, peer=PeerInfo(ip, 40000))
 
 
 async def plain(client: RawClient, user: str, password: str) -> str:
@@ -169,24 +164,10 @@ async def test_scram_failures_count_for_the_lockout_too(
     assert failure.find(ns.SASL, "temporary-auth-failure") is not None
 
 
-async def read_to_end(client: RawClient) -> list[Element]:
-    """Every element until the stream ends."""
-    received: list[Element] = []
-    try:
-        while True:
-            received.append(await client.receive())
-    except StreamEnd:
-        return received
-
-
 async def slow_reader(ctx: ServerContext) -> tuple[RawClient, RawClient]:
     """alice over a stream with no buffer at all (a write waits for her to read), and bob;
     bob sends alice three 40 KB messages, past a send queue of 64 KiB of memory."""
-    client_stream, server_stream = trio.testing.lockstep_stream_pair()
-    transport = StreamTransport(server_stream, PeerInfo("192.0.2.1", 40000))
-    assert ctx.handler_nursery is not None
-    ctx.handler_nursery.start_soon(serve_connection, ctx, ctx.config.c2s[NONE], transport)
-    alice = RawClient(client_stream)
+    alice = serve_memory_client(ctx, NONE, peer=PeerInfo("192.0.2.1", 40000), lockstep=True)
     await alice.login("alice", PASSWORD, mechanism="PLAIN", resource="slow")
     bob = connect_from(ctx, "192.0.2.2")
     await bob.login("bob", PASSWORD, mechanism="PLAIN", resource="b")

@@ -12,8 +12,9 @@ import trio
 import trio.testing
 
 from gateway.net.tcp import PrefixStream
-from tests.conftest import PASSWORD, GatewayFactory
+from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient, StreamEnd
+from tests.helpers.inprocess import GatewayFactory
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -40,13 +39,14 @@ from gateway.net.tcp import unwrap_proxy
 from gateway.net.transport import PeerInfo
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from tests.conftest import PASSWORD
-from tests.helpers.client import RawClient, StreamEnd
-from tests.integration.test_websocket import FRAMING, WsClient
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.client import RawClient, StreamEnd, mechanisms
+from tests.helpers.live import ROOT, free_port, import_users
+from tests.helpers.logs import LogLine, event_is, named, parse_json_lines, wait_for_log_line
+from tests.helpers.websocket import FRAMING, WsClient
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 # Where Debian puts the daemons; a non-root PATH often lacks the sbin directories.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
@@ -66,12 +66,6 @@ def _has_ipv6() -> bool:
 
 
 IPV6 = _has_ipv6()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _render(text: str, replacements: dict[str, str]) -> str:
@@ -121,31 +115,22 @@ class Gateway:
     listeners: int
 
     def wait_started(self) -> None:
+        """Wait (bounded) until every listener has logged "listening"."""
+
         def ready() -> bool:
-            return sum(e.get("event") == "listening" for e in self.events()) == self.listeners
+            return len(named(self.log_events(), "listening")) == self.listeners
 
         _wait(ready, self.proc, "the gateway", self.log)
 
-    def events(self) -> list[dict[str, Any]]:
+    def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far (a line still being written is left out)."""
-        found = []
-        for line in self.log.read_text(errors="replace").splitlines(keepends=True):
-            if line.startswith("{") and line.endswith("\n"):
-                with contextlib.suppress(ValueError):
-                    found.append(json.loads(line))
-        return found
+        return parse_json_lines(self.log.read_bytes())
 
     async def wait_for(
-        self, what: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+        self, what: str, predicate: Callable[[LogLine], bool], timeout: float = 10
     ) -> dict[str, Any]:
         """The first log line matching `predicate`, waiting for it to be written."""
-        with trio.move_on_after(timeout):
-            while True:
-                for event in self.events():
-                    if predicate(event):
-                        return event
-                await trio.sleep(0.05)
-        raise AssertionError(f"no log line {what} in {self.log}:\n{_tail(self.log)}")
+        return await wait_for_log_line(self, predicate, timeout=timeout, what=what)
 
 
 @dataclass
@@ -188,23 +173,10 @@ def _start_gateway(
     config = directory / "config.yaml"
     config.write_text(config_text)
     if users:
-        _user_import(config, users)
+        import_users(config, users, PASSWORD)
     log = directory / "gateway.log"
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     return Gateway(_spawn(cleanup, argv, log), log, listeners)
-
-
-def _user_import(config: Path, users: tuple[str, ...]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "user", "import", "-", "--config", str(config)],
-        input="".join(f"{user}@localhost {PASSWORD}\n" for user in users),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def _haproxy_stat(stats: Path) -> list[dict[str, str]]:
@@ -246,7 +218,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     bundle.chmod(0o600)
 
     names = ("c2s", "offload", "ws", "untrusted", "draining", "draining_ws")
-    ports = {name: _free_port() for name in names}
+    ports = {name: free_port() for name in names}
     with contextlib.ExitStack() as cleanup:
         # The gateway as deploy/haproxy.cfg and deploy/nginx-xmpp-websocket.conf describe it.
         gateway = _start_gateway(
@@ -301,8 +273,8 @@ logging: {{level: info, format: json}}
         for started in (gateway, untrusted, draining):
             started.wait_started()
 
-        c2s_port, offload_port = _free_port(), _free_port()
-        untrusted_port, probe_frontend_port, probe_port = _free_port(), _free_port(), _free_port()
+        c2s_port, offload_port = free_port(), free_port()
+        untrusted_port, probe_frontend_port, probe_port = free_port(), free_port(), free_port()
         stats = tmp / "haproxy.sock"
         haproxy_cfg = _render(
             (DEPLOY / "haproxy.cfg").read_text(),
@@ -369,7 +341,7 @@ backend test_offload_probe
 
         nginx_dir = tmp / "nginx"
         nginx_dir.mkdir()
-        nginx_port = _free_port()
+        nginx_port = free_port()
         (nginx_dir / "xmpp-websocket.conf").write_text(
             _render(
                 (DEPLOY / "nginx-xmpp-websocket.conf").read_text(),
@@ -450,12 +422,6 @@ async def _message(client: RawClient) -> Element:
             return element
 
 
-def _mechanisms(features: Element) -> list[str | None]:
-    mechanisms = features.find(ns.SASL, "mechanisms")
-    assert mechanisms is not None, features
-    return [m.text for m in mechanisms.elements()]
-
-
 async def test_client_through_haproxy_starttls_passthrough_is_logged_with_its_address(
     stack: Stack,
 ) -> None:
@@ -491,7 +457,7 @@ async def test_client_through_haproxy_starttls_passthrough_is_logged_with_its_ad
                 and e.get("conn_id") == authenticated["conn_id"]
             ),
         )
-    lines = [e for e in stack.gateway.events() if e.get("conn_id") == authenticated["conn_id"]]
+    lines = [e for e in stack.gateway.log_events() if e.get("conn_id") == authenticated["conn_id"]]
     assert {e["event"] for e in lines} >= {"connection_opened", "authenticated", "resource_bound"}
     assert {e["peer"] for e in lines} == {peer}
 
@@ -524,7 +490,7 @@ async def test_haproxy_tls_offload_offers_plain_and_logs_in(stack: Stack) -> Non
         assert tls.selected_alpn_protocol() == "xmpp-client"
         carol = RawClient(tls)
         features = await carol.open()
-        assert "PLAIN" in _mechanisms(features)
+        assert "PLAIN" in mechanisms(features)
         assert features.find(ns.TLS, "starttls") is None
         assert (await carol.auth("carol", PASSWORD, "PLAIN")).name == "success"
         carol.parser.reset()
@@ -620,9 +586,7 @@ async def test_session_resumes_through_haproxy_after_the_connection_is_cut(
                 and e.get("peer") == f"127.0.0.1:{again_port} via 127.0.0.1"
             ),
         )
-        await stack.gateway.wait_for(
-            "session_resumed", lambda e: e.get("event") == "session_resumed"
-        )
+        await stack.gateway.wait_for("session_resumed", event_is("session_resumed"))
 
 
 async def test_websocket_client_through_nginx_chats_and_is_logged_with_forwarded_address(
@@ -680,7 +644,7 @@ async def test_websocket_client_through_nginx_chats_and_is_logged_with_forwarded
     # and its own claims further left would count for nothing; only because this test's
     # client shares the proxies' loopback address is its claim believed. No port: HTTP
     # forwarding headers carry none.
-    events = stack.gateway.events()
+    events = stack.gateway.log_events()
     opened = [
         e for e in events if e.get("event") == "authenticated" and e.get("transport") == "websocket"
     ]
@@ -697,12 +661,10 @@ async def test_proxy_header_from_an_untrusted_haproxy_is_refused_with_a_log_line
         # The gateway closes without answering; HAProxy then closes the client's side.
         with pytest.raises((StreamEnd, trio.BrokenResourceError)):
             await client.open()
-        refused = await stack.untrusted.wait_for(
-            "proxy_refused", lambda e: e.get("event") == "proxy_refused"
-        )
+        refused = await stack.untrusted.wait_for("proxy_refused", event_is("proxy_refused"))
     assert "trusted_proxies" in refused["reason"]
     assert refused["proxy"].startswith("127.0.0.1:")
-    assert not [e for e in stack.untrusted.events() if e.get("event") == "connection_opened"]
+    assert not named(stack.untrusted.log_events(), "connection_opened")
 
 
 async def _https_get(stack: Stack, path: str) -> tuple[int, bytes]:
@@ -756,7 +718,7 @@ async def test_haproxy_takes_a_draining_gateway_out_of_rotation(stack: Stack) ->
         while gw3()["check_status"] != "L7OK":
             await trio.sleep(0.1)
         stack.draining.proc.send_signal(signal.SIGTERM)
-        await stack.draining.wait_for("draining", lambda e: e.get("event") == "draining")
+        await stack.draining.wait_for("draining", event_is("draining"))
         while gw3()["status"] != "DOWN":
             await trio.sleep(0.1)
     row = gw3()

@@ -15,34 +15,26 @@ from pathlib import Path
 import pytest
 import slixmpp
 
-from tests.helpers.live import ROOT, live_gateway
+from tests.helpers.accounts import LIVE_PASSWORD
 from tests.helpers.live import LiveGateway as LiveServer
-from tests.helpers.live import free_port as _free_port
 from tests.helpers.live import gateway_cli as _gateway
-
-__all__ = ["PASSWORD", "ROOT", "LiveServer", "_free_port", "_gateway"]  # used by other tests
-
-PASSWORD = "s3cret-Ü-pass"
-CONFIG = """
-general: {hosts: [localhost]}
-listen:
-  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]
-tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}
-auth: {database: data/accounts.sqlite}
-logging: {level: info, format: json}
-"""
+from tests.helpers.live import live_gateway, starttls_config
+from tests.helpers.logs import named
+from tests.helpers.slixmpp_clients import starttls_client
 
 
 def _add_users(config: Path) -> None:
     added = _gateway(
-        "user", "add", "alice@localhost", "--password", PASSWORD, "--config", str(config)
+        "user", "add", "alice@localhost", "--password", LIVE_PASSWORD, "--config", str(config)
     )
     assert added.returncode == 0, added.stderr
     # Password on stdin, as an operator's script would pass it.
-    added = _gateway("user", "add", "bob@localhost", "--config", str(config), stdin=PASSWORD + "\n")
+    added = _gateway(
+        "user", "add", "bob@localhost", "--config", str(config), stdin=LIVE_PASSWORD + "\n"
+    )
     assert added.returncode == 0, added.stderr
     imported = _gateway(
-        "user", "import", "-", "--config", str(config), stdin=f"carol@localhost {PASSWORD}\n"
+        "user", "import", "-", "--config", str(config), stdin=f"carol@localhost {LIVE_PASSWORD}\n"
     )
     assert imported.returncode == 0, imported.stderr
     listed = _gateway("user", "list", "--config", str(config))
@@ -53,24 +45,14 @@ def _add_users(config: Path) -> None:
 def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     with live_gateway(
         tmp_path,
-        CONFIG,
-        password=PASSWORD,
+        starttls_config(),
+        password=LIVE_PASSWORD,
         users=(),
         certs=True,
         check_config=False,
         setup=_add_users,
     ) as server:
         yield server
-
-
-def _client(jid: str, server: LiveServer) -> slixmpp.ClientXMPP:
-    client = slixmpp.ClientXMPP(jid, PASSWORD)
-    client.enable_plaintext = False
-    client.enable_direct_tls = False
-    client.enable_starttls = True
-    client.ca_certs = server.cert  # verify the server's certificate for real
-    client.register_plugin("xep_0199")
-    return client
 
 
 async def _online(client: slixmpp.ClientXMPP, server: LiveServer) -> None:
@@ -94,8 +76,8 @@ async def _online(client: slixmpp.ClientXMPP, server: LiveServer) -> None:
 
 def test_slixmpp_clients_log_in_with_starttls_and_scram_and_chat(live_server: LiveServer) -> None:
     async def scenario() -> None:
-        alice = _client("alice@localhost/desk", live_server)
-        bob = _client("bob@localhost/phone", live_server)
+        alice = starttls_client("alice@localhost/desk", live_server.cert)
+        bob = starttls_client("bob@localhost/phone", live_server.cert)
         inbox: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
         presences: asyncio.Queue[slixmpp.Presence] = asyncio.Queue()
         bob.add_event_handler("message", inbox.put_nowait)
@@ -130,19 +112,19 @@ def test_slixmpp_clients_log_in_with_starttls_and_scram_and_chat(live_server: Li
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
     events = live_server.log_events()
-    authenticated = [e for e in events if e.get("event") == "authenticated"]
+    authenticated = named(events, "authenticated")
     assert {e.get("jid") for e in authenticated} >= {"alice@localhost", "bob@localhost"}
     assert {e.get("mechanism") for e in authenticated} <= {"SCRAM-SHA-256", "SCRAM-SHA-1"}
     # Every connection line carries its id and the peer; no password anywhere in the log.
     assert all("conn_id" in e and "peer" in e for e in authenticated)
-    assert PASSWORD not in live_server.log.read_text()
+    assert LIVE_PASSWORD not in live_server.log.read_text()
 
 
 def test_sigterm_closes_streams_with_system_shutdown_and_exits_zero(
     live_server: LiveServer,
 ) -> None:
     async def scenario() -> str:
-        carol = _client("carol@localhost/x", live_server)
+        carol = starttls_client("carol@localhost/x", live_server.cert)
         errors: asyncio.Queue[str] = asyncio.Queue()
         carol.add_event_handler("stream_error", lambda err: errors.put_nowait(err["condition"]))
         await _online(carol, live_server)

@@ -37,8 +37,9 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.sm import MOD, SMState
-from tests.conftest import PASSWORD, GatewayFactory
-from tests.helpers.client import RawClient, StreamEnd
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.client import RawClient, condition_of, read_to_end
+from tests.helpers.inprocess import GatewayFactory
 
 PHONE = "bob@localhost/phone"
 R = f"<r xmlns='{ns.SM}'/>"
@@ -199,22 +200,8 @@ async def _until_stream_error(client: RawClient) -> tuple[list[Element], Element
     seen: list[Element] = []
     while (element := await client.receive()).tag != (ns.STREAM, "error"):
         seen.append(element)
-    assert await _read_to_end(client) == []
+    assert await read_to_end(client) == []
     return seen, element
-
-
-def _condition(error: Element) -> str:
-    return next(c.name for c in error.elements() if c.namespace == ns.STREAMS_ERRORS)
-
-
-async def _read_to_end(client: RawClient) -> list[Element]:
-    """Read until the server closes the stream or the connection; what came before."""
-    seen: list[Element] = []
-    try:
-        while True:
-            seen.append(await client.receive())
-    except StreamEnd:
-        return seen
 
 
 # -- placing a stanza inside the handover ------------------------------------------------------
@@ -450,7 +437,7 @@ async def test_two_resumes_at_once_one_wins_and_gets_every_message_once(
         assert _bodies(stanzas) == ["m0", "m1"]
         if old_transport == "attached":
             _old, error = await _until_stream_error(bob.client)
-            assert _condition(error) == "conflict"
+            assert condition_of(error) == "conflict"
         await alice.client.send(_msg(PHONE, "m2", id_="m2"))
         await trio.testing.wait_all_tasks_blocked()
         stanzas, _h = await _until_ack(winner.client)
@@ -562,7 +549,7 @@ async def test_h_values_wrap_at_2_32_in_acks_answers_and_resume(
         await bob2.client.send(_ack(START + 7))
         seen, error = await _until_stream_error(bob2.client)
         assert all(_is_sm(e, "r") or _is_sm(e, "a") for e in seen), seen
-        assert _condition(error) == "undefined-condition"
+        assert condition_of(error) == "undefined-condition"
         too_high = error.find(ns.SM, "handled-count-too-high")
         assert too_high is not None, error
         assert (too_high.get("h"), too_high.get("send-count")) == ("4", "3")
@@ -613,7 +600,7 @@ async def test_resume_while_attached_moves_the_in_flight_message_to_the_new_stre
         stanzas, _h = await _until_ack(bob2.client)
         assert _bodies(stanzas) == ["m1"]
         old, error = await _until_stream_error(bob.client)
-        assert _condition(error) == "conflict"
+        assert condition_of(error) == "conflict"
         old_bodies = _bodies(old)
         assert old_bodies in ([], ["m1"])  # whatever the dead stream got does not count
         if moment == "written_unread":
@@ -793,7 +780,7 @@ async def test_bind_conflict_in_the_step_of_a_resume_claim_leaves_one_holder_of_
             condition = None
             with trio.move_on_after(DEADLINE / 2):
                 _seen, error = await _until_stream_error(bob2.client)
-                condition = _condition(error)
+                condition = condition_of(error)
             assert condition == "conflict", "a second live session holds bob/phone"
         else:
             assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None, answer

@@ -9,8 +9,9 @@ import trio
 from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from tests.conftest import PASSWORD, Connect
+from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient
+from tests.helpers.inprocess import Connect
 
 
 async def _sm_client(

@@ -2,12 +2,12 @@
 
 The gateway runs as a subprocess started with its CLI, exactly as in `test_slixmpp.py`
 (accounts from `user add`, a certificate from `scripts/make_cert.py`). Between the
-resuming client (bob, slixmpp with `xep_0198`) and the gateway sits `CutProxy`, a tiny
-asyncio TCP relay that can reset both sides of every relayed connection at once: no
-`</stream:stream>`, no TLS close_notify, just an RST each way, the way a phone that
-loses its network looks to a server (STARTTLS passes through the relay unchanged). The
-partner (alice, a plain slixmpp client connected directly) sends numbered messages while
-bob is away.
+resuming client (bob, slixmpp with `xep_0198`) and the gateway sits `CutProxy`
+(`tests/helpers/proxy.py`), a tiny asyncio TCP relay that can reset both sides of every
+relayed connection at once: no `</stream:stream>`, no TLS close_notify, just an RST each
+way, the way a phone that loses its network looks to a server (STARTTLS passes through
+the relay unchanged). The partner (alice, a plain slixmpp client connected directly)
+sends numbered messages while bob is away.
 
 slixmpp does not reconnect on its own: after `disconnected` the test calls `connect()`
 again, as an application does; the plugin then sends `<resume/>` (it kept its SM id and
@@ -19,97 +19,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import socket
-import string
-import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import slixmpp
 
+from tests.helpers.accounts import LIVE_PASSWORD
 from tests.helpers.live import LiveGateway as LiveServer
-from tests.helpers.live import live_gateway
-from tests.integration.test_slixmpp import PASSWORD
+from tests.helpers.live import live_gateway, starttls_config
+from tests.helpers.logs import event_is, named, wait_for_log_line_asyncio
+from tests.helpers.proxy import CutProxy
+from tests.helpers.slixmpp_clients import starttls_client
 
 WAIT = 20.0  # seconds: the bound on every single wait below
 SHORT_RESUME_TIMEOUT = 2  # seconds (real time: the gateway is a subprocess)
-
-
-class CutProxy:
-    """A TCP relay to `target_port` whose `cut()` resets every relayed connection."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.accepted = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.pairs.append((writer, up_writer))
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-            sink.close()
-
-    def cut(self) -> None:
-        """Reset both sides of every relayed connection (SO_LINGER 0: an RST, no FIN)."""
-        pairs, self.pairs = self.pairs, []
-        for pair in pairs:
-            for writer in pair:
-                sock = writer.get_extra_info("socket")
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
-                writer.transport.abort()
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-        for task in list(self.tasks):
-            task.cancel()
-
-
-CONFIG = """
-general: {hosts: [localhost]}
-listen:
-  c2s: [{ip: 127.0.0.1, port: $c2s, tls: required}]
-tls: {certfile: certs/localhost.pem, keyfile: certs/localhost.key}
-auth: {database: data/accounts.sqlite}
-modules:
-  mod_stream_management: {$sm_options}
-logging: {level: info, format: json}
-"""
+BOB = "bob@localhost/phone"
 
 
 def _live_server(tmp_path: Path, sm_options: str) -> contextlib.AbstractContextManager[LiveServer]:
     """The gateway subprocess (STARTTLS required), with `sm_options` for stream management."""
-    config = string.Template(CONFIG).safe_substitute(sm_options=sm_options)
-    return live_gateway(tmp_path, config, password=PASSWORD, certs=True)
+    config = starttls_config(modules=f"mod_stream_management: {{{sm_options}}}")
+    return live_gateway(tmp_path, config, password=LIVE_PASSWORD, certs=True)
 
 
 class Phone:
@@ -117,14 +47,7 @@ class Phone:
 
     def __init__(self, server: LiveServer, proxy: CutProxy) -> None:
         self.proxy = proxy
-        client = slixmpp.ClientXMPP("bob@localhost/phone", PASSWORD)
-        client.enable_plaintext = False
-        client.enable_direct_tls = False
-        client.enable_starttls = True
-        client.ca_certs = server.cert
-        client.register_plugin("xep_0198")
-        client.register_plugin("xep_0199")
-        client.register_plugin("xep_0203")
+        client = starttls_client(BOB, server.cert, ("xep_0198", "xep_0199", "xep_0203"))
         sm = client.plugin["xep_0198"]
         sm.allow_resume = True
         sm.window = 1  # bob asks for an ack after each stanza it sends
@@ -176,12 +99,8 @@ class Phone:
 
 
 async def _partner(server: LiveServer) -> slixmpp.ClientXMPP:
-    alice = slixmpp.ClientXMPP("alice@localhost/desk", PASSWORD)
-    alice.enable_plaintext = False
-    alice.enable_direct_tls = False
-    alice.enable_starttls = True
-    alice.ca_certs = server.cert
-    alice.register_plugin("xep_0199")
+    """alice, a plain slixmpp client connected directly, online (initial presence sent)."""
+    alice = starttls_client("alice@localhost/desk", server.cert)
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_start(_event: object) -> None:
@@ -200,19 +119,6 @@ async def _send(alice: slixmpp.ClientXMPP, numbers: range) -> None:
     for i in numbers:
         alice.send_message(mto=slixmpp.JID("bob@localhost"), mbody=f"m{i}", mtype="chat")
     await alice.plugin["xep_0199"].ping(jid=slixmpp.JID("localhost"), timeout=WAIT)
-
-
-async def _log_event(server: LiveServer, match: Callable[[dict[str, object]], bool]) -> None:
-    """Wait (bounded) for a gateway log line."""
-    deadline = time.monotonic() + WAIT
-    while not any(match(e) for e in server.log_events()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"log line not seen:\n{server.log.read_text()[-4000:]}")
-        await asyncio.sleep(0.05)
-
-
-def _bob_parked(event: dict[str, object]) -> bool:
-    return event.get("event") == "session_parked" and event.get("jid") == "bob@localhost/phone"
 
 
 async def _bob_online_then_cut(
@@ -235,7 +141,9 @@ async def _bob_online_then_cut(
     proxy.cut()
     await bob.until("disconnected", lambda: bob.events["disconnected"] >= 1)
     # The gateway noticed the reset and parked the session (it stays available meanwhile).
-    await _log_event(server, _bob_parked)
+    await wait_for_log_line_asyncio(
+        server, event_is("session_parked", BOB), timeout=WAIT, what="bob's session parked"
+    )
     return bob, alice
 
 
@@ -247,6 +155,7 @@ async def _quiet(bob: Phone, alice: slixmpp.ClientXMPP) -> None:
 
 
 async def _goodbye(*clients: slixmpp.ClientXMPP) -> None:
+    """Disconnect each client (at most 5 s each), whatever goes wrong."""
     for client in clients:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.disconnect(), 5)
@@ -280,7 +189,7 @@ def test_slixmpp_resumes_after_network_loss_and_gets_every_message_once(
     with _live_server(tmp_path, "resume_timeout: 600") as server:
         asyncio.run(asyncio.wait_for(scenario(server), 90))
         events = server.log_events()
-    resumed = [e for e in events if e.get("event") == "session_resumed"]
+    resumed = named(events, "session_resumed")
     assert len(resumed) == 1
     assert resumed[0].get("jid") == "bob@localhost/phone"
     assert resumed[0].get("resent") == 7  # m3..m9 came out of the buffer
@@ -295,13 +204,11 @@ def test_slixmpp_back_after_resume_timeout_gets_messages_from_offline_storage_on
         try:
             # m3..m5 go into the parked session's buffer...
             await _send(alice, range(3, 6))
-            await _log_event(
+            await wait_for_log_line_asyncio(
                 server,
-                lambda e: (
-                    e.get("event") == "connection_closed"
-                    and e.get("jid") == "bob@localhost/phone"
-                    and e.get("reason") == "resume_timeout"
-                ),
+                event_is("connection_closed", BOB, reason="resume_timeout"),
+                timeout=WAIT,
+                what="bob's session ended by resume_timeout",
             )
             # ...which the end of the session handed to offline storage; m6..m8 go there
             # directly (bob has no resource now).
@@ -329,7 +236,7 @@ def test_slixmpp_back_after_resume_timeout_gets_messages_from_offline_storage_on
     with _live_server(tmp_path, f"resume_timeout: {SHORT_RESUME_TIMEOUT}") as server:
         asyncio.run(asyncio.wait_for(scenario(server), 90))
         events = server.log_events()
-    assert not [e for e in events if e.get("event") == "session_resumed"]
+    assert not named(events, "session_resumed")
     assert any(e.get("event") == "sm_resume_failed" for e in events)
     granted = {e.get("max") for e in events if e.get("event") == "sm_enabled"}
     assert granted == {SHORT_RESUME_TIMEOUT}  # <enabled max/> is the configured limit

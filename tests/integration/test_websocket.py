@@ -10,18 +10,15 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 from structlog.testing import capture_logs
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 from trio_websocket import HandshakeError as WsHandshakeError
 
 from gateway.core.context import ServerContext
 from gateway.xmpp import namespaces as ns
-from gateway.xmpp.element import Element
-from gateway.xmpp.framing import WebSocketFraming
-from gateway.xmpp.parser import ElementReceived, StreamClosed, StreamOpened
-from tests.conftest import PASSWORD, GatewayFactory
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.inprocess import GatewayFactory
+from tests.helpers.websocket import FRAMING, OPEN, WsClient
 
-FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
-OPEN = f"<open xmlns='{FRAMING}' to='localhost' version='1.0'/>"
 WS = {
     "listen": {
         "c2s": [{"ip": "127.0.0.1", "port": 0, "tls": "none"}],
@@ -30,54 +27,12 @@ WS = {
 }
 
 
-class WsClient:
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.framing = WebSocketFraming(max_stanza_size=10_000_000, max_depth=64)
-
-    async def send(self, text: str) -> None:
-        await self.ws.send_message(text)
-
-    async def receive(self) -> Element | str:
-        """The next element, or "open"/"close" for the framing elements."""
-        events = self.framing.receive_message(str(await self.ws.get_message()))
-        event = events[0]
-        if isinstance(event, StreamOpened):
-            return "open"
-        if isinstance(event, StreamClosed):
-            return "close"
-        assert isinstance(event, ElementReceived)
-        return event.element
-
-    async def element(self) -> Element:
-        got = await self.receive()
-        assert isinstance(got, Element), got
-        return got
-
-    async def login(self, user: str, resource: str) -> None:
-        await self.send(OPEN)
-        assert await self.receive() == "open"
-        features = await self.element()
-        mechanisms = [m.text for m in features.find(ns.SASL, "mechanisms").elements()]  # type: ignore[union-attr]
-        assert "PLAIN" in mechanisms
-        assert features.find(ns.TLS, "starttls") is None  # RFC 7395 3.9
-        plain = base64.b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
-        await self.send(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{plain}</auth>")
-        assert (await self.element()).name == "success"
-        await self.send(OPEN)  # RFC 7395 3.7: the restart is a new <open/>
-        assert await self.receive() == "open"
-        await self.element()  # features
-        await self.send(
-            f"<iq xmlns='jabber:client' type='set' id='b'><bind xmlns='{ns.BIND}'>"
-            f"<resource>{resource}</resource></bind></iq>"
-        )
-        assert (await self.element()).get("type") == "result"
-
-
 @contextlib.asynccontextmanager
 async def _ws(
     ctx: ServerContext, *, subprotocols: list[str] | None = None
 ) -> AsyncIterator[WsClient]:
+    """A WsClient on the gateway's first WebSocket listener (the server must agree to
+    the "xmpp" subprotocol)."""
     url = f"ws://127.0.0.1:{ctx.websocket_ports[0]}/xmpp-websocket"
     async with open_websocket_url(url, subprotocols=subprotocols or ["xmpp"]) as ws:
         assert ws.subprotocol == "xmpp"

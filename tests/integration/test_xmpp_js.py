@@ -43,15 +43,17 @@ import trio
 
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
+from tests.helpers.accounts import LIVE_PASSWORD
 from tests.helpers.client import RawClient, StreamEnd
 from tests.helpers.live import ROOT, LiveGateway, live_gateway
-from tests.integration.test_slixmpp import PASSWORD
+from tests.helpers.logs import event_is, named, wait_for_log_line
 
 JS_DIR = ROOT / "tests" / "js"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
 WAIT = 20.0  # seconds: the bound on every single wait below
 NPM_TIMEOUT = 300  # seconds for `npm ci` on a cold cache
+ALICE = "alice@localhost/browser"
 
 pytestmark = [
     pytest.mark.integration,
@@ -235,18 +237,9 @@ def ws_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WsServ
     sm_options = getattr(request, "param", "resume_timeout: 600")
     config = string.Template(CONFIG).safe_substitute(sm_options=sm_options)
     with live_gateway(
-        tmp_path, config, password=PASSWORD, ports=("c2s", "ws"), assert_clean_exit=True
+        tmp_path, config, password=LIVE_PASSWORD, ports=("c2s", "ws"), assert_clean_exit=True
     ) as server:
         yield server
-
-
-async def _log_event(server: WsServer, match: Callable[[dict[str, Any]], bool]) -> None:
-    """Wait (bounded) for a gateway log line."""
-    with trio.move_on_after(WAIT):
-        while not any(match(e) for e in server.log_events()):
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"log line not seen:\n{server.log.read_text()[-4000:]}")
 
 
 # --- the partner over TCP -------------------------------------------------------------
@@ -301,7 +294,7 @@ async def partner(server: WsServer) -> AsyncIterator[Partner]:
     try:
         client = RawClient(stream)
         with trio.fail_after(WAIT):
-            assert await client.login("bob", PASSWORD, mechanism="PLAIN", resource="desk")
+            assert await client.login("bob", LIVE_PASSWORD, mechanism="PLAIN", resource="desk")
             await client.send("<presence/>")
         bob = Partner(client)
         async with trio.open_nursery() as nursery:
@@ -401,7 +394,7 @@ async def test_xmpp_js_logs_in_over_websocket_and_chats_with_a_tcp_client(
                 service=_ws_url(ws_server),
                 domain="localhost",
                 username="alice",
-                password=PASSWORD,
+                password=LIVE_PASSWORD,
                 resource="browser",
             ) as alice,
         ):
@@ -434,11 +427,11 @@ async def test_xmpp_js_logs_in_over_websocket_and_chats_with_a_tcp_client(
         assert alice.count("stopped") == 1, alice.events
 
     events = ws_server.log_events()
-    logins = [e for e in events if e.get("event") == "authenticated"]
+    logins = named(events, "authenticated")
     by_jid = {e.get("jid"): e for e in logins}
     assert by_jid["alice@localhost"].get("transport") == "websocket", by_jid
     assert by_jid["alice@localhost"].get("mechanism") == "SCRAM-SHA-1"  # xmpp.js prefers it
-    assert PASSWORD not in ws_server.log.read_text()
+    assert LIVE_PASSWORD not in ws_server.log.read_text()
 
 
 @contextlib.asynccontextmanager
@@ -458,7 +451,7 @@ async def alice_behind_proxy(
                 service=f"ws://127.0.0.1:{proxy.port}/xmpp-websocket",
                 domain="localhost",
                 username="alice",
-                password=PASSWORD,
+                password=LIVE_PASSWORD,
                 resource="browser",
             ) as alice,
         ):
@@ -506,11 +499,8 @@ async def test_xmpp_js_resumes_after_the_websocket_drops_and_every_message_arriv
                 "disconnect",
                 lambda: {"event": "status", "status": "disconnect"} in alice.events,
             )
-            await _log_event(
-                ws_server,
-                lambda e: (
-                    e.get("event") == "session_parked" and e.get("jid") == "alice@localhost/browser"
-                ),
+            await wait_for_log_line(
+                ws_server, event_is("session_parked", ALICE), timeout=WAIT, what="alice parked"
             )
             # While alice is away the gateway buffers m6..m9 in the parked session.
             for i in range(6, 10):
@@ -546,7 +536,7 @@ async def test_xmpp_js_resumes_after_the_websocket_drops_and_every_message_arriv
             assert proxy.accepted == 2
             assert not alice.errors(), alice.errors()
 
-    resumed = [e for e in ws_server.log_events() if e.get("event") == "session_resumed"]
+    resumed = named(ws_server.log_events(), "session_resumed")
     assert len(resumed) == 1, resumed
     assert resumed[0].get("jid") == "alice@localhost/browser"
     assert resumed[0].get("h") == 4  # alice had handled her own presence and m0..m2
@@ -574,23 +564,18 @@ async def test_xmpp_js_back_after_resume_timeout_starts_afresh_and_gets_offline_
             await trio.sleep(0.2)
             await alice.ping("p0")
             proxy.cut()
-            await _log_event(
-                ws_server,
-                lambda e: (
-                    e.get("event") == "session_parked" and e.get("jid") == "alice@localhost/browser"
-                ),
+            await wait_for_log_line(
+                ws_server, event_is("session_parked", ALICE), timeout=WAIT, what="alice parked"
             )
             # m1 goes into the parked session's buffer, which its end hands to offline
             # storage; m2 goes there directly (alice has no resource then).
             await bob.send("alice@localhost", "m1", "m1")
             await bob.ping("b0")
-            await _log_event(
+            await wait_for_log_line(
                 ws_server,
-                lambda e: (
-                    e.get("event") == "connection_closed"
-                    and e.get("jid") == "alice@localhost/browser"
-                    and e.get("reason") == "resume_timeout"
-                ),
+                event_is("connection_closed", ALICE, reason="resume_timeout"),
+                timeout=WAIT,
+                what="alice's session ended by resume_timeout",
             )
             await bob.send("alice@localhost", "m2", "m2")
             await bob.ping("b1")
@@ -613,7 +598,7 @@ async def test_xmpp_js_back_after_resume_timeout_starts_afresh_and_gets_offline_
             assert not alice.errors(), alice.errors()
 
     events = ws_server.log_events()
-    assert not [e for e in events if e.get("event") == "session_resumed"]
+    assert not named(events, "session_resumed")
     assert any(e.get("event") == "sm_resume_failed" for e in events)
 
 

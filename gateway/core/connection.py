@@ -64,22 +64,12 @@ from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
 from gateway.storage.base import SmSessionRecord
-from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.intake import Refused, accept_stanza
 from gateway.xmpp.negotiation import BindRequested, C2SNegotiation, NegotiationSettings, Output
 from gateway.xmpp.parser import Event, StreamParser
-from gateway.xmpp.sm import (
-    AckBehind,
-    HandledCountTooHigh,
-    SmCondition,
-    SmError,
-    failed,
-    handled_count_too_high,
-    parse_ack,
-    parse_enable,
-    resumed,
-)
+from gateway.xmpp.sm import Acked, Answer, EnableAsked, handle_nonza
+from gateway.xmpp.sm_elements import EnableRequest, resumed
 from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
 
 log = structlog.get_logger(module=__name__)
@@ -336,56 +326,21 @@ class Connection:
                 session.send(error_reply(stanza, exc.condition, exc.error_type, exc.text))
 
     async def _on_nonza(self, session: Session, element: Element) -> None:
-        if element.namespace != ns.SM:
-            raise RemoteProtocolError(
-                StreamErrorCondition.UNSUPPORTED_STANZA_TYPE, f"<{element.name}/> is not supported"
-            )
-        sm = session.sm
-        name = element.name
-        if name == "enable":
-            await self._enable(session, element)
-        elif name == "r":
-            if sm is None:
-                log.debug("sm_request_without_enable")  # <failed/> is not defined for it
-            else:
-                session.send_nonza(sm.answer())
-        elif name == "a":
-            if sm is None:
-                return
-            h = parse_ack(element)
-            try:
-                sm.acked(h)
-            except HandledCountTooHigh as exc:
-                raise RemoteProtocolError(
-                    StreamErrorCondition.UNDEFINED_CONDITION,
-                    "you acknowledged more stanzas than were sent",
-                    extra=handled_count_too_high(exc.h, exc.send_count),
-                ) from exc
-            except AckBehind:
-                log.debug("sm_ack_behind", h=h)
+        action = handle_nonza(session.sm, element)
+        if isinstance(action, Answer):
+            session.send_nonza(action.element)
+        elif isinstance(action, EnableAsked):
+            await self._enable(session, action.request)
+        elif isinstance(action, Acked):
             if self.pump is not None:
                 self.pump.client_alive()
             if self.flush is not None:
                 self.flush.note_room()
-        elif name == "resume":
-            # XEP-0198 section 5: resumption comes instead of binding, not after it.
-            session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
         else:
-            raise RemoteProtocolError(
-                StreamErrorCondition.UNSUPPORTED_STANZA_TYPE, f"<{name}/> is not supported"
-            )
+            log.debug("sm_nonza_ignored", reason=action.reason)
 
-    async def _enable(self, session: Session, element: Element) -> None:
+    async def _enable(self, session: Session, request: EnableRequest) -> None:
         cfg = self.ctx.config.modules.mod_stream_management
-        if session.sm is not None:
-            # XEP-0198 section 3: a second <enable/> is an unexpected request.
-            session.send_nonza(failed(SmCondition.UNEXPECTED_REQUEST))
-            return
-        try:
-            request = parse_enable(element)
-        except SmError as exc:
-            session.send_nonza(failed(exc.condition))
-            return
         sm = self.ctx.new_sm_state(
             buffer_max=cfg.buffer_max,
             buffer_max_bytes=cfg.buffer_max_bytes,

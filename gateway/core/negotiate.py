@@ -51,7 +51,7 @@ from gateway.xmpp.negotiation import (
     StreamEnded,
 )
 from gateway.xmpp.parser import Event
-from gateway.xmpp.sm import SmCondition, SmError, failed, parse_resume
+from gateway.xmpp.sm_elements import SmCondition, SmError, failed, parse_resume
 
 log = structlog.get_logger(module=__name__)
 

@@ -45,7 +45,8 @@ from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import C2SNegotiation
 from gateway.xmpp.parser import Event
-from gateway.xmpp.sm import AckBehind, HandledCountTooHigh, SmError, handled_count_too_high
+from gateway.xmpp.sm import AckBehind, HandledCountTooHigh
+from gateway.xmpp.sm_elements import SmError, handled_count_too_high
 
 log = structlog.get_logger(module=__name__)
 

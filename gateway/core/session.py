@@ -21,7 +21,8 @@ import trio
 from gateway.errors import StreamErrorCondition
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
-from gateway.xmpp.sm import BufferOverflow, SMState, ack_request
+from gateway.xmpp.sm import BufferOverflow, SMState
+from gateway.xmpp.sm_elements import ack_request
 
 # The one <r/> element: the writer recognises it by identity to start the ack timer.
 ACK_REQUEST: Final = ack_request()

@@ -30,12 +30,17 @@ from gateway.xmpp.serializer import serialize
 from gateway.xmpp.sm import (
     MOD,
     AckBehind,
+    Acked,
+    Answer,
     BufferOverflow,
+    EnableAsked,
     HandledCountTooHigh,
+    Ignored,
     SMState,
     grant_max,
     h_add,
     h_diff,
+    handle_nonza,
 )
 from gateway.xmpp.sm_elements import (
     EnableRequest,
@@ -940,3 +945,47 @@ def test_acks_and_resumption_release_buffer_bytes() -> None:
     assert restored.buffer_bytes == sum(s.size for s in stanzas)
     with pytest.raises(ValueError, match="buffer_max_bytes"):
         SMState(buffer_max=1, buffer_max_bytes=0, ack_freq=1)
+
+
+# -- nonzas from the client of a bound session (handle_nonza) ---------------------------
+
+
+def test_enable_is_asked_once_then_an_unexpected_request() -> None:
+    action = handle_nonza(None, sm_el("enable", resume="true", max="60"))
+    assert action == EnableAsked(EnableRequest(resume=True, max=60))
+    state = resumable_state()
+    assert handle_nonza(state, sm_el("enable")) == Answer(failed(SmCondition.UNEXPECTED_REQUEST))
+    assert handle_nonza(None, sm_el("enable", max="0")) == Answer(failed(SmCondition.BAD_REQUEST))
+
+
+def test_resume_after_bind_is_an_unexpected_request_xep0198_s5() -> None:
+    expected = Answer(failed(SmCondition.UNEXPECTED_REQUEST))
+    assert handle_nonza(None, sm_el("resume", previd="x", h="0")) == expected
+
+
+def test_r_and_a_before_enable_are_ignored_and_r_after_is_answered() -> None:
+    assert isinstance(handle_nonza(None, sm_el("r")), Ignored)
+    assert isinstance(handle_nonza(None, sm_el("a", h="1")), Ignored)
+    state = resumable_state(counter_in=7)
+    assert handle_nonza(state, sm_el("r")) == Answer(ack_answer(7))
+
+
+def test_a_acks_and_an_a_too_high_or_behind_is_told_apart() -> None:
+    state = resumable_state()
+    stanzas = send(state, 3)
+    assert handle_nonza(state, sm_el("a", h="2")) == Acked(stanzas[:2])
+    assert isinstance(handle_nonza(state, sm_el("a", h="1")), Ignored)  # behind
+    with pytest.raises(HandledCountTooHigh):
+        handle_nonza(state, sm_el("a", h="9"))
+    with pytest.raises(RemoteProtocolError) as info:
+        handle_nonza(state, sm_el("a", h="x"))
+    assert info.value.condition is StreamErrorCondition.POLICY_VIOLATION
+
+
+@pytest.mark.parametrize(
+    "element", [sm_el("enabled"), Element(ns.CLIENT, "r"), Element("urn:example", "a")]
+)
+def test_other_nonzas_are_unsupported_stanza_types(element: Element) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        handle_nonza(None, element)
+    assert info.value.condition is StreamErrorCondition.UNSUPPORTED_STANZA_TYPE

@@ -31,7 +31,7 @@ from gateway import __version__
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
 from gateway.core.auth_limits import AuthThrottle
 from gateway.core.blocking import in_threads, inline
-from gateway.core.connection import serve_connection
+from gateway.core.connection import serve_connection, serve_wire
 from gateway.core.context import ServerContext
 from gateway.core.handoff import Handoff
 from gateway.core.offline import OfflineService
@@ -282,8 +282,10 @@ async def _listen_until_signal(
             ports.extend(s.socket.getsockname()[1] for s in sockets)
         ctx.listen_ports = ports
         for ws_listener in config.websocket:
+            # The core's connection task serves what the WebSocket listener accepts.
+            serve = partial(serve_wire, ctx, tls=ws_listener.tls, port=ws_listener.port)
             sockets = await listener_nursery.start(
-                serve_websocket, ctx, ws_listener, handler_nursery
+                serve_websocket, ctx, ws_listener, handler_nursery, serve
             )
             ctx.websocket_ports.extend(s.socket.getsockname()[1] for s in sockets)
         started()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import trio
 
@@ -18,20 +18,39 @@ from gateway.core.auth_limits import AuthThrottle
 from gateway.core.handoff import Handoff
 from gateway.core.resume import ResumeRegistry
 from gateway.core.router import Router
+from gateway.errors import StreamErrorCondition
 from gateway.net.limits import ConnectionGate
 from gateway.storage.base import SmSessionTable, StaleHTable
 from gateway.xmpp.negotiation import CheckPassword, LookupCredentials
 from gateway.xmpp.sasl import ScramCredentials
 from gateway.xmpp.sm import SMState
 
-if TYPE_CHECKING:
-    from gateway.core.connection import Connection
-
 CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]
 PasswordCheck = Callable[[CheckPassword], Awaitable[bool]]
 
 #: Connections that never bound a resource closing at once (see `serve_wire`).
 CLOSE_CONCURRENCY: Final = 32
+
+
+class LiveConnection(Protocol):
+    """What the server asks of a live connection task (`gateway.core.connection`) when it
+    shuts down."""
+
+    finished: trio.Event
+
+    @property
+    def is_resumable(self) -> bool: ...
+
+    @property
+    def is_lending(self) -> bool: ...
+
+    def close(
+        self,
+        condition: StreamErrorCondition | None,
+        text: str | None = None,
+        *,
+        handoff: bool = False,
+    ) -> None: ...
 
 
 @dataclass(eq=False)
@@ -46,7 +65,7 @@ class ServerContext:
     resume: ResumeRegistry
     sm_sessions: SmSessionTable
     stale_h: StaleHTable
-    connections: set[Connection] = field(default_factory=set)
+    connections: set[LiveConnection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
     websocket_ports: list[int] = field(default_factory=list)

@@ -8,28 +8,42 @@ another task: these functions read and change the connection's state as its owne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 import trio
 
+from gateway.core.context import ServerContext
 from gateway.core.handoff import snapshot_of
 from gateway.core.presence import broadcast_unavailable
 from gateway.core.resume import ResumeSlot
 from gateway.core.router import Router
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition
+from gateway.net.wire import Wire
 from gateway.storage.base import StaleH
 from gateway.xmpp.element import Element
 from gateway.xmpp.stanza import StanzaKind, stanza_kind
 
-if TYPE_CHECKING:
-    from gateway.core.connection import Connection
-
 log = structlog.get_logger(module=__name__)
 
 
-async def end_session(conn: Connection) -> None:
+class Owner(Protocol):
+    """The session's connection task as this module needs it (`gateway.core.connection`)."""
+
+    ctx: ServerContext
+    wire: Wire
+    session: Session | None
+    slot: ResumeSlot | None
+    outgoing_receive: trio.MemoryReceiveChannel[Element] | None
+    resume_deadline: float | None
+    handoff_epoch: int
+    snapshot_peer: str | None
+
+    def take_in_flight(self) -> list[Element]: ...
+
+
+async def end_session(conn: Owner) -> None:
     """The session ends without resumption: nothing it holds is lost (DESIGN 3)."""
     session = conn.session
     if session is None:
@@ -65,7 +79,7 @@ async def end_session(conn: Connection) -> None:
     await hand_back(router, session, leftovers)
 
 
-async def hand_off(conn: Connection) -> bool:
+async def hand_off(conn: Owner) -> bool:
     """Shutdown: keep a resumable session for a resume after the restart (or on
     another node) instead of ending it (`gateway.core.handoff`).
 
@@ -123,7 +137,7 @@ async def hand_off(conn: Connection) -> bool:
     return True
 
 
-async def record_stale_h(conn: Connection) -> None:
+async def record_stale_h(conn: Owner) -> None:
     """With stale_h on, remember (smid, h, jid) of a session that ends (XEP-0198 5)."""
     session = conn.session
     sm = session.sm if session is not None else None
@@ -151,7 +165,7 @@ async def hand_back(router: Router, session: Session, stanzas: list[Element]) ->
             router.drop(stanza, "undeliverable_after_session_end")
 
 
-def end_slot(conn: Connection, slot: ResumeSlot) -> None:
+def end_slot(conn: Owner, slot: ResumeSlot) -> None:
     """End the session's resume slot; a resume that claimed it in the meantime is refused
     (its lender answers `<failed/>`), and the slot never lingers claimed."""
     while (raced := conn.ctx.resume.end(slot)) is not None:

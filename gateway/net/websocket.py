@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Sequence
-from typing import Final
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
 
 import structlog
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from gateway.config import TlsMode, WebSocketListenerConfig
-from gateway.core.connection import serve_wire
-from gateway.core.context import ServerContext
+from gateway.config import GatewayConfig, TlsMode, WebSocketListenerConfig
+from gateway.net.limits import ConnectionGate
 from gateway.net.tcp import PrefixStream, open_listeners, peer_of
 from gateway.net.transport import PeerInfo, release_tls
-from gateway.net.wire import MessageWire
+from gateway.net.wire import MessageWire, Wire
 from gateway.xmpp.framing import WebSocketFraming
 from gateway.xmpp.proxy_protocol import is_trusted
 
@@ -38,6 +38,17 @@ SUBPROTOCOL: Final = "xmpp"
 MESSAGE_QUEUE_SIZE: Final = 4
 
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+#: Serves one client's XMPP stream on a wire (the core's connection task, wired by app).
+ServeWire = Callable[[Wire], Awaitable[None]]
+
+
+class WebSocketHost(Protocol):
+    """What the WebSocket listener needs of the server it belongs to."""
+
+    config: GatewayConfig
+    ssl_context: ssl.SSLContext | None
+    gate: ConnectionGate
+    draining: bool
 
 
 async def read_request_head(stream: trio.abc.Stream) -> bytes | None:
@@ -123,9 +134,10 @@ def _http_response(status: str, body: bytes, *, head: bool = False) -> bytes:
 
 
 async def serve_websocket(
-    ctx: ServerContext,
+    ctx: WebSocketHost,
     listener: WebSocketListenerConfig,
     handler_nursery: trio.Nursery,
+    serve: ServeWire,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -179,7 +191,7 @@ async def serve_websocket(
             if path != listener.path:
                 await inner.send_all(_http_response("404 Not Found", b"not found\n"))
                 return
-            await _serve_upgrade(ctx, listener, PrefixStream(raw, inner), tcp_peer, headers)
+            await _serve_upgrade(ctx, listener, PrefixStream(raw, inner), tcp_peer, headers, serve)
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -199,11 +211,12 @@ async def serve_websocket(
 
 
 async def _serve_upgrade(
-    ctx: ServerContext,
+    ctx: WebSocketHost,
     listener: WebSocketListenerConfig,
     stream: trio.abc.Stream,
     tcp_peer: PeerInfo,
     headers: dict[str, str],
+    serve: ServeWire,
 ) -> None:
     general = ctx.config.general
     async with trio.open_nursery() as ws_nursery:
@@ -234,7 +247,7 @@ async def _serve_upgrade(
         framing = WebSocketFraming(
             max_stanza_size=general.pre_auth_max_stanza_size, max_depth=general.max_depth
         )
-        await serve_wire(ctx, MessageWire(ws, peer, framing), tls=listener.tls, port=listener.port)
+        await serve(MessageWire(ws, peer, framing))
         ws_nursery.cancel_scope.cancel()
 
 

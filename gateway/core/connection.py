@@ -40,6 +40,7 @@ same end path, shielded, so stanzas are handed back before the task exits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import secrets
 import ssl
@@ -52,25 +53,21 @@ import trio
 from gateway.config import ListenerConfig, TlsMode
 from gateway.core.context import ServerContext
 from gateway.core.ending import end_session, record_stale_h
+from gateway.core.inbound import handle_element
 from gateway.core.negotiate import TLS_HANDSHAKE_TIMEOUT, Negotiated, Negotiator
 from gateway.core.offline import FlushPacer
-from gateway.core.presence import handle_presence
 from gateway.core.pump import Outcome, Pump
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Handover, ResumeSlot, accept_handover, wait_parked, watch
 from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session, SessionType
-from gateway.errors import RemoteProtocolError, StanzaError, StreamErrorCondition
+from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
-from gateway.storage.base import SmSessionRecord
 from gateway.xmpp.element import Element
-from gateway.xmpp.intake import Refused, accept_stanza
 from gateway.xmpp.negotiation import BindRequested, C2SNegotiation, NegotiationSettings, Output
 from gateway.xmpp.parser import Event, StreamParser
-from gateway.xmpp.sm import Acked, Answer, EnableAsked, handle_nonza
-from gateway.xmpp.sm_elements import EnableRequest, resumed
-from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
+from gateway.xmpp.sm_elements import resumed
 
 log = structlog.get_logger(module=__name__)
 
@@ -274,7 +271,7 @@ class Connection:
             session,
             receive,
             self.timer,
-            self._on_element,
+            functools.partial(handle_element, self),
             pacer.note_room if pacer is not None else _nothing,
             pending=pending,
             request_sent_at=request_sent_at,
@@ -293,82 +290,6 @@ class Connection:
         """Start the offline flush on the serving nursery (one at a time per session)."""
         if self.flush is not None:
             self.flush.start(self.pump.nursery if self.pump is not None else None)
-
-    async def _on_element(self, element: Element) -> None:
-        session = self.session
-        assert session is not None and session.full_jid is not None
-        kind = stanza_kind(element)
-        if kind is None:
-            await self._on_nonza(session, element)
-            return
-        self.stanzas_in += 1
-        await self._on_stanza(session, kind, element)
-        # XEP-0198 section 4: h counts the stanzas the server *handled*. Counted once
-        # routing is done: a stanza whose routing a close cancelled is not acknowledged,
-        # so the client sends it again after resuming (same id) instead of losing it.
-        if session.sm is not None:
-            session.sm.received()
-
-    async def _on_stanza(self, session: Session, kind: StanzaKind, element: Element) -> None:
-        assert session.full_jid is not None
-        stanza = accept_stanza(element, kind, session.full_jid, session.host or "")
-        if isinstance(stanza, Refused):
-            if stanza.reply is not None:
-                session.send(stanza.reply)
-            return
-        try:
-            if kind is StanzaKind.PRESENCE:
-                await handle_presence(self.ctx.router, session, stanza)
-            else:
-                await self.ctx.router.route(stanza, session)
-        except StanzaError as exc:
-            if stanza.get("type") != "error":
-                session.send(error_reply(stanza, exc.condition, exc.error_type, exc.text))
-
-    async def _on_nonza(self, session: Session, element: Element) -> None:
-        action = handle_nonza(session.sm, element)
-        if isinstance(action, Answer):
-            session.send_nonza(action.element)
-        elif isinstance(action, EnableAsked):
-            await self._enable(session, action.request)
-        elif isinstance(action, Acked):
-            if self.pump is not None:
-                self.pump.client_alive()
-            if self.flush is not None:
-                self.flush.note_room()
-        else:
-            log.debug("sm_nonza_ignored", reason=action.reason)
-
-    async def _enable(self, session: Session, request: EnableRequest) -> None:
-        cfg = self.ctx.config.modules.mod_stream_management
-        sm = self.ctx.new_sm_state(
-            buffer_max=cfg.buffer_max,
-            buffer_max_bytes=cfg.buffer_max_bytes,
-            ack_freq=cfg.ack_freq,
-            ack=cfg.ack,
-            buffering=cfg.buffer,
-        )
-        assert session.full_jid is not None
-        # <enabled/> is queued before any counted stanza: both happen in this one step.
-        session.send_nonza(
-            sm.enable(
-                request,
-                resume_timeout=cfg.resume_timeout,
-                new_smid=lambda: secrets.token_urlsafe(16),  # 128 bits
-            )
-        )
-        session.sm = sm
-        smid, granted = sm.smid, sm.max
-        if smid is not None:
-            self.slot = self.ctx.resume.create(smid, session.bare_jid, session)
-            await self.ctx.sm_sessions.register(
-                SmSessionRecord(smid, str(session.bare_jid), "local", trio.current_time())
-            )
-            pump = self.pump
-            if pump is not None and pump.nursery is not None:
-                pump.nursery.start_soon(watch, self.slot, pump.receive_handover)
-            structlog.contextvars.bind_contextvars(smid=smid)
-        log.info("sm_enabled", resume=smid is not None, max=granted)
 
     # -- phase 3: resume_session (gateway.core.resume) ----------
 

@@ -16,8 +16,9 @@ counts. Two rules, each off when its threshold is 0:
   after that failure; such a failure during an attack extends it, otherwise it starts a new
   one. While under attack, an address is refused on the account if its last failure on it
   is within the window or at or after the attack's start. Any other address (the real user
-  on their phone) may still try, and once it fails it is refused until the attack ends: a
-  distributed attacker gets about one guess per address per attack.
+  on their phone) may still try, and once it fails it is refused until the attack ends. So
+  a distributed attacker gets one guess per address per attack, plus one more for each
+  address whose failure before the attack has left the window.
 
 `succeeded()` forgets the (account, address) pair's failures only: neither the address's
 total (one valid account must not reset an attacker's counter) nor the account's attack.
@@ -30,9 +31,13 @@ most `max_entries` keys in order of last failure. A key keeps its last `threshol
 failure times in a bounded deque: the threshold is reached within the window exactly when
 the deque is full and its oldest entry is within the window. An entry whose window, block
 and attack have passed means nothing; it is dropped when looked up, and each `failed()`
-drops such entries from the old end of each table, so every call is O(1) amortised. A new
-key in a full table evicts the least recently failed key, even a live one: an attacker with
-more than `max_entries` addresses (or /64s) can make the throttle forget.
+drops such entries from the old end of each table (stopping at the first live one), so
+every call is O(1) amortised. Dropping never changes an answer. A new key in a full table
+evicts the least recently failed key, even a live one: an attacker with more than
+`max_entries` addresses (or /64s) can make the throttle forget.
+
+Ownership: one instance serves all connections of a listener or of the process. Nothing
+here awaits, so tasks on the one trio thread can share it without locks.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from typing import Final, TypeVar
 K = TypeVar("K")
 V = TypeVar("V")
 
-_IPV6_HOST_BITS = 64
+_IPV6_HOST_BITS: Final = 64  #: IPv6 addresses are grouped by their /64 prefix
 
 
 def address_key(ip: str) -> str:

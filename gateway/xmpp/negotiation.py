@@ -18,14 +18,18 @@ stream header first when none was sent yet, RFC 6120 section 4.9.1.1) and closes
 faults are `<failure/>` answers and the stream goes on, until `max_auth_failures` is
 exceeded (RFC 6120 section 6.4.5), which ends the stream with `policy-violation`.
 
+This module owns the phases, the outbound buffer and the actions; two helpers own the
+details. `gateway.xmpp.stream_opening` checks each stream header and builds the features
+that answer it. `gateway.xmpp.sasl_exchange` runs the SASL exchanges while the phase is
+FEATURES or SASL: it returns a step (send a challenge, look credentials up, succeed, fail)
+that `_sasl_step` turns into output, a phase and the shell's action.
+
 In ESTABLISHED the shell handles stanzas itself; `receive` is only needed there for the
 stream close and for nonzas.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import secrets
 from collections.abc import Callable
@@ -33,11 +37,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.errors import (
-    AuthFailure,
     JIDError,
     LocalProtocolError,
     RemoteProtocolError,
-    SaslCondition,
     StanzaErrorCondition,
     StreamErrorCondition,
 )
@@ -45,18 +47,25 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened
-from gateway.xmpp.sasl import HashName, ScramCredentials, ScramServer, parse_plain
+from gateway.xmpp.sasl import HashName, ScramCredentials
+from gateway.xmpp.sasl_exchange import (
+    CredentialsNeeded,
+    PasswordCheckNeeded,
+    SaslExchange,
+    SaslFailed,
+    SaslReply,
+    SaslStep,
+    SaslSucceeded,
+    offered_mechanisms,
+)
 from gateway.xmpp.serializer import STREAM_FOOTER, serialize, stream_header
-from gateway.xmpp.stanza import error_reply, sasl_failure, stream_error
-
-SCRAM_MECHANISMS: Final[dict[str, HashName]] = {
-    "SCRAM-SHA-256": "sha256",
-    "SCRAM-SHA-1": "sha1",
-}
-PLAIN: Final = "PLAIN"
-#: Longest base64 SASL payload taken: a PLAIN message with the longest JIDs and password,
-#: SCRAM messages are far shorter. Longer is `malformed-request`, before any work on it.
-MAX_SASL_TEXT: Final = 12288
+from gateway.xmpp.stanza import error_reply, stream_error
+from gateway.xmpp.stream_opening import (
+    check_header,
+    post_auth_features,
+    pre_auth_features,
+    requested_host,
+)
 
 
 class Phase(enum.Enum):
@@ -222,18 +231,11 @@ class C2SNegotiation:
         self.stream_id: str | None = None
         self.jid: JID | None = None  # bare JID once authenticated
         self.full_jid: JID | None = None
-        self.auth_failures = 0
-        #: The username of the last failed SASL exchange, if it named one (the shell's
-        #: lockout counts failures per account).
-        self.failed_username: str | None = None
         self.mechanism: str | None = None  # the SASL mechanism that succeeded
         self._header_sent = False
         self._out: list[Output] = []
         self._new_id = stream_id_factory
-        self._scram: ScramServer | None = None
-        self._mechanism: str | None = None
-        self._plain: tuple[str | None, str, str] | None = None
-        self._awaiting_credentials = False
+        self._sasl = SaslExchange(settings.max_auth_failures)
 
     # -- output ----------
 
@@ -288,6 +290,17 @@ class C2SNegotiation:
     def is_authenticated(self) -> bool:
         return self.jid is not None
 
+    @property
+    def auth_failures(self) -> int:
+        """Failed SASL attempts on this stream."""
+        return self._sasl.failures
+
+    @property
+    def failed_username(self) -> str | None:
+        """The username of the last failed SASL exchange, if it named one (the shell's
+        lockout counts failures per account)."""
+        return self._sasl.failed_username
+
     # -- input ----------
 
     def receive(self, event: Event) -> list[Action]:
@@ -307,56 +320,27 @@ class C2SNegotiation:
     def _on_header(self, event: StreamOpened) -> list[Action]:
         if self.phase is not Phase.WAIT_HEADER:
             raise RemoteProtocolError(StreamErrorCondition.NOT_WELL_FORMED, "unexpected header")
-        to = event.attrs.get("to")
-        requested_host: str | None = None
-        if to is not None:
-            try:
-                to_jid = JID.parse(to)
-            except JIDError:
-                to_jid = None
-            # RFC 6120 4.7.2: a client's 'to' is the bare domain of the service.
-            if to_jid is not None and to_jid.local is None and to_jid.resource is None:
-                requested_host = to_jid.domain
+        requested = requested_host(event.attrs.get("to"))
         # Answer with a header from the host asked for (or the first served) before any
         # stream error, RFC 6120 section 4.9.1.1.
-        reply_host = requested_host if requested_host in self.settings.hosts else None
+        reply_host = requested if requested in self.settings.hosts else None
         self._send_header(self.host or reply_host or sorted(self.settings.hosts)[0])
         lang = event.attrs.get(XML_LANG)
         if lang:
             self.lang = lang
-
-        if event.namespace != ns.STREAM or event.name != "stream":
-            raise RemoteProtocolError(
-                StreamErrorCondition.INVALID_NAMESPACE, "the root must be stream:stream"
-            )
-        if event.default_namespace != ns.CLIENT:
-            raise RemoteProtocolError(
-                StreamErrorCondition.INVALID_NAMESPACE,
-                "the content namespace must be jabber:client",
-            )
-        version = event.attrs.get("version", "0.9")
-        major, _, _minor = version.partition(".")
-        if not major.isdigit() or int(major) != 1:
-            raise RemoteProtocolError(
-                StreamErrorCondition.UNSUPPORTED_VERSION, "this server speaks version 1.0"
-            )
-        if to is None:
-            raise RemoteProtocolError(
-                StreamErrorCondition.HOST_UNKNOWN, "the stream header must name a host in 'to'"
-            )
-        if requested_host is None or requested_host not in self.settings.hosts:
-            raise RemoteProtocolError(StreamErrorCondition.HOST_UNKNOWN, "this host is not served")
-        if self.host is not None and requested_host != self.host:
-            raise RemoteProtocolError(
-                StreamErrorCondition.HOST_UNKNOWN, "the host changed on a stream restart"
-            )
-        self.host = requested_host
+        self.host = check_header(event, requested, self.settings.hosts, self.host)
         if self.jid is None:
             self.phase = Phase.FEATURES
-            self.send(self._pre_auth_features())
+            tls_first = self._must_tls_first()
+            mechanisms = self._mechanisms()
+            self.send(
+                pre_auth_features(
+                    starttls=self._tls_offered(), tls_first=tls_first, mechanisms=mechanisms
+                )
+            )
         else:
             self.phase = Phase.WAIT_BIND
-            self.send(self._post_auth_features())
+            self.send(post_auth_features(stream_management=self.settings.stream_management))
         return []
 
     def _send_header(self, host: str) -> None:
@@ -365,46 +349,13 @@ class C2SNegotiation:
         self._header_sent = True
 
     def _mechanisms(self) -> list[str]:
-        mechanisms = list(SCRAM_MECHANISMS)
-        if self.secure or self.settings.plain_without_tls:
-            mechanisms.append(PLAIN)
-        return mechanisms
+        return offered_mechanisms(allow_plain=self.secure or self.settings.plain_without_tls)
 
     def _tls_offered(self) -> bool:
         return self.settings.tls_available and not self.secure
 
     def _must_tls_first(self) -> bool:
         return self.settings.tls_required and not self.secure
-
-    def _pre_auth_features(self) -> Element:
-        children: list[Element | str] = []
-        if self._tls_offered():
-            required = [Element(ns.TLS, "required")] if self.settings.tls_required else []
-            children.append(Element(ns.TLS, "starttls", None, required))
-        # RFC 6120 section 5.3.1: with TLS mandatory, offer nothing else before it.
-        if not self._must_tls_first():
-            children.append(
-                Element(
-                    ns.SASL,
-                    "mechanisms",
-                    None,
-                    [Element(ns.SASL, "mechanism", None, [m]) for m in self._mechanisms()],
-                )
-            )
-        return Element(ns.STREAM, "features", None, children)
-
-    def _post_auth_features(self) -> Element:
-        return Element(
-            ns.STREAM,
-            "features",
-            None,
-            [
-                Element(ns.BIND, "bind"),
-                # RFC 6121 legacy session establishment: still answered, marked optional.
-                Element(ns.SESSION, "session", None, [Element(ns.SESSION, "optional")]),
-                *([Element(ns.SM, "sm")] if self.settings.stream_management else []),
-            ],
-        )
 
     def _on_element(self, event: ElementReceived) -> list[Action]:
         el = event.element
@@ -468,163 +419,62 @@ class C2SNegotiation:
         self.secure = True
         self.phase = Phase.WAIT_HEADER
 
-    # -- SASL (RFC 6120 section 6) ----------------------------------------------------------
+    # -- SASL (RFC 6120 section 6): the exchange itself is gateway.xmpp.sasl_exchange -------
 
     def _on_sasl(self, el: Element) -> list[Action]:
         if self.jid is not None:
             raise RemoteProtocolError(
                 StreamErrorCondition.POLICY_VIOLATION, "already authenticated"
             )
-        if el.name == "abort":
-            return self._sasl_fail(SaslCondition.ABORTED, count=False)
-        if self._awaiting_credentials:
-            raise RemoteProtocolError(
-                StreamErrorCondition.POLICY_VIOLATION, "SASL data while credentials are checked"
-            )
-        if el.name == "auth":
-            if self.phase is not Phase.FEATURES:
-                return self._sasl_fail(SaslCondition.MALFORMED_REQUEST, "an exchange is running")
-            return self._on_auth(el)
-        if el.name == "response":
-            if self.phase is not Phase.SASL:
-                return self._sasl_fail(SaslCondition.MALFORMED_REQUEST, "no exchange is running")
-            return self._on_response(el)
-        return self._sasl_fail(SaslCondition.MALFORMED_REQUEST, f"unexpected <{el.name}/>")
-
-    def _on_auth(self, el: Element) -> list[Action]:
-        mechanism = el.get("mechanism") or ""
-        if self._must_tls_first():
-            return self._sasl_fail(
-                SaslCondition.ENCRYPTION_REQUIRED, "negotiate STARTTLS first", count=False
-            )
-        if mechanism not in self._mechanisms():
-            if mechanism == PLAIN:
-                return self._sasl_fail(
-                    SaslCondition.ENCRYPTION_REQUIRED, "PLAIN needs TLS", count=False
-                )
-            return self._sasl_fail(SaslCondition.INVALID_MECHANISM, count=False)
-        self._mechanism = mechanism
-        self.phase = Phase.SASL
-        data = _decode_sasl(el.text)
-        if isinstance(data, AuthFailure):
-            return self._sasl_fail(data.condition, data.text)
-        if data is None:
-            # No initial response: ask for it with an empty challenge (RFC 6120 6.4.2).
-            self.send(Element(ns.SASL, "challenge"))
-            return []
-        return self._sasl_step(data)
-
-    def _on_response(self, el: Element) -> list[Action]:
-        data = _decode_sasl(el.text)
-        if isinstance(data, AuthFailure):
-            return self._sasl_fail(data.condition, data.text)
-        return self._sasl_step(data or b"")
-
-    def _sasl_step(self, data: bytes) -> list[Action]:
         assert self.host is not None  # the header named it
-        try:
-            if self._mechanism == PLAIN:
-                authzid, authcid, password = parse_plain(data)
-                username = self._normalise_username(authcid)
-                self._check_authzid(authzid, username)
-                self._plain = (authzid, username, "")
-                self._awaiting_credentials = True
-                return [CheckPassword(self.host, username, password)]
-            if self._scram is None:
-                assert self._mechanism is not None
-                self._scram = ScramServer(SCRAM_MECHANISMS[self._mechanism])
-                username = self._normalise_username(self._scram.client_first(data))
-                self._check_authzid(self._scram.authzid, username)
-                self._plain = (None, username, "")
-                self._awaiting_credentials = True
-                return [LookupCredentials(self.host, username, SCRAM_MECHANISMS[self._mechanism])]
-            server_final = self._scram.client_final(data)
-        except AuthFailure as failure:
-            return self._sasl_fail(failure.condition, failure.text)
-        return self._sasl_success(server_final)
+        tls_first = self._must_tls_first()
+        return self._sasl_step(
+            self._sasl.receive(el, self.host, self._mechanisms(), tls_first=tls_first)
+        )
 
     def password_checked(self, is_valid: bool) -> list[Action]:
         """Finish a PLAIN exchange with the shell's verdict on `CheckPassword`."""
-        if not self._awaiting_credentials or self._mechanism != PLAIN:
-            raise LocalProtocolError("password_checked without a CheckPassword")
-        self._awaiting_credentials = False
-        if not is_valid:
-            return self._sasl_fail(SaslCondition.NOT_AUTHORIZED)
-        return self._sasl_success(None)
+        return self._sasl_step(self._sasl.password_checked(is_valid))
 
     def refuse_credentials(self, text: str) -> list[Action]:
         """Answer the exchange waiting for `LookupCredentials` or `CheckPassword` with
         `temporary-auth-failure` without checking anything (the shell's lockout after
         repeated failures); it counts as a failed attempt."""
-        if not self._awaiting_credentials:
-            raise LocalProtocolError("refuse_credentials without a pending exchange")
-        self._awaiting_credentials = False
-        return self._sasl_fail(SaslCondition.TEMPORARY_AUTH_FAILURE, text)
+        return self._sasl_step(self._sasl.refuse(text))
 
     def provide_credentials(self, creds: ScramCredentials | None) -> list[Action]:
         """Continue a SCRAM exchange with the stored credentials (None: no such account)."""
-        if not self._awaiting_credentials or self._scram is None:
-            raise LocalProtocolError("provide_credentials without a LookupCredentials")
-        self._awaiting_credentials = False
-        # An unknown user gets a plausible challenge and fails at the last step, so the
-        # answer does not reveal which accounts exist.
-        challenge = self._scram.server_first(creds)
-        self.send(Element(ns.SASL, "challenge", None, [base64.b64encode(challenge).decode()]))
-        return []
+        return self._sasl_step(self._sasl.provide_credentials(creds))
 
-    def _normalise_username(self, raw: str) -> str:
+    def _sasl_step(self, step: SaslStep) -> list[Action]:
         assert self.host is not None
-        try:
-            local = JID.make(raw, self.host).local
-        except JIDError as exc:
-            raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "no such account") from exc
-        assert local is not None
-        return local
-
-    def _check_authzid(self, authzid: str | None, username: str) -> None:
-        if not authzid:
-            return
-        assert self.host is not None
-        try:
-            wanted = JID.parse(authzid)
-        except JIDError as exc:
-            raise AuthFailure(SaslCondition.INVALID_AUTHZID) from exc
-        if wanted != JID.make(username, self.host):
-            raise AuthFailure(SaslCondition.INVALID_AUTHZID, "cannot act as another user")
-
-    def _sasl_success(self, additional: bytes | None) -> list[Action]:
-        assert self.host is not None and self._plain is not None
-        username = self._plain[1]
-        text = [base64.b64encode(additional).decode()] if additional else []
-        self.send(Element(ns.SASL, "success", None, text))
-        self.jid = JID.make(username, self.host)
-        self.mechanism = self._mechanism
-        self._reset_sasl()
-        # Stream restart (RFC 6120 section 6.4.6): the shell resets its parser.
-        self.phase = Phase.WAIT_HEADER
-        return [Authenticated(self.jid)]
-
-    def _sasl_fail(
-        self, condition: SaslCondition, text: str | None = None, *, count: bool = True
-    ) -> list[Action]:
-        self.failed_username = self._plain[1] if self._plain else None
-        self._reset_sasl()
-        self.send(sasl_failure(condition, text))
-        self.phase = Phase.FEATURES
-        if count and condition is not SaslCondition.ABORTED:
-            self.auth_failures += 1
-            if self.auth_failures >= self.settings.max_auth_failures:
-                raise RemoteProtocolError(
-                    StreamErrorCondition.POLICY_VIOLATION,
-                    "too many failed authentication attempts",
-                )
-        return []
-
-    def _reset_sasl(self) -> None:
-        self._scram = None
-        self._mechanism = None
-        self._plain = None
-        self._awaiting_credentials = False
+        match step:
+            case SaslReply(element):
+                self.send(element)
+                self.phase = Phase.SASL
+                return []
+            case CredentialsNeeded(username, hash_name):
+                self.phase = Phase.SASL
+                return [LookupCredentials(self.host, username, hash_name)]
+            case PasswordCheckNeeded(username, password):
+                self.phase = Phase.SASL
+                return [CheckPassword(self.host, username, password)]
+            case SaslSucceeded(element, username, mechanism):
+                self.send(element)
+                self.jid = JID.make(username, self.host)
+                self.mechanism = mechanism
+                # Stream restart (RFC 6120 section 6.4.6): the shell resets its parser.
+                self.phase = Phase.WAIT_HEADER
+                return [Authenticated(self.jid)]
+            case SaslFailed(element, is_fatal):
+                self.send(element)
+                self.phase = Phase.FEATURES
+                if is_fatal:
+                    raise RemoteProtocolError(
+                        StreamErrorCondition.POLICY_VIOLATION,
+                        "too many failed authentication attempts",
+                    )
+                return []
 
     # -- resource binding (RFC 6120 section 7) ---------------------------------------------------
 
@@ -672,19 +522,3 @@ class C2SNegotiation:
             raise LocalProtocolError(f"bind_refused in phase {self.phase}")
         self.send(error_reply(iq, condition, text=text))
         self.phase = Phase.WAIT_BIND
-
-
-def _decode_sasl(text: str) -> bytes | AuthFailure | None:
-    """SASL payload text -> bytes; '' is "no data", '=' is an empty response (RFC 6120 6.4.2)."""
-    text = text.strip()
-    if not text:
-        return None
-    if len(text) > MAX_SASL_TEXT:
-        # Refused before any decoding or SASLprep work.
-        return AuthFailure(SaslCondition.MALFORMED_REQUEST, "SASL message too long")
-    if text == "=":
-        return b""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return AuthFailure(SaslCondition.INCORRECT_ENCODING, "not valid base64")

@@ -19,16 +19,10 @@ stream level is `bad-format`. `reset()` drops the expat parser and starts a fres
 which is what a stream restart after STARTTLS or SASL success needs (RFC 6120 sections
 5.4.3.3, 6.4.6).
 
-Restricted XML (RFC 6120 section 11.1). We call pyexpat directly rather than through
-defusedxml because defusedxml has no incremental namespace-aware parser that also reports
-comments and processing instructions. The same rules defusedxml applies with
-`forbid_dtd=True, forbid_entities=True, forbid_external=True` are enforced here by handlers
-that raise `restricted-xml`: DOCTYPE (and so any internal subset), entity, unparsed-entity
-and notation declarations, external entity references; also comments and processing
-instructions. Parameter entities are never parsed. Without a DTD only the five predefined
-entities and character references exist; any other reference is a well-formedness error.
-An XML declaration naming an encoding other than UTF-8 is `unsupported-encoding`; the
-parser itself is forced to UTF-8. Every other expat error is `not-well-formed`.
+Restricted XML (RFC 6120 section 11.1): the expat parser comes from
+`gateway.xmpp.restricted_xml`, whose handlers refuse DTDs, entity declarations, comments,
+processing instructions and non-UTF-8 declarations. Every other expat error is
+`not-well-formed`.
 
 Limits (STYLE P3). Positions are absolute byte offsets since the last reset (expat's
 `CurrentByteIndex` and our `_received` count). The unit being read is measured from:
@@ -51,15 +45,9 @@ changes both limits (a small one before authentication, the full one after).
 `close()` drops the expat parser, whose handlers refer back to this object: without it the
 pair is a reference cycle that only the cyclic collector frees.
 
-Expat reparses an incomplete token from its start every time data arrives, so a huge start
-tag sent a byte at a time costs quadratic time (CVE-2023-52425). Expat >= 2.6 fixes this with
-"reparse deferral", which can hold back a complete stanza until more data arrives: fatal
-for an interactive protocol, so it is switched off. Instead, once expat holds an incomplete
-token longer than `_DEFER_THRESHOLD` bytes, we keep new bytes ourselves and only hand them
-over when they contain what could end that token: a `>` outside quotes for a tag, `;` for a
-reference. Comments, DTDs and processing instructions that large are refused at once.
-Text is never deferred (expat reports character data as it arrives). This changes no
-events, only when a malformed giant token is detected.
+Large tokens (CVE-2023-52425). Once expat holds an incomplete token longer than
+`DEFER_THRESHOLD` bytes, new bytes go to a `HeldToken` (`_held`) instead of expat until
+they may end that token; `gateway.xmpp.deferral` explains why. Held bytes count as received.
 
 Errors. `feed()` raises `RemoteProtocolError`; events completed earlier in the same call are
 then discarded (the stream is being torn down). The parser stays failed: later `feed()`
@@ -72,18 +60,18 @@ Ownership: a parser belongs to one connection task; it has no I/O, clock or logg
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-# Hardened at handler level (see the module docstring): every DTD, entity, PI and comment
-# hook raises, parameter entities are off. defusedxml offers no incremental
-# namespace-aware pyexpat with comment/PI hooks, so it cannot be used here.
+# Only for ExpatError, ErrorString and a handler-less placeholder parser: the parser that
+# reads the stream is made hardened by gateway.xmpp.restricted_xml (see its docstring).
 from xml.parsers import expat
 
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
+from gateway.xmpp.deferral import DEFER_THRESHOLD, HeldToken, hold_token
 from gateway.xmpp.element import ELEMENT_COST, TEXT_COST, Element, attributes_cost
+from gateway.xmpp.restricted_xml import new_expat_parser
 
 __all__ = ["ElementReceived", "Event", "StreamClosed", "StreamOpened", "StreamParser"]
 
@@ -95,25 +83,8 @@ _SEP: Final = "}"
 #: Largest slice of one `feed()` chunk given to expat before the limits are checked again.
 _MAX_SLICE: Final = 65536
 
-#: An incomplete token longer than this is deferred (see the module docstring). Reparsing
-#: up to this many bytes per received chunk costs about as much as receiving the chunk.
-_DEFER_THRESHOLD: Final = 4096
-
-#: Size of pyexpat's text buffer, allocated per parser (an idle parser is ~14 KB, most of it
-#: expat's own tables); longer text arrives in several callbacks and is joined here.
-_TEXT_BUFFER_SIZE: Final = 1024
-
 #: XML white space (production S); expat has already turned CR LF into LF.
 _XML_SPACE: Final = " \t\r\n"
-
-# Deferral scanner states for a held tag: outside quotes, inside '...', inside "...".
-_TAG_OUT: Final = 0
-_TAG_SQ: Final = 1
-_TAG_DQ: Final = 2
-#: Deferral scanner state for a held entity or character reference (ends at `;`).
-_REF: Final = 3
-
-_TAG_SPECIAL: Final = re.compile(rb"[>'\"]")
 
 #: A stanza being built may hold this many times `max_stanza_size` bytes of memory.
 STANZA_MEMORY_FACTOR: Final = 8
@@ -187,73 +158,6 @@ def _join_text(children: list[Element | str]) -> list[Element | str]:
     return joined
 
 
-# -- XML declaration and restricted XML (RFC 6120 section 11.1) --------------------------
-
-
-def _check_xml_decl(version: str, encoding: str | None, standalone: int) -> None:
-    """Refuse an XML declaration naming another encoding than UTF-8 (RFC 6120 11.6)."""
-    if encoding is not None and encoding.upper() != "UTF-8":
-        raise RemoteProtocolError(
-            StreamErrorCondition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}"
-        )
-
-
-def _refuse_doctype(
-    name: str, system_id: str | None, public_id: str | None, has_subset: bool
-) -> None:
-    """Refuse a DOCTYPE; expat calls this before any declaration in an internal subset."""
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "document type declaration")
-
-
-# The next four can only fire inside a DTD, which _refuse_doctype has already refused;
-# they stay as defence in depth (defusedxml's forbid_entities / forbid_external).
-
-
-def _refuse_entity_decl(  # pragma: no cover - see above
-    name: str,
-    is_parameter: bool,
-    value: str | None,
-    base: str | None,
-    system_id: str | None,
-    public_id: str | None,
-    notation: str | None,
-) -> None:
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
-
-
-def _refuse_unparsed_entity_decl(  # pragma: no cover - see above
-    name: str, base: str | None, system_id: str, public_id: str | None, notation: str
-) -> None:
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity declaration")
-
-
-def _refuse_notation_decl(  # pragma: no cover - see above
-    name: str, base: str | None, system_id: str, public_id: str | None
-) -> None:
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "notation declaration")
-
-
-def _refuse_external_entity_ref(  # pragma: no cover - see above
-    context: str, base: str | None, system_id: str | None, public_id: str | None
-) -> int:
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "external entity")
-
-
-def _refuse_skipped_entity(name: str, is_parameter: bool) -> None:  # pragma: no cover
-    # Expat skips references only when it has not read a DTD it was told about.
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "entity reference")
-
-
-def _refuse_processing_instruction(target: str, data: str) -> None:
-    """Refuse a processing instruction (the XML declaration is not one)."""
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
-
-
-def _refuse_comment(data: str) -> None:
-    """Refuse a comment."""
-    raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "comment")
-
-
 class StreamParser:
     """Sans-I/O parser for one XMPP stream (see the module docstring).
 
@@ -272,7 +176,6 @@ class StreamParser:
         "_closed",
         "_cost",
         "_default_ns",
-        "_defer_state",
         "_error",
         "_events",
         "_held",
@@ -314,30 +217,11 @@ class StreamParser:
 
         Data fed before the reset that expat had not finished parsing is dropped.
         """
-        # intern=None: pyexpat's default intern dict grows with every distinct name for
-        # the parser's lifetime, which a peer could use to grow memory without bound.
-        parser = expat.ParserCreate("UTF-8", _SEP, None)
-        parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
-        parser.UseForeignDTD(False)
-        if hasattr(parser, "SetReparseDeferralEnabled"):
-            # Expat >= 2.6 (Python 3.11.9+, 3.12.3+); see the module docstring.
-            parser.SetReparseDeferralEnabled(False)
-        parser.buffer_text = True
-        parser.buffer_size = _TEXT_BUFFER_SIZE
+        parser = new_expat_parser(_SEP)
         parser.StartElementHandler = self._on_start
         parser.EndElementHandler = self._on_end
         parser.CharacterDataHandler = self._on_text
         parser.StartNamespaceDeclHandler = self._on_namespace
-        # Module-level functions, not bound methods: nothing allocated per parser.
-        parser.XmlDeclHandler = _check_xml_decl
-        parser.StartDoctypeDeclHandler = _refuse_doctype
-        parser.EntityDeclHandler = _refuse_entity_decl
-        parser.UnparsedEntityDeclHandler = _refuse_unparsed_entity_decl
-        parser.NotationDeclHandler = _refuse_notation_decl
-        parser.ExternalEntityRefHandler = _refuse_external_entity_ref
-        parser.SkippedEntityHandler = _refuse_skipped_entity
-        parser.ProcessingInstructionHandler = _refuse_processing_instruction
-        parser.CommentHandler = _refuse_comment
         self._parser = parser
         self._events: list[Event] = []
         self._stack: list[_Open] = []
@@ -354,8 +238,7 @@ class StreamParser:
         #: The bytes of that incomplete token.
         self._tail = b""
         #: Bytes received but not given to expat while a large token is deferred, or None.
-        self._held: bytearray | None = None
-        self._defer_state = _TAG_OUT
+        self._held: HeldToken | None = None
         #: Text pieces that follow other text in an open element's children (see _on_text).
         self._loose = 0
         #: Estimated memory held by the stanza being built (see the module docstring).
@@ -456,11 +339,9 @@ class StreamParser:
         self._received += len(chunk)
         held = self._held
         if held is not None:
-            if not self._may_end_token(chunk):
-                held += chunk
+            if not held.add(chunk):
                 return
-            held += chunk
-            chunk = bytes(held)
+            chunk = bytes(held.data)
             self._held = None
         self._parser.Parse(chunk, False)
         if self._closed:
@@ -476,60 +357,9 @@ class StreamParser:
         else:
             tail = self._tail + chunk
             self._tail = tail[len(tail) - pending :]
-        if pending > _DEFER_THRESHOLD:
-            self._start_deferral()
-
-    def _start_deferral(self) -> None:
-        """Expat holds a large incomplete token: decide what can end it, hold new bytes.
-
-        Raises:
-            RemoteProtocolError: the token is a comment, DTD or processing instruction.
-        """
-        tail = self._tail
-        if tail.startswith(b"<!"):
-            # A CDATA section start is 9 bytes and its content is reported as it comes.
-            raise RemoteProtocolError(
-                StreamErrorCondition.RESTRICTED_XML, "comment or document type declaration"
-            )
-        if tail.startswith(b"<?"):
-            # The XML declaration is a few dozen bytes; anything this long is a PI.
-            raise RemoteProtocolError(StreamErrorCondition.RESTRICTED_XML, "processing instruction")
-        if tail.startswith(b"<"):
-            self._defer_state = _TAG_OUT
-        elif tail.startswith(b"&"):
-            self._defer_state = _REF
-        else:  # pragma: no cover - expat holds nothing else this long
-            return
-        if not self._may_end_token(tail[1:]):
-            self._held = bytearray()
-
-    def _may_end_token(self, data: bytes) -> bool:
-        """Scan `data`, which continues the held token: could the token now be complete?
-
-        Tracks quotes so a `>` inside an attribute value does not count; linear in `data`.
-        """
-        state = self._defer_state
-        if state == _REF:
-            return b";" in data
-        pos = 0
-        while True:
-            if state == _TAG_OUT:
-                found = _TAG_SPECIAL.search(data, pos)
-                if found is None:
-                    break
-                pos = found.end()
-                char = data[pos - 1]
-                if char == 0x3E:  # ">"
-                    return True
-                state = _TAG_SQ if char == 0x27 else _TAG_DQ
-            else:
-                end = data.find(b"'" if state == _TAG_SQ else b'"', pos)
-                if end < 0:
-                    break
-                pos = end + 1
-                state = _TAG_OUT
-        self._defer_state = state
-        return False
+        if pending > DEFER_THRESHOLD:
+            # Raises for a giant comment, DTD or processing instruction.
+            self._held = hold_token(self._tail)
 
     def _check_size(self) -> None:
         """Raise `policy-violation` when the unit being read is over the limit."""

@@ -1,9 +1,10 @@
 """SASL mechanisms as step machines: SCRAM-SHA-256, SCRAM-SHA-1 and PLAIN.
 
-Pure code: no trio, no I/O, no clock. The caller (core/auth.py) decodes and encodes the base64
-of `<auth/>`, `<response/>`, `<challenge/>` and `<success/>`, looks credentials up, and checks
-that the authorization identity (authzid) is one the authenticated user may act as (RFC 6120
-section 6.3.8): these machines get and return the raw SASL payloads.
+Pure code: no trio, no I/O, no clock. The caller (`gateway.xmpp.sasl_exchange`) decodes and
+encodes the base64 of `<auth/>`, `<response/>`, `<challenge/>` and `<success/>`, has the shell
+look credentials up, and checks that the authorization identity (authzid) is one the
+authenticated user may act as (RFC 6120 section 6.3.8): these machines get and return the raw
+SASL payloads.
 
 SCRAM (RFC 5802, RFC 7677), server side, as a `ScramServer`:
 
@@ -18,11 +19,8 @@ from the username and a secret (stable, so asking twice gives the same answer as
 user) and the exchange fails only at the final step, so failures do not reveal which users exist
 (RFC 5802 section 9, "Security Considerations").
 
-Channel binding: we never offer the -PLUS variants, so the gs2 flags "n" (client does not support
-channel binding) and "y" (client does, but thinks the server does not) are accepted. A client
-that sends "p=..." asks for channel binding the server did not offer; RFC 5802 section 6 and the
-server-error-value "channel-binding-not-supported" of section 7 make that an authentication
-failure, reported as `not-authorized`.
+The message syntax (attributes, SASLnames, base64, and the channel-binding flags we accept)
+is `gateway.xmpp.scram_messages`; this module holds the keys, the proofs and the steps.
 
 PLAIN (RFC 4616): `parse_plain` splits the message, `verify_plain` checks a password against
 the stored SCRAM credentials (it recomputes StoredKey with the stored salt and iteration count:
@@ -35,7 +33,6 @@ enforces them as JID localparts.
 
 from __future__ import annotations
 
-import binascii
 import enum
 import hashlib
 import hmac
@@ -47,6 +44,17 @@ from typing import Final, Literal
 import precis_i18n
 
 from gateway.errors import AuthFailure, LocalProtocolError, SaslCondition
+from gateway.xmpp.scram_messages import (
+    PRINTABLE,
+    ClientFirst,
+    b64encode,
+    decode_message,
+    encode_saslname,
+    parse_client_final,
+    parse_client_first,
+    parse_server_final,
+    parse_server_first,
+)
 
 HashName = Literal["sha1", "sha256"]
 
@@ -54,15 +62,9 @@ HashName = Literal["sha1", "sha256"]
 DEFAULT_ITERATIONS: Final = 4096
 #: Salt length for new credentials, in bytes.
 SALT_BYTES: Final = 16
-#: A client helper refuses iteration counts above this (a hostile server could ask for a
-#: PBKDF2 that never ends).
-MAX_ITERATIONS: Final = 10_000_000
 
 _DIGEST_SIZE: Final[dict[str, int]] = {"sha1": 20, "sha256": 32}
 _OPAQUE: Final = precis_i18n.get_profile("OpaqueString")
-#: RFC 5802 section 7: printable = %x21-2B / %x2D-7E (ASCII graphic characters but ",").
-_PRINTABLE: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - {","}
-_ALPHA: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 #: Used to derive fake salts for unknown users when the caller gives no secret. Per process:
 #: nodes that share one account database should pass a shared `fake_salt_secret`.
 _PROCESS_SECRET: Final = secrets.token_bytes(32)
@@ -190,7 +192,7 @@ def parse_plain(message: bytes) -> tuple[str | None, str, str]:
         AuthFailure: MALFORMED_REQUEST when the message is not UTF-8, does not have exactly
             two NULs, or has an empty authcid or password.
     """
-    text = _decode(message)
+    text = decode_message(message)
     parts = text.split("\0")
     if len(parts) != 3:
         raise AuthFailure(SaslCondition.MALFORMED_REQUEST, "PLAIN needs exactly two NULs")
@@ -201,21 +203,10 @@ def parse_plain(message: bytes) -> tuple[str | None, str, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class _ClientFirst:
-    """What EXPECT_CREDENTIALS knows: the parsed client-first-message."""
-
-    gs2_header: bytes
-    bare: str
-    username: str
-    authzid: str | None
-    client_nonce: str
-
-
-@dataclass(frozen=True, slots=True)
 class _ServerFirst:
-    """What EXPECT_CLIENT_FINAL knows."""
+    """What EXPECT_CLIENT_FINAL knows (EXPECT_CREDENTIALS knows the `ClientFirst`)."""
 
-    client_first: _ClientFirst
+    client_first: ClientFirst
     message: str
     nonce: str
     creds: ScramCredentials
@@ -248,7 +239,7 @@ class ScramServer:
         self._fake_salt_secret = fake_salt_secret or _PROCESS_SECRET
         self._fake_iterations = fake_iterations
         self._state = ScramState.EXPECT_CLIENT_FIRST
-        self._exchange: _ClientFirst | _ServerFirst | None = None
+        self._exchange: ClientFirst | _ServerFirst | None = None
 
     @property
     def state(self) -> ScramState:
@@ -260,8 +251,8 @@ class ScramServer:
         """The authorization identity from the gs2 header, once client-first is parsed."""
         match self._exchange:
             case (
-                _ClientFirst(authzid=authzid)
-                | _ServerFirst(client_first=_ClientFirst(authzid=authzid))
+                ClientFirst(authzid=authzid)
+                | _ServerFirst(client_first=ClientFirst(authzid=authzid))
             ):
                 return authzid
             case _:
@@ -281,7 +272,7 @@ class ScramServer:
         """
         self._expect(ScramState.EXPECT_CLIENT_FIRST)
         try:
-            first = _parse_client_first(_decode(message))
+            first = parse_client_first(decode_message(message))
         except BaseException:
             self._state = ScramState.ERROR
             raise
@@ -312,7 +303,7 @@ class ScramServer:
 
     def _make_server_first(self, creds: ScramCredentials | None) -> _ServerFirst:
         first = self._exchange
-        if not isinstance(first, _ClientFirst):
+        if not isinstance(first, ClientFirst):
             raise LocalProtocolError("SCRAM state lost its client-first data")
         is_fake = creds is None
         if creds is None:
@@ -321,10 +312,10 @@ class ScramServer:
         if len(creds.stored_key) != size or len(creds.server_key) != size:
             raise LocalProtocolError(f"stored keys do not fit SCRAM-{self._hash_name}")
         server_nonce = self._nonce_factory()
-        if not server_nonce or not _PRINTABLE.issuperset(server_nonce):
+        if not server_nonce or not PRINTABLE.issuperset(server_nonce):
             raise LocalProtocolError("nonce factory made an invalid nonce")
         nonce = first.client_nonce + server_nonce
-        message = f"r={nonce},s={_b64encode(creds.salt)},i={creds.iterations}"
+        message = f"r={nonce},s={b64encode(creds.salt)},i={creds.iterations}"
         return _ServerFirst(first, message, nonce, creds, is_fake)
 
     def client_final(self, message: bytes) -> bytes:
@@ -341,7 +332,7 @@ class ScramServer:
         """
         self._expect(ScramState.EXPECT_CLIENT_FINAL)
         try:
-            server_final = self._check_client_final(_decode(message))
+            server_final = self._check_client_final(decode_message(message))
         except BaseException:
             self._state = ScramState.ERROR
             raise
@@ -352,35 +343,27 @@ class ScramServer:
         exchange = self._exchange
         if not isinstance(exchange, _ServerFirst):
             raise LocalProtocolError("SCRAM state lost its server-first data")
-        # client-final-message = channel-binding "," nonce ["," extensions] "," proof
-        attrs = text.split(",")
-        if len(attrs) < 3:
-            raise _malformed("client-final needs c=, r= and p=")
-        cbind = _attr(attrs[0], "c")
-        nonce = _attr(attrs[1], "r")
-        _check_extensions(attrs[2:-1])
-        proof = _b64decode(_attr(attrs[-1], "p"))
-        if not hmac.compare_digest(_b64decode(cbind), exchange.client_first.gs2_header):
+        final = parse_client_final(text)
+        if not hmac.compare_digest(final.channel_binding, exchange.client_first.gs2_header):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "channel-bindings-dont-match")
-        if not hmac.compare_digest(nonce.encode(), exchange.nonce.encode()):
+        if not hmac.compare_digest(final.nonce.encode(), exchange.nonce.encode()):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "nonce mismatch")
         creds = exchange.creds
-        if len(proof) != len(creds.stored_key):
+        if len(final.proof) != len(creds.stored_key):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "invalid-proof")
-        without_proof = text[: len(text) - len(attrs[-1]) - 1]
         auth_message = ",".join(
-            (exchange.client_first.bare, exchange.message, without_proof)
+            (exchange.client_first.bare, exchange.message, final.without_proof)
         ).encode()
         # RFC 5802 section 3: ClientKey = ClientProof XOR ClientSignature; the proof is right
         # when H(ClientKey) == StoredKey.
         client_signature = hmac.digest(creds.stored_key, auth_message, self._hash_name)
-        client_key = _xor(proof, client_signature)
+        client_key = _xor(final.proof, client_signature)
         stored_key = hashlib.new(self._hash_name, client_key).digest()
         is_valid = hmac.compare_digest(stored_key, creds.stored_key)
         if exchange.is_fake or not is_valid:
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "invalid-proof")
         server_signature = hmac.digest(creds.server_key, auth_message, self._hash_name)
-        return b"v=" + _b64encode(server_signature).encode("ascii")
+        return b"v=" + b64encode(server_signature).encode("ascii")
 
     def _fake_credentials(self, username: str) -> ScramCredentials:
         """Stable, secret-derived credentials nobody can log in with."""
@@ -428,11 +411,11 @@ class ScramClient:
         self._key_cache = key_cache
         self._password = prepare_password(password)
         self._nonce = nonce or _random_nonce()
-        if not _PRINTABLE.issuperset(self._nonce):
+        if not PRINTABLE.issuperset(self._nonce):
             raise ValueError("nonce must be printable ASCII without ','")
         # gs2 flag "n": this client does not do channel binding.
-        self._gs2_header = f"n,a={_encode_saslname(authzid)}," if authzid else "n,,"
-        self._bare = f"n={_encode_saslname(username)},r={self._nonce}"
+        self._gs2_header = f"n,a={encode_saslname(authzid)}," if authzid else "n,,"
+        self._bare = f"n={encode_saslname(username)},r={self._nonce}"
         self._server_signature: bytes | None = None
 
     def first(self) -> bytes:
@@ -446,29 +429,24 @@ class ScramClient:
             AuthFailure: the server-first-message is malformed, its nonce does not extend
                 ours, or its iteration count is out of range.
         """
-        text = _decode(server_first)
-        attrs = text.split(",")
-        if len(attrs) < 3:
-            raise _malformed("server-first needs r=, s= and i=")
-        nonce = _attr(attrs[0], "r")
-        salt = _b64decode(_attr(attrs[1], "s"))
-        iterations = _parse_iterations(_attr(attrs[2], "i"))
-        _check_extensions(attrs[3:])
+        text = decode_message(server_first)
+        first = parse_server_first(text)
+        nonce = first.nonce
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "server nonce does not extend ours")
-        without_proof = f"c={_b64encode(self._gs2_header.encode())},r={nonce}"
+        without_proof = f"c={b64encode(self._gs2_header.encode())},r={nonce}"
         auth_message = ",".join((self._bare, text, without_proof)).encode()
-        cache_key = (self._hash_name, salt, iterations)
+        cache_key = (self._hash_name, first.salt, first.iterations)
         cached = self._key_cache.get(cache_key) if self._key_cache is not None else None
         if cached is None:
-            cached = _keys(self._password, salt, iterations, self._hash_name)
+            cached = _keys(self._password, first.salt, first.iterations, self._hash_name)
             if self._key_cache is not None:
                 self._key_cache[cache_key] = cached
         client_key, stored_key, server_key = cached
         client_signature = hmac.digest(stored_key, auth_message, self._hash_name)
         proof = _xor(client_key, client_signature)
         self._server_signature = hmac.digest(server_key, auth_message, self._hash_name)
-        return f"{without_proof},p={_b64encode(proof)}".encode()
+        return f"{without_proof},p={b64encode(proof)}".encode()
 
     def verify(self, server_final: bytes) -> None:
         """Check the server-final-message.
@@ -480,103 +458,9 @@ class ScramClient:
         """
         if self._server_signature is None:
             raise LocalProtocolError("verify() before final()")
-        text = _decode(server_final)
-        attrs = text.split(",")
-        if attrs[0].startswith("e="):
-            raise AuthFailure(SaslCondition.NOT_AUTHORIZED, attrs[0][2:])
-        signature = _b64decode(_attr(attrs[0], "v"))
-        _check_extensions(attrs[1:])
+        signature = parse_server_final(decode_message(server_final))
         if not hmac.compare_digest(signature, self._server_signature):
             raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "wrong server signature")
-
-
-def _parse_client_first(text: str) -> _ClientFirst:
-    # client-first-message = gs2-header client-first-message-bare
-    # gs2-header = gs2-cbind-flag "," [ authzid ] ","
-    cbind_flag, comma, rest = text.partition(",")
-    if not comma:
-        raise _malformed("missing gs2 header")
-    if cbind_flag.startswith("p="):
-        raise AuthFailure(SaslCondition.NOT_AUTHORIZED, "channel-binding-not-supported")
-    if cbind_flag not in ("n", "y"):
-        raise _malformed("invalid gs2-cbind-flag")
-    authzid_field, comma, bare = rest.partition(",")
-    if not comma:
-        raise _malformed("missing gs2 header")
-    authzid: str | None = None
-    if authzid_field:
-        if not authzid_field.startswith("a="):
-            raise _malformed("invalid authzid field")
-        try:
-            authzid = _decode_saslname(authzid_field[2:])
-        except AuthFailure as exc:
-            raise AuthFailure(SaslCondition.INVALID_AUTHZID, exc.text) from exc
-    gs2_header = text[: len(text) - len(bare)].encode()
-    # client-first-message-bare = [reserved-mext ","] username "," nonce ["," extensions]
-    attrs = bare.split(",")
-    if attrs[0].startswith("m="):
-        # RFC 5802 section 5.1: "m" MUST cause authentication failure.
-        raise _malformed("mandatory extensions are not supported")
-    if len(attrs) < 2:
-        raise _malformed("client-first needs n= and r=")
-    username = _decode_saslname(_attr(attrs[0], "n"))
-    nonce = _attr(attrs[1], "r")
-    if not _PRINTABLE.issuperset(nonce):
-        raise _malformed("invalid nonce")
-    _check_extensions(attrs[2:])
-    return _ClientFirst(gs2_header, bare, username, authzid, nonce)
-
-
-def _attr(field: str, name: str) -> str:
-    """The non-empty value of `name=value`, or MALFORMED_REQUEST."""
-    if len(field) < 3 or field[0] != name or field[1] != "=":
-        raise _malformed(f"expected {name}=")
-    return field[2:]
-
-
-def _check_extensions(fields: list[str]) -> None:
-    """Syntax-check extension attributes; RFC 5802 section 7 says unknown ones are ignored.
-
-    "m" is the reserved mandatory-extension attribute: section 5.1 says it MUST fail.
-    """
-    for field in fields:
-        if len(field) < 3 or field[0] not in _ALPHA or field[1] != "=":
-            raise _malformed("invalid attribute")
-        if field[0] == "m":
-            raise _malformed("mandatory extensions are not supported")
-
-
-def _decode_saslname(name: str) -> str:
-    """RFC 5802 section 5.1: "=2C" is ",", "=3D" is "=", any other "=" fails."""
-    if not name or "\0" in name:
-        raise _malformed("invalid saslname")
-    if "=" not in name:
-        return name
-    head, *escapes = name.split("=")
-    out = [head]
-    for escape in escapes:
-        if escape.startswith("2C"):
-            out.append(",")
-        elif escape.startswith("3D"):
-            out.append("=")
-        else:
-            raise _malformed("invalid escape in saslname")
-        out.append(escape[2:])
-    return "".join(out)
-
-
-def _encode_saslname(name: str) -> str:
-    return name.replace("=", "=3D").replace(",", "=2C")
-
-
-def _parse_iterations(text: str) -> int:
-    # Only ASCII digits: int() would also take "+1", " 1", "1_0" and other scripts' digits.
-    if not (text.isascii() and text.isdigit()) or text.startswith("0"):
-        raise _malformed("invalid iteration count")
-    iterations = int(text)
-    if iterations > MAX_ITERATIONS:
-        raise _malformed("iteration count too high")
-    return iterations
 
 
 def _keys(
@@ -594,27 +478,5 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
-def _decode(message: bytes) -> str:
-    try:
-        return message.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _malformed("not UTF-8") from exc
-
-
-def _b64encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    try:
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise _malformed("invalid base64") from exc
-
-
 def _random_nonce() -> str:
     return secrets.token_urlsafe(18)
-
-
-def _malformed(text: str) -> AuthFailure:
-    return AuthFailure(SaslCondition.MALFORMED_REQUEST, text)

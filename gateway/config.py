@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
-import math
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
 from gateway.errors import ConfigError
 from gateway.xmpp.jid import JID
+from gateway.yaml_reader import Reader, read_yaml
 
 T = TypeVar("T")
 
@@ -170,6 +168,12 @@ class ModulesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    node: str | None = None
+    """This node's id in session records; None: the host name and process id."""
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
     format: LogFormat = LogFormat.AUTO
@@ -189,143 +193,17 @@ class GatewayConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     modules: ModulesConfig = field(default_factory=ModulesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def serves(self, host: str) -> bool:
         return host in self.general.hosts
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-class _Reader:
-    """Walks one mapping of the YAML document, refusing unknown keys and wrong types."""
-
-    def __init__(self, file: str, path: str, data: object) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(file, path, f"must be a mapping, got {_kind(data)}")
-        self.file = file
-        self.path = path
-        self.data: Mapping[object, object] = data
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str, message: str) -> ConfigError:
-        return ConfigError(self.file, self.key(name), message)
-
-    def raw(self, name: str) -> object:
-        self.seen.add(name)
-        return self.data.get(name)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"must be an integer, got {_kind(value)}")
-        if not low <= value <= high:
-            raise self.error(name, f"must be between {low} and {high}, got {value}")
-        return value
-
-    def seconds(self, name: str, default: float, low: float, high: float) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(name, f"must be a number of seconds, got {_kind(value)}")
-        # Compare before any float conversion: a 400-digit integer must not overflow.
-        if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
-            raise self.error(name, f"must be between {low:g} and {high:g} seconds, got {value}")
-        return float(value)
-
-    def string(self, name: str, default: str) -> str:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value:
-            raise self.error(name, f"must be a non-empty string, got {_kind(value)}")
-        return value
-
-    def choice(self, name: str, enum_type: type[enum.Enum], default: T) -> T:
-        value = self.raw(name)
-        if value is None:
-            return default
-        allowed = [m.value for m in enum_type]
-        if value not in allowed:
-            raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
-        member: T = enum_type(value)  # type: ignore[assignment] # T is the enum given
-        return member
-
-    def path_value(self, name: str, default: Path | None, base: Path) -> Path | None:
-        value = self.raw(name)
-        if value is None:
-            return None if default is None else base / default
-        if not isinstance(value, str) or not value:
-            raise self.error(name, f"must be a file path, got {_kind(value)}")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else base / p
-
-    def section(self, name: str) -> _Reader:
-        return _Reader(self.file, self.key(name), self.raw(name))
-
-    def items(self, name: str) -> list[_Reader]:
-        value = self.raw(name)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise self.error(name, f"must be a list, got {_kind(value)}")
-        return [_Reader(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
-
-    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(name, "must be a list of non-empty strings")
-        return tuple(value)
-
-    def done(self) -> None:
-        unknown = [str(k) for k in self.data if k not in self.seen]
-        if unknown:
-            raise ConfigError(self.file, self.key(unknown[0]), "unknown key")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, but a key given twice in one mapping is an error, not "last wins"."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
-        seen: set[object] = set()
-        for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"[:80]
-
-
-def _parse_general(r: _Reader) -> GeneralConfig:
+def _parse_general(r: Reader) -> GeneralConfig:
     d = GeneralConfig()
     hosts = r.strings("hosts", d.hosts)
     if not hosts:
@@ -363,7 +241,7 @@ def _parse_general(r: _Reader) -> GeneralConfig:
     return g
 
 
-def _check_ip(r: _Reader, value: str) -> str:
+def _check_ip(r: Reader, value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError as exc:
@@ -371,7 +249,7 @@ def _check_ip(r: _Reader, value: str) -> str:
     return value
 
 
-def _parse_c2s(r: _Reader) -> ListenerConfig:
+def _parse_c2s(r: Reader) -> ListenerConfig:
     d = ListenerConfig()
     listener = ListenerConfig(
         ip=_check_ip(r, r.string("ip", d.ip)),
@@ -383,7 +261,7 @@ def _parse_c2s(r: _Reader) -> ListenerConfig:
     return listener
 
 
-def _parse_websocket(r: _Reader) -> WebSocketListenerConfig:
+def _parse_websocket(r: Reader) -> WebSocketListenerConfig:
     d = WebSocketListenerConfig()
     listener = WebSocketListenerConfig(
         ip=_check_ip(r, r.string("ip", d.ip)),
@@ -401,7 +279,7 @@ def _parse_websocket(r: _Reader) -> WebSocketListenerConfig:
     return listener
 
 
-def _parse_sm(r: _Reader) -> StreamManagementConfig:
+def _parse_sm(r: Reader) -> StreamManagementConfig:
     d = StreamManagementConfig()
     backend = r.string("backend", d.backend)
     if backend not in ("memory", "redis"):
@@ -444,7 +322,7 @@ def _parse_sm(r: _Reader) -> StreamManagementConfig:
     return sm
 
 
-def _parse_lockout(r: _Reader) -> LockoutConfig:
+def _parse_lockout(r: Reader) -> LockoutConfig:
     d = LockoutConfig()
     lockout = LockoutConfig(
         ip_failures=r.integer("ip_failures", d.ip_failures, 0, 1_000_000),
@@ -470,19 +348,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     """
     p = Path(path)
     file = str(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(file, "", f"cannot read: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(file, "", f"not UTF-8 text (byte {exc.start})") from exc
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(file, "", f"{where}not valid YAML: {problem}") from exc
+    data = read_yaml(p, file)
     return parse_config(data, file=file, base=p.resolve().parent)
 
 
@@ -491,7 +357,7 @@ def parse_config(
 ) -> GatewayConfig:
     """Validate an already-loaded YAML document (see `load_config`)."""
     base = base or Path.cwd()
-    root = _Reader(file, "", data)
+    root = Reader(file, "", data)
     general = _parse_general(root.section("general"))
 
     listen = root.section("listen")
@@ -560,6 +426,13 @@ def parse_config(
     o.done()
     m.done()
 
+    cl = root.section("cluster")
+    node = cl.raw("node")
+    if node is not None and (not isinstance(node, str) or not _NODE_ID.fullmatch(node)):
+        raise cl.error("node", "must be 1 to 64 letters, digits, '.', '_' or '-'")
+    cluster = ClusterConfig(node=node)
+    cl.done()
+
     lg = root.section("logging")
     level = lg.string("level", "info").lower()
     if level not in LOG_LEVELS:
@@ -579,6 +452,7 @@ def parse_config(
         auth=auth,
         modules=ModulesConfig(mod_stream_management=sm, mod_offline=offline),
         logging=logging_cfg,
+        cluster=cluster,
     )
 
 

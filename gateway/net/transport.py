@@ -1,7 +1,7 @@
 """The transport a connection task reads and writes (STYLE T1).
 
 Nothing inspects sockets for identity: the peer's address is in `PeerInfo`, filled in by
-the listener (and, behind a trusted proxy, from the PROXY header in a later issue).
+the listener (behind a trusted proxy, from the PROXY header or the forwarded headers).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class TransportLost(trio.BrokenResourceError):
 
     A `trio.BrokenResourceError`, so every place that handles a broken socket (the
     writer, closing a transport, a resume's first write) handles a closed WebSocket the
-    same way; it escaped those places once and crashed the listener.
+    same way: anything else escaping them would end the listener.
     """
 
 

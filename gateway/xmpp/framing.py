@@ -330,7 +330,7 @@ def element_message(element: Element) -> str:
     """
     if not element.namespace:
         raise ValueError("a top-level element needs a namespace")
-    # TODO: serializer.serialize_text would save this decode (see the framing report).
+    # TODO: a serializer that writes text directly would save this decode.
     return serialize(element, "", stream_prefix=False).decode()
 
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `C2SNegotiation` is fed parser events (`receive`) and returns actions for the I/O shell;
-the bytes to write accumulate in an outbound buffer read with `data_to_send()`. It owns
+the units to write accumulate in an outbound buffer read with `take_output()`. It owns
 the `c2s_unauthed` -> `c2s` progression of one connection:
 
     WAIT_HEADER --header--> FEATURES --<starttls/>--> TLS (shell upgrades, calls
@@ -13,7 +13,7 @@ the `c2s_unauthed` -> `c2s` progression of one connection:
     WAIT_BIND --bind iq--> BINDING (BindRequested; shell calls bind_result()) --> ESTABLISHED
 
 Only `restart` after STARTTLS / SASL success rewinds to WAIT_HEADER. Stream-level faults
-raise `RemoteProtocolError`; the shell then writes `stream_error_bytes()` (which sends our
+raise `RemoteProtocolError`; the shell then writes `queue_stream_error()`'s output (which sends our
 stream header first when none was sent yet, RFC 6120 section 4.9.1.1) and closes. SASL
 faults are `<failure/>` answers and the stream goes on, until `max_auth_failures` is
 exceeded (RFC 6120 section 6.4.5), which ends the stream with `policy-violation`.
@@ -149,13 +149,6 @@ class BindRequested:
 
 
 @dataclass(frozen=True, slots=True)
-class StanzaReceived:
-    """A stanza or nonza after the resource is bound, for the session to handle."""
-
-    element: Element
-
-
-@dataclass(frozen=True, slots=True)
 class ResumeRequested:
     """XEP-0198 `<resume/>` before bind: try the handover, then call `resumed` or carry on."""
 
@@ -174,7 +167,6 @@ Action = (
     | Authenticated
     | BindRequested
     | ResumeRequested
-    | StanzaReceived
     | StreamEnded
 )
 
@@ -245,10 +237,6 @@ class C2SNegotiation:
         out, self._out = self._out, []
         return out
 
-    def data_to_send(self) -> bytes:
-        """Everything queued since the last call, rendered for a TCP stream."""
-        return render_stream(self.take_output())
-
     def send(self, element: Element) -> None:
         """Queue one element on this stream."""
         self._out.append(element)
@@ -269,18 +257,6 @@ class C2SNegotiation:
             self._send_header(self.host or next(iter(sorted(self.settings.hosts))))
         self._out.append(STREAM_END)
         self.phase = Phase.CLOSED
-
-    def stream_error_bytes(
-        self, condition: StreamErrorCondition, text: str | None = None, extra: object = None
-    ) -> bytes:
-        """`queue_stream_error`, then everything queued as TCP bytes."""
-        self.queue_stream_error(condition, text, extra)
-        return self.data_to_send()
-
-    def close_bytes(self) -> bytes:
-        """`queue_close`, then everything queued as TCP bytes."""
-        self.queue_close()
-        return self.data_to_send()
 
     @property
     def is_established(self) -> bool:
@@ -361,7 +337,7 @@ class C2SNegotiation:
         el = event.element
         phase = self.phase
         if phase is Phase.ESTABLISHED:
-            return [StanzaReceived(el)]
+            raise LocalProtocolError("the stream is established: elements go to the session")
         if phase is Phase.WAIT_HEADER or phase is Phase.TLS:
             raise RemoteProtocolError(
                 StreamErrorCondition.NOT_AUTHORIZED, "element before the stream was (re)opened"

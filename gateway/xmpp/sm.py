@@ -212,7 +212,6 @@ class SMState:
         "counter_in",
         "counter_out",
         "max",
-        "peer",
         "resumable",
         "send_count",
         "sent_since_request",
@@ -261,9 +260,6 @@ class SMState:
         self.resumable = False
         #: The granted resumption time in seconds (the `max` of `<enabled/>`), if resumable.
         self.max: int | None = None
-        #: Opaque to this module (the seed's `peer`): the shell's handle on the other
-        #: session during a resumption.
-        self.peer: object | None = None
         self._enabled = False
 
     @property

@@ -792,3 +792,15 @@ def test_lockout_and_byte_limits_are_read_and_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             _load(tmp_path, **{section: data})
         assert info.value.key == key
+
+
+def test_cluster_node_names_this_node_and_is_checked(tmp_path: Path) -> None:
+    assert _load(tmp_path).cluster.node is None  # the host name and pid, at start
+    assert _load(tmp_path, cluster={"node": "gw-1.eu"}).cluster.node == "gw-1.eu"
+    for bad in ["", "a b", "x" * 65, 7]:
+        with pytest.raises(ConfigError) as info:
+            _load(tmp_path, cluster={"node": bad})
+        assert info.value.key == "cluster.node"
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, cluster={"redis": "redis://127.0.0.1"})
+    assert info.value.key == "cluster.redis"  # not yet: clusters come with Redis

@@ -478,7 +478,7 @@ def test_an_open_drives_c2s_negotiation_exactly_like_a_tcp_header() -> None:
     over_ws = _negotiation()
     for event in framing().receive_message(OPEN):
         assert over_ws.receive(event) == []
-    assert over_ws.data_to_send() == over_tcp.data_to_send()
+    assert over_ws.take_output() == over_tcp.take_output()
 
 
 def test_an_open_with_a_wrong_version_is_refused_by_the_negotiation() -> None:

@@ -22,6 +22,7 @@ LAYER = {
     "__main__": 9,
     "errors": 0,
     "xmpp": 1,
+    "yaml_reader": 1,
     "config": 2,
     "storage": 2,
     "logsetup": 3,

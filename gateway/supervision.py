@@ -87,17 +87,20 @@ async def run_stale_h_gc(
     *,
     repeat_after: float,
     geriatric: float,
+    clock: Callable[[], float],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Delete stale_h entries older than `geriatric` seconds, every `repeat_after` seconds.
 
     Never returns. Run it under `supervise` so a failing backend does not end it for good.
-    Entry ages are measured on `trio.current_time()`, the clock the core stamps them with.
+    Entry ages are measured on `clock`, the wall clock the core stamps them with (a record
+    means the same to every process that shares the table).
 
     Args:
         table: the stale_h table.
         repeat_after: seconds between sweeps (`stale_h.repeat_after`).
         geriatric: seconds an entry is kept (`stale_h.geriatric`).
+        clock: the wall clock (UNIX seconds; tests pass their own).
         task_status: `started()` is called at once.
 
     Raises:
@@ -112,6 +115,6 @@ async def run_stale_h_gc(
     task_status.started()
     while True:
         await trio.sleep(repeat_after)
-        cutoff = trio.current_time() - geriatric
+        cutoff = clock() - geriatric
         removed = await table.sweep(cutoff)
         log.info("stale_h_swept", removed=removed, geriatric=geriatric)

@@ -220,6 +220,7 @@ class Connection:
     def _own(self, session: Session) -> None:
         """Become the owner task of `session` (bound now, or taken back from a snapshot)."""
         self.session = session
+        session.metrics = self.ctx.metrics
         self.flush = FlushPacer(self.ctx.router.offline, session)
         session.on_flush_request = self._start_flush
 
@@ -308,7 +309,7 @@ class Connection:
         """Serve `handover`'s transport: <resumed/>, apply h, resend the rest (section 5)."""
         session, slot = self.session, self.slot
         assert session is not None and slot is not None and session.sm is not None
-        resend = await accept_handover(session, handover)
+        resend = await accept_handover(session, handover, self.ctx.metrics)
         if resend is None:
             return False
         sm, neg = session.sm, handover.negotiation
@@ -336,7 +337,7 @@ class Connection:
         handover.resumed = True
         handover.accepted.set()
         self.resume_deadline = None
-        self.ctx.resume.resumed += 1
+        self.ctx.metrics.resumed.inc()
         log.info(
             "session_resumed",
             new_conn_id=handover.conn_id,

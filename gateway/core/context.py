@@ -7,6 +7,7 @@ connection task) and passed to every connection task; tests build it the same wa
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -16,6 +17,7 @@ import trio
 from gateway.config import GatewayConfig
 from gateway.core.auth_limits import AuthThrottle
 from gateway.core.handoff import Handoff
+from gateway.core.metrics import Metrics
 from gateway.core.resume import ResumeRegistry
 from gateway.core.router import Router
 from gateway.errors import StreamErrorCondition
@@ -65,6 +67,9 @@ class ServerContext:
     resume: ResumeRegistry
     sm_sessions: SmSessionTable
     stale_h: StaleHTable
+    # The one registry of counters (gateway.core.metrics); the router, the offline
+    # service, the resume registry and the hand-off count into this same object.
+    metrics: Metrics
     connections: set[LiveConnection] = field(default_factory=set)
     draining: bool = False
     listen_ports: list[int] = field(default_factory=list)
@@ -82,6 +87,11 @@ class ServerContext:
     lockout: AuthThrottle | None = None
     # Counts the open client connections of every listener (general.max_connections).
     gate: ConnectionGate = field(default_factory=ConnectionGate)
+    # This node's id in session records (`cluster.node`, else host name and pid).
+    node: str = "local"
+    # Wall-clock seconds (UNIX time) for what other processes read: session records,
+    # stale_h ages. Tests inject their own.
+    wall_clock: Callable[[], float] = time.time
     # Unbound connections closing at once (see serve_wire).
     closing: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(CLOSE_CONCURRENCY)

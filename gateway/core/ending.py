@@ -15,6 +15,7 @@ import trio
 
 from gateway.core.context import ServerContext
 from gateway.core.handoff import snapshot_of
+from gateway.core.metrics import DropPolicy, ResumeFailure
 from gateway.core.presence import broadcast_unavailable
 from gateway.core.resume import ResumeSlot
 from gateway.core.router import Router
@@ -145,7 +146,7 @@ async def record_stale_h(conn: Owner) -> None:
         return
     if conn.ctx.config.modules.mod_stream_management.stale_h.enabled:
         await conn.ctx.stale_h.put(
-            StaleH(sm.smid, sm.counter_in, str(session.bare_jid), trio.current_time())
+            StaleH(sm.smid, sm.counter_in, str(session.bare_jid), conn.ctx.wall_clock())
         )
 
 
@@ -153,22 +154,26 @@ async def hand_back(router: Router, session: Session, stanzas: list[Element]) ->
     """Stanzas a session took but the client never acknowledged (DESIGN 3, the ledger)."""
     for stanza in stanzas:
         kind = stanza_kind(stanza)
+        if kind is None:
+            continue
         if kind is StanzaKind.MESSAGE and stanza.get("type", "normal") in (
             "chat",
             "normal",
             "error",
         ):
-            await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
+            state = await router.deliver_message_to_bare(stanza, session.bare_jid, exclude=session)
         elif kind is StanzaKind.IQ and stanza.get("type") in ("get", "set"):
-            await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-        elif kind is not None:
-            router.drop(stanza, "undeliverable_after_session_end")
+            state = await router.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
+        else:
+            state = router.drop(stanza, DropPolicy.UNDELIVERABLE_AFTER_SESSION_END)
+        router.metrics.ledger.inc(state=state)
 
 
 def end_slot(conn: Owner, slot: ResumeSlot) -> None:
     """End the session's resume slot; a resume that claimed it in the meantime is refused
     (its lender answers `<failed/>`), and the slot never lingers claimed."""
     while (raced := conn.ctx.resume.end(slot)) is not None:
+        raced.refusal = ResumeFailure.SESSION_ENDED
         raced.resumed = False
         raced.accepted.set()
     conn.slot = None

@@ -42,6 +42,7 @@ import structlog
 import trio
 
 from gateway.core.blocking import RunBlocking
+from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.session import Session
 from gateway.errors import JIDError, StorageError
 from gateway.storage.base import HandoffStore, SessionSnapshot
@@ -112,16 +113,14 @@ class Handoff:
         store: where snapshots are kept between processes.
         run_blocking: how store calls run (worker threads, or inline in tests).
         wall_clock: UNIX time in seconds (tests inject their own).
+        metrics: the gateway's registry: sessions handed off (`handoff_sessions`, by
+            result: the failed ones ended normally instead) and their stanzas.
     """
 
     store: HandoffStore
     run_blocking: RunBlocking
     wall_clock: Callable[[], float] = time.time
-    #: Sessions and stanzas written since the start (for the shutdown log line).
-    handed_off: int = 0
-    handed_off_stanzas: int = 0
-    #: Snapshots whose write failed (those sessions ended normally instead).
-    failed: int = 0
+    metrics: Metrics = field(kw_only=True)
     _open: _Batch | None = field(default=None, init=False)
     _write_lock: trio.Lock = field(default_factory=trio.Lock, init=False)
 
@@ -132,6 +131,7 @@ class Handoff:
             return encode_snapshot(snapshot)
         except ValueError as exc:
             log.warning("handoff_encode_failed", error=str(exc))
+            self.metrics.handoff_sessions.inc(result=HandoffResult.ENCODE_FAILED)
             return None
 
     async def write(self, snapshot: SessionSnapshot, data: bytes) -> bool:
@@ -164,10 +164,10 @@ class Handoff:
         else:
             await batch.done.wait()
         if not batch.ok:
-            self.failed += 1
+            self.metrics.handoff_sessions.inc(result=HandoffResult.WRITE_FAILED)
             return False
-        self.handed_off += 1
-        self.handed_off_stanzas += len(snapshot.buffer)
+        self.metrics.handoff_sessions.inc(result=HandoffResult.WRITTEN)
+        self.metrics.handoff_stanzas.inc(len(snapshot.buffer))
         return True
 
     async def take_all(self) -> list[Revivable]:

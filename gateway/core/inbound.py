@@ -13,9 +13,9 @@ import secrets
 from typing import Protocol
 
 import structlog
-import trio
 
 from gateway.core.context import ServerContext
+from gateway.core.metrics import LedgerState
 from gateway.core.offline import FlushPacer
 from gateway.core.presence import handle_presence
 from gateway.core.pump import Pump
@@ -53,6 +53,7 @@ async def handle_element(conn: Owner, element: Element) -> None:
         await _on_nonza(conn, session, element)
         return
     conn.stanzas_in += 1
+    conn.ctx.metrics.stanzas_in.inc(kind=kind)
     await _on_stanza(conn, session, kind, element)
     # XEP-0198 section 4: h counts the stanzas the server *handled*. Counted once
     # routing is done: a stanza whose routing a close cancelled is not acknowledged,
@@ -85,6 +86,7 @@ async def _on_nonza(conn: Owner, session: Session, element: Element) -> None:
     elif isinstance(action, EnableAsked):
         await _enable(conn, session, action.request)
     elif isinstance(action, Acked):
+        conn.ctx.metrics.ledger.inc(len(action.stanzas), state=LedgerState.ACKED)
         if conn.pump is not None:
             conn.pump.client_alive()
         if conn.flush is not None:
@@ -117,7 +119,7 @@ async def _enable(conn: Owner, session: Session, request: EnableRequest) -> None
     if smid is not None:
         conn.slot = conn.ctx.resume.create(smid, session.bare_jid, session)
         await conn.ctx.sm_sessions.register(
-            SmSessionRecord(smid, str(session.bare_jid), "local", trio.current_time())
+            SmSessionRecord(smid, str(session.bare_jid), conn.ctx.node, conn.ctx.wall_clock())
         )
         pump = conn.pump
         if pump is not None and pump.nursery is not None:

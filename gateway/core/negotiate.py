@@ -32,6 +32,7 @@ import structlog
 import trio
 
 from gateway.core.context import ServerContext
+from gateway.core.metrics import ResumeFailure
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Handover
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
@@ -220,19 +221,32 @@ class Negotiator:
         try:
             request = parse_resume(element)
         except SmError as exc:
+            self.ctx.metrics.resume_failed.inc(reason=ResumeFailure.MALFORMED)
             neg.send(failed(exc.condition))
             await self.flush()
             return False
         if not self.ctx.config.modules.mod_stream_management.buffer:
             # XEP-0198 section 5: a server that does not support resumption answers
             # feature-not-implemented (without a buffer nothing could be resent).
+            self.ctx.metrics.resume_failed.inc(reason=ResumeFailure.RESUMPTION_OFF)
             neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
             await self.flush()
             return False
         handover = Handover(
             wire=self.wire, negotiation=neg, pending=pipelined, h=request.h, conn_id=self.conn_id
         )
-        slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
+        # The sm_session table says where the session lives; this node's slots are the
+        # local part of it. A session another node holds cannot move here yet: it is
+        # answered like an unknown one (and logged as what it is).
+        record = await self.ctx.sm_sessions.lookup(request.previd)
+        slot = None
+        if record is not None and record.node != self.ctx.node:
+            log.info("sm_resume_elsewhere", smid=request.previd, node=record.node)
+            handover.refusal = ResumeFailure.OTHER_NODE
+        elif record is not None and record.jid == str(neg.jid):
+            slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
+        elif record is not None:
+            handover.refusal = ResumeFailure.OTHER_USER
         if slot is not None:
             log.info(
                 "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id
@@ -247,6 +261,7 @@ class Negotiator:
                 return True
         stale = await self._stale_h_for(request.previd, neg.jid)
         log.info("sm_resume_failed", smid=request.previd, stale_h=stale)
+        self.ctx.metrics.resume_failed.inc(reason=handover.refusal)
         # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
         neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
         await self.flush()

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from gateway.core.blocking import RunBlocking
+from gateway.core.metrics import LedgerState, Metrics
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
 from gateway.storage.base import OfflineStore
@@ -35,7 +36,7 @@ MessageTargets = Callable[[Element, JID], list[Session]]
 class Bounce(Protocol):
     async def __call__(
         self, stanza: Element, condition: StanzaErrorCondition, *, text: str | None = None
-    ) -> None: ...
+    ) -> LedgerState: ...
 
 
 def utc_stamp(now: datetime.datetime | None = None) -> str:
@@ -89,14 +90,14 @@ class OfflineService:
         *,
         max_per_user: int,
         max_bytes_per_user: int | None = None,
+        metrics: Metrics,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.run_blocking = run_blocking
         self.max_per_user = max_per_user
         self.max_bytes_per_user = max_bytes_per_user
         self.locks = _UserLocks()
-        self.stored = 0
-        self.flushed = 0
 
     async def store_or_deliver(
         self,
@@ -104,19 +105,22 @@ class OfflineService:
         to: JID,
         targets: MessageTargets,
         bounce: Bounce,
-    ) -> None:
-        """Deliver to a resource that became available meanwhile, else store, else bounce."""
+    ) -> LedgerState:
+        """Deliver to a resource that became available meanwhile, else store, else bounce.
+
+        Returns:
+            DELIVERED, STORED_OFFLINE, or what `bounce` answered.
+        """
         async with self.locks.acquire(to):
             for session in targets(stanza, to):
                 if session.send(stanza):
-                    return
+                    return LedgerState.DELIVERED
             if self.max_per_user == 0:
-                await bounce(
+                return await bounce(
                     stanza,
                     StanzaErrorCondition.SERVICE_UNAVAILABLE,
                     text="the recipient is offline",
                 )
-                return
             stamp = utc_stamp()
             delay = stanza.find(ns.DELAY, "delay")
             if delay is not None and delay.get("from") == to.domain:
@@ -131,11 +135,11 @@ class OfflineService:
             if not stored:
                 # The per-user caps (mod_offline.max_per_user, max_bytes_per_user): the
                 # sender learns it.
-                await bounce(
+                return await bounce(
                     stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="offline storage is full"
                 )
-                return
-            self.stored += 1
+            self.metrics.offline_stored.inc()
+            return LedgerState.STORED_OFFLINE
 
     def _store(self, to: JID, data: bytes, stamp: str) -> bool:
         return self.store.store(
@@ -192,7 +196,7 @@ class OfflineService:
                             self.store.put_back, bare.domain, bare.local or "", unsent
                         )
                     )
-        self.flushed += sent
+        self.metrics.offline_flushed.inc(sent)
         if sent:
             log.info("offline_flushed", count=sent)
         return sent, bool(rows)

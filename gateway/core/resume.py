@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from gateway.core.metrics import LedgerState, Metrics, ResumeFailure
 from gateway.core.session import CLOSE_GRACE, Session
 from gateway.errors import StreamErrorCondition
 from gateway.net.wire import Wire
@@ -73,6 +74,10 @@ class Handover:
     done: trio.Event = field(default_factory=trio.Event)
     resumed: bool = False
     lost_transport: bool = False
+    # Why the resume was refused (when `resumed` stays False), set by whoever refused it
+    # (`ResumeRegistry.claim`, `accept_handover`); the lender counts it when it answers
+    # `<failed/>`. Unset, the id is as good as unknown (item-not-found).
+    refusal: ResumeFailure = ResumeFailure.UNKNOWN_SMID
 
 
 @dataclass(eq=False)
@@ -100,8 +105,6 @@ class ResumeRegistry:
         self.parked_by_jid: dict[JID, OrderedDict[str, ResumeSlot]] = {}
         self.max_parked_per_user = max_parked_per_user
         self.max_parked = max_parked
-        self.resumed = 0
-        self.failed = 0
 
     def create(self, smid: str, jid: JID, session: Session) -> ResumeSlot:
         # A buffer of one: the handover is put in with send_nowait in the same step as the
@@ -112,23 +115,22 @@ class ResumeRegistry:
         return slot
 
     def claim(self, smid: str, jid: JID, handover: Handover) -> ResumeSlot | None:
-        """Give `handover` to the session of `smid`, if `jid` may resume it right now."""
+        """Give `handover` to the session of `smid`, if `jid` may resume it right now;
+        a refusal (None) says why in `handover.refusal`."""
         slot = self.slots.get(smid)
-        if (
-            slot is None
-            or slot.jid != jid
-            or slot.state
-            not in (
-                SlotState.SERVING,
-                SlotState.PARKED,
-            )
-        ):
-            self.failed += 1
-            return None
-        slot.send_channel.send_nowait(handover)
-        self._unpark(slot)
-        slot.state = SlotState.CLAIMED
-        return slot
+        if slot is None or slot.state is SlotState.ENDED:
+            refused = ResumeFailure.UNKNOWN_SMID
+        elif slot.jid != jid:
+            refused = ResumeFailure.OTHER_USER
+        elif slot.state is SlotState.CLAIMED:
+            refused = ResumeFailure.ALREADY_CLAIMED
+        else:
+            slot.send_channel.send_nowait(handover)
+            self._unpark(slot)
+            slot.state = SlotState.CLAIMED
+            return slot
+        handover.refusal = refused
+        return None
 
     def park(self, slot: ResumeSlot, now: float) -> list[ResumeSlot]:
         """Mark `slot` parked; return the parked slots to evict to stay within the limits."""
@@ -219,8 +221,13 @@ async def wait_parked(
     return None
 
 
-async def accept_handover(session: Session, handover: Handover) -> list[Element] | None:
+async def accept_handover(
+    session: Session, handover: Handover, metrics: Metrics
+) -> list[Element] | None:
     """Apply a resume's h to the session (XEP-0198 section 5) and decide.
+
+    The stanzas h acknowledges leave the ledger as ACKED (counted in `metrics`); a
+    refusal says why in `handover.refusal`.
 
     Returns:
         The stanzas to resend after `<resumed/>`, or None when the resume is refused:
@@ -231,14 +238,18 @@ async def accept_handover(session: Session, handover: Handover) -> list[Element]
     """
     sm = session.sm
     assert sm is not None
+    refused = ResumeFailure.SESSION_CLOSING
     if session.close_request is None:
+        buffered = sm.buffer_size
         try:
-            return sm.resume(handover.h)
+            resend = sm.resume(handover.h)
         except AckBehind:
             return sm.unacked()
         except SmError:
-            pass  # no longer resumable: its buffer overflowed while parked
+            # No longer resumable: its buffer overflowed while parked.
+            refused = ResumeFailure.NOT_RESUMABLE
         except HandledCountTooHigh as exc:
+            refused = ResumeFailure.HANDLED_COUNT_TOO_HIGH
             log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
             neg = handover.negotiation
             neg.queue_stream_error(
@@ -254,6 +265,11 @@ async def accept_handover(session: Session, handover: Handover) -> list[Element]
                 await handover.wire.aclose()
             handover.lost_transport = True
             handover.done.set()
+        else:
+            # resume() leaves the unacked stanzas in the buffer: the rest were acked.
+            metrics.ledger.inc(buffered - len(resend), state=LedgerState.ACKED)
+            return resend
+    handover.refusal = refused
     handover.resumed = False
     handover.accepted.set()
     return None

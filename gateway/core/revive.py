@@ -87,7 +87,13 @@ async def serve_revived(
         )
         ctx.connections.add(conn)
         await ctx.sm_sessions.register(
-            SmSessionRecord(snapshot.smid, str(full.bare()), "local", trio.current_time())
+            SmSessionRecord(
+                snapshot.smid,
+                str(full.bare()),
+                ctx.node,
+                ctx.wall_clock(),
+                epoch=snapshot.epoch,
+            )
         )
         assert conn.resume_deadline is not None
         remaining = round(max(conn.resume_deadline - trio.current_time(), 0.0), 3)

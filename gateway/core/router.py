@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from gateway.core.metrics import DropPolicy, LedgerState, Metrics
 from gateway.core.offline import OfflineService
 from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaErrorCondition, StreamErrorCondition
@@ -41,16 +42,17 @@ ServerHandler = Callable[["Router", Element, Session | None], Awaitable[None]]
 class Router:
     """Sessions on this node by bare JID, and the delivery rules (see module docstring)."""
 
-    def __init__(self, hosts: tuple[str, ...], account_exists: AccountExists) -> None:
+    def __init__(
+        self, hosts: tuple[str, ...], account_exists: AccountExists, *, metrics: Metrics
+    ) -> None:
         self.hosts = frozenset(hosts)
         self.account_exists = account_exists
+        self.metrics = metrics
         self.sessions: dict[JID, dict[str, Session]] = {}
         # Set by the services module: handles iq addressed to a domain or to an account.
         self.server_handler: ServerHandler | None = None
         # XEP-0160 offline storage; None answers service-unavailable instead.
         self.offline: OfflineService | None = None
-        self.dropped = 0
-        self.bounced = 0
 
     # -- the session registry ----------
 
@@ -133,7 +135,7 @@ class Router:
             # RFC 6121 4.3: probes are the server's business and are answered from the
             # subscription state, which this node does not keep yet; never relayed to a
             # client (that would leak who asks).
-            self.drop(stanza, "probe_without_subscription_state")
+            self.drop(stanza, DropPolicy.PROBE_WITHOUT_SUBSCRIPTION_STATE)
             return
         if to.domain not in self.hosts:
             await self.bounce(stanza, StanzaErrorCondition.REMOTE_SERVER_NOT_FOUND)
@@ -172,38 +174,40 @@ class Router:
             for session in targets:
                 session.send(stanza)
             if not targets:
-                self.drop(stanza, "presence_no_available_resource")
+                self.drop(stanza, DropPolicy.PRESENCE_NO_AVAILABLE_RESOURCE)
             return
         await self.deliver_message_to_bare(stanza, to)
 
     async def deliver_message_to_bare(
         self, stanza: Element, to: JID, *, exclude: Session | None = None
-    ) -> None:
-        """RFC 6121 section 8.5.2.1.1 for messages to a bare JID."""
+    ) -> LedgerState:
+        """RFC 6121 section 8.5.2.1.1 for messages to a bare JID.
+
+        Returns:
+            Where the message went: DELIVERED (to a resource other than `exclude`),
+            STORED_OFFLINE, BOUNCED or DROPPED; a session ending hands its unacked
+            messages back through here and counts this in the ledger.
+        """
         mtype = stanza.get("type", "normal")
         if mtype == "groupchat":
-            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-            return
+            return await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         targets = self.message_targets(stanza, to, exclude=exclude)
         delivered = False
         for session in targets:
             delivered = session.send(stanza) or delivered
         if delivered:
-            return
+            return LedgerState.DELIVERED
         if mtype == "headline":
-            self.drop(stanza, "headline_no_available_resource")
-            return
+            return self.drop(stanza, DropPolicy.HEADLINE_NO_AVAILABLE_RESOURCE)
         if not self.sessions.get(to) and not await self.account_exists(to.domain, to.local or ""):
-            await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-            return
+            return await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         if self.offline is None:
             # RFC 6121 section 8.5.2.1.1: without offline storage the server MUST answer
             # service-unavailable.
-            await self.bounce(
+            return await self.bounce(
                 stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="the recipient is offline"
             )
-            return
-        await self.offline.store_or_deliver(
+        return await self.offline.store_or_deliver(
             stanza,
             to,
             lambda s, bare: self.message_targets(s, bare, exclude=exclude),
@@ -235,12 +239,12 @@ class Router:
             elif mtype == "groupchat":
                 await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
-                self.drop(stanza, "message_to_unavailable_resource")
+                self.drop(stanza, DropPolicy.MESSAGE_TO_UNAVAILABLE_RESOURCE)
         elif kind is StanzaKind.IQ:
             if stanza.get("type") in ("get", "set"):
                 await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
-                self.drop(stanza, "iq_response_to_unavailable_resource")
+                self.drop(stanza, DropPolicy.IQ_RESPONSE_TO_UNAVAILABLE_RESOURCE)
         elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
             await self._to_bare(stanza, kind, to.bare(), origin)
         # Other presence to an unavailable resource is silently ignored (RFC 6121 8.5.3.2.3).
@@ -253,33 +257,53 @@ class Router:
         condition: StanzaErrorCondition,
         *,
         text: str | None = None,
-    ) -> None:
-        """Answer `stanza` to its sender with an error (never for errors or results)."""
+    ) -> LedgerState:
+        """Answer `stanza` to its sender with an error (never for errors or results).
+
+        Returns:
+            BOUNCED, or DROPPED (`cannot_bounce`) for an error, a result or a stanza
+            without sender. (The error reply has its own fate: delivered, stored offline
+            or dropped as `bounce_sender_gone`.)
+        """
         stype = stanza.get("type")
         if stype in ("error", "result") or stanza.get("from") is None:
-            self.drop(stanza, "cannot_bounce")
-            return
-        self.bounced += 1
+            return self.drop(stanza, DropPolicy.CANNOT_BOUNCE)
+        self.metrics.bounced.inc(condition=condition)
         reply = error_reply(stanza, condition, text=text)
         sender = JID.parse(stanza.get("from") or "")
         target = self.session_for(sender) if sender.resource else None
         if target is not None and target.send(reply):
-            return
+            return LedgerState.BOUNCED
         if sender.domain in self.hosts and sender.local is not None and reply.name == "message":
             # The sender's session moved on (logged in again, or ended): the error goes to
             # its account's current resources, else its offline store.
             await self.deliver_message_to_bare(reply, sender.bare())
-            return
-        self.drop(reply, "bounce_sender_gone")
+            return LedgerState.BOUNCED
+        self.drop(reply, DropPolicy.BOUNCE_SENDER_GONE)
+        return LedgerState.BOUNCED
 
-    def drop(self, stanza: Element, policy: str) -> None:
-        """Count and log a stanza dropped by a stated policy."""
-        self.dropped += 1
+    def drop(self, stanza: Element, policy: DropPolicy | str) -> LedgerState:
+        """Count and log a stanza dropped by a stated policy.
+
+        Args:
+            stanza: the stanza dropped.
+            policy: why; a plain string must be the value of a `DropPolicy` (accepted
+                only until `gateway.core.ending` passes the member).
+
+        Returns:
+            DROPPED (for the ledger of a session that hands its stanzas back).
+
+        Raises:
+            ValueError: a string that names no `DropPolicy`.
+        """
+        policy = DropPolicy(policy)
+        self.metrics.dropped.inc(policy=policy)
         log.debug(
             "stanza_dropped",
-            policy=policy,
+            policy=policy.value,
             kind=stanza.name,
             type=stanza.get("type"),
             to=stanza.get("to"),
             from_=stanza.get("from"),
         )
+        return LedgerState.DROPPED

@@ -18,11 +18,13 @@ from typing import Final
 
 import trio
 
+from gateway.core.metrics import Metrics
 from gateway.errors import StreamErrorCondition
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.sm import BufferOverflow, SMState
 from gateway.xmpp.sm_elements import ack_request
+from gateway.xmpp.stanza import stanza_kind
 
 # The one <r/> element: the writer recognises it by identity to start the ack timer.
 ACK_REQUEST: Final = ack_request()
@@ -68,6 +70,8 @@ class Session:
         queued_bytes: memory (`Element.size`) of what `outgoing` holds; the writer takes
             it off as it writes.
         max_queued_bytes: the bound on `queued_bytes` (`general.send_queue_bytes`).
+        stanzas_out: stanzas the session took (for the `connection_closed` line).
+        metrics: the gateway's registry (`stanzas_out` there too), set by the owner task.
     """
 
     conn_id: str
@@ -88,6 +92,7 @@ class Session:
     close_request: CloseRequest | None = None
     cancel_scope: trio.CancelScope | None = None
     stanzas_out: int = 0
+    metrics: Metrics | None = None
     queued_bytes: int = 0
     max_queued_bytes: int = 10 * 1024 * 1024
     # Offline messages wait to be flushed (paced by the owner task, see connection.py).
@@ -127,7 +132,7 @@ class Session:
             return self._send_managed(sm, stanza)
         if not self._queue(stanza):
             return False
-        self.stanzas_out += 1
+        self._count_out(stanza)
         return True
 
     def has_room_for(self, stanza: Element) -> bool:
@@ -175,12 +180,18 @@ class Session:
         except BufferOverflow:
             self.close(StreamErrorCondition.RESOURCE_CONSTRAINT, "too many unacknowledged stanzas")
             return True  # kept in the buffer: rerouted when the session ends
-        self.stanzas_out += 1
+        self._count_out(stanza)
         # Parked (no transport) or a transport going away: the buffer keeps the stanza
         # until a resume or the end.
         if self._queue(stanza) and request:
             self._queue(ACK_REQUEST)
         return True
+
+    def _count_out(self, stanza: Element) -> None:
+        self.stanzas_out += 1
+        kind = stanza_kind(stanza)
+        if self.metrics is not None and kind is not None:
+            self.metrics.stanzas_out.inc(kind=kind)
 
     def send_nonza(self, element: Element) -> None:
         """Queue a nonza (SM answers); never counted nor buffered."""

@@ -261,14 +261,19 @@ class SmSessionRecord:
         smid: the SM id given to the client in `<enabled id=.../>` (>= 128 random bits).
         jid: the bare JID that enabled it; a resume by anyone else is refused as if the id
             were unknown.
-        node: the node that holds the session ("local" for the memory backend).
-        created: when it was registered, in the caller's clock.
+        node: the id of the node that holds the session (`cluster.node`); a resume
+            that reaches another node is told apart from an unknown id by it.
+        created: when it was registered, in wall-clock seconds (UNIX time), so that
+            every process reads it the same way.
+        epoch: how many times the session moved (hand-offs, migrations); a fencing
+            number: a record from an older epoch is stale.
     """
 
     smid: str
     jid: str
     node: str
     created: float
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +284,8 @@ class StaleH:
         smid: the SM id of the ended session.
         h: its `counter_in` (stanzas received from the client, mod 2**32) when it ended.
         jid: the bare JID that owned it; `<failed h=.../>` is only given to that user.
-        at: when the session ended, in the caller's clock; the GC removes records whose
-            `at` is older than `geriatric` seconds.
+        at: when the session ended, in wall-clock seconds (UNIX time); the GC removes
+            records whose `at` is older than `geriatric` seconds.
     """
 
     smid: str

@@ -8,9 +8,8 @@ methods, run under the lock and transactions of `SqliteDatabase`; the event loop
 waits for SQLite. Every call is a checkpoint before it does anything (the runner's), so a
 call in a cancelled scope does nothing; once a worker thread runs it, it completes.
 
-Times are stored as given: the core passes `trio.current_time()`, whose origin is per
-process, so rows kept across a restart carry times of the old process's clock until the
-records get a wall clock (a later issue).
+Times are stored as given: the core passes wall-clock seconds (UNIX time), so a row means
+the same to every process that shares the file.
 
 `stale_h` is bounded like the memory table: a put beyond `max_entries` deletes the oldest
 entries (lowest `seq`, the insertion order) first. `sweep` deletes in batches of
@@ -33,7 +32,8 @@ _SM_SESSION_SCHEMA: Final = (
         smid TEXT PRIMARY KEY,
         jid TEXT NOT NULL,
         node TEXT NOT NULL,
-        created REAL NOT NULL
+        created REAL NOT NULL,
+        epoch INTEGER NOT NULL
     ) WITHOUT ROWID""",
 )
 _STALE_H_SCHEMA: Final = (
@@ -89,16 +89,21 @@ class SqliteSmSessionTable(SqliteDatabase):
     def _register(self, record: SmSessionRecord) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO sm_session (smid, jid, node, created) VALUES (?, ?, ?, ?)",
-                (record.smid, record.jid, record.node, record.created),
+                "INSERT OR REPLACE INTO sm_session (smid, jid, node, created, epoch)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (record.smid, record.jid, record.node, record.created, record.epoch),
             )
 
     def _lookup(self, smid: str) -> SmSessionRecord | None:
-        rows = self._query("SELECT jid, node, created FROM sm_session WHERE smid = ?", (smid,))
+        rows = self._query(
+            "SELECT jid, node, created, epoch FROM sm_session WHERE smid = ?", (smid,)
+        )
         if not rows:
             return None
-        jid, node, created = rows[0]
-        return SmSessionRecord(smid=smid, jid=str(jid), node=str(node), created=float(created))
+        jid, node, created, epoch = rows[0]
+        return SmSessionRecord(
+            smid=smid, jid=str(jid), node=str(node), created=float(created), epoch=int(epoch)
+        )
 
     def _remove(self, smid: str) -> bool:
         with self._transaction() as db:

@@ -529,12 +529,12 @@ def _check_ledger(
         "duplicates_before_ack": duplicates - len(dups_after_ack),
         "ambiguous_resends": len(ledger.ambiguous),
         **dict(ledger.events),
-        "server_resumed": ctx.resume.resumed,
-        "server_resume_failed": ctx.resume.failed,
-        "server_bounced": ctx.router.bounced,
-        "server_dropped": ctx.router.dropped,
-        "offline_stored": ctx.router.offline.stored,  # type: ignore[union-attr]
-        "offline_flushed": ctx.router.offline.flushed,  # type: ignore[union-attr]
+        "server_resumed": ctx.metrics.resumed.value(),
+        "server_resume_failed": ctx.metrics.resume_failed.total(),
+        "server_bounced": ctx.metrics.bounced.total(),
+        "server_dropped": ctx.metrics.dropped.total(),
+        "offline_stored": ctx.metrics.offline_stored.value(),
+        "offline_flushed": ctx.metrics.offline_flushed.value(),
         "server_parked": parked,
         **{f"closed_{reason}": n for reason, n in sorted(reasons.items())},
         **{f"dropped_{policy}": n for policy, n in sorted(dropped.items())},

@@ -446,7 +446,7 @@ async def test_two_resumes_at_once_one_wins_and_gets_every_message_once(
         await loser.client.bind("tablet")
         await trio.testing.wait_all_tasks_blocked()
         assert await _sync(loser.client) == []
-        assert net.ctx.router.offline is not None and net.ctx.router.offline.stored == 0
+        assert net.ctx.metrics.offline_stored.value() == 0
 
 
 # -- 5. the resume timeout and a resume on the same tick ------------------------------------------
@@ -485,12 +485,12 @@ async def test_resume_racing_the_resume_timeout_is_all_or_nothing(
             assert offset <= 0
             stanzas, _h = await _until_ack(bob2.client)
             later = _bodies(stanzas)
-            assert offline.stored == 0
+            assert offline.metrics.offline_stored.value() == 0
         else:
             assert answer.tag == (ns.SM, "failed"), answer
             assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None
             assert offset >= 0
-            assert offline.stored == 2
+            assert offline.metrics.offline_stored.value() == 2
             # A fresh login on the same stream: initial presence flushes the store.
             await bob2.client.bind("phone")
             await bob2.client.send("<presence/>")
@@ -650,9 +650,9 @@ async def test_parked_session_over_buffer_max_ends_and_every_message_is_rerouted
         assert offline is not None
         if laptop is not None:
             got = _bodies(e for e in await _sync(laptop.client) if e.name == "message")
-            assert offline.stored == 0
+            assert offline.metrics.offline_stored.value() == 0
         else:
-            assert offline.stored == len(expected)
+            assert offline.metrics.offline_stored.value() == len(expected)
             await bob2.client.bind("phone")
             await bob2.client.send("<presence/>")
             await trio.testing.wait_all_tasks_blocked()
@@ -685,7 +685,7 @@ async def test_overflow_in_the_step_of_a_resume_claim_fails_that_resume_cleanly(
         assert answer.tag == (ns.SM, "failed"), answer
         assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None
         offline = ctx.router.offline
-        assert offline is not None and offline.stored == 9
+        assert offline is not None and offline.metrics.offline_stored.value() == 9
 
 
 # -- more races around the handover ---------------------------------------------------------------
@@ -820,4 +820,4 @@ async def test_new_transport_lost_right_after_resume_parks_the_session_again(
         assert _is_sm(answer, "resumed"), answer
         assert _bodies(await _stanzas(bob3.client, 1)) == ["m0"]
         offline = net.ctx.router.offline
-        assert offline is not None and offline.stored == 0
+        assert offline is not None and offline.metrics.offline_stored.value() == 0

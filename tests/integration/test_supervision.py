@@ -165,7 +165,9 @@ async def test_gc_removes_only_records_older_than_geriatric_every_repeat_after(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     table = FlakyTable(fail_on=set())
-    gc = functools.partial(run_stale_h_gc, table, repeat_after=10, geriatric=25)
+    gc = functools.partial(
+        run_stale_h_gc, table, repeat_after=10, geriatric=25, clock=trio.current_time
+    )
     with capture_logs() as logs, trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             t0 = trio.current_time()
@@ -192,7 +194,9 @@ async def test_gc_keeps_running_after_a_failed_sweep(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     table = FlakyTable(fail_on={2})
-    gc = functools.partial(run_stale_h_gc, table, repeat_after=10, geriatric=5)
+    gc = functools.partial(
+        run_stale_h_gc, table, repeat_after=10, geriatric=5, clock=trio.current_time
+    )
     with capture_logs() as logs, trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             t0 = trio.current_time()
@@ -210,4 +214,6 @@ async def test_gc_keeps_running_after_a_failed_sweep(
 
 async def test_gc_refuses_a_nonpositive_period() -> None:
     with pytest.raises(ValueError, match="repeat_after"):
-        await run_stale_h_gc(MemoryStaleHTable(), repeat_after=0, geriatric=1)
+        await run_stale_h_gc(
+            MemoryStaleHTable(), repeat_after=0, geriatric=1, clock=trio.current_time
+        )

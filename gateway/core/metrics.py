@@ -114,6 +114,7 @@ class Counter:
         self.documentation = documentation
         self.labels: Mapping[str, LabelValues] = dict(labels or {})
         self._values: dict[tuple[str, ...], int] = {}
+        self._known: dict[tuple[tuple[str, enum.Enum | str], ...], tuple[str, ...]] = {}
 
     def inc(self, amount: int = 1, /, **labels: enum.Enum | str) -> None:
         """Add `amount` (>= 0) to the sample of these label values.
@@ -124,7 +125,12 @@ class Counter:
         """
         if amount < 0:
             raise ValueError(f"{self.name}: a counter only goes up ({amount})")
-        key = self._key(labels)
+        # Checked once per label combination (a few per counter: the cache is bounded by
+        # the declared values), then a dict lookup: this is on every stanza's path.
+        given = tuple(labels.items())
+        key = self._known.get(given)
+        if key is None:
+            key = self._known[given] = self._key(labels)
         self._values[key] = self._values.get(key, 0) + amount
 
     def value(self, **labels: enum.Enum | str) -> int:

@@ -380,12 +380,15 @@ class StreamParser:
                 raise RemoteProtocolError(
                     StreamErrorCondition.POLICY_VIOLATION, "elements nested too deeply"
                 )
-            self._charge(ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST)
+            self._cost += ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST
+            if self._cost > self._max_memory:
+                self._over_budget()
             stack.append((name, attrs, []))
         elif self._root_open:
             self._stanza_start = self._parser.CurrentByteIndex
-            self._cost = 0
-            self._charge(ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST)
+            self._cost = ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST
+            if self._cost > self._max_memory:
+                self._over_budget()
             stack.append((name, attrs, []))
         else:
             self._root_open = True
@@ -425,16 +428,15 @@ class StreamParser:
                 # time is not copied over and over.
                 self._loose += 1
             children.append(data)
-            self._charge(TEXT_COST + len(data))
+            self._cost += TEXT_COST + len(data)
+            if self._cost > self._max_memory:
+                self._over_budget()
         elif data.strip(_XML_SPACE):
             # Expat only reports text inside the root, so this is at stream level.
             raise RemoteProtocolError(StreamErrorCondition.BAD_FORMAT, "text at stream level")
 
-    def _charge(self, cost: int) -> None:
-        """Add `cost` to the stanza's memory; over the budget, join split text first."""
-        self._cost += cost
-        if self._cost <= self._max_memory:
-            return
+    def _over_budget(self) -> None:
+        """The stanza's memory passed the budget: join split text, or refuse it."""
         if self._loose * TEXT_COST >= self._max_memory // 4:
             # Each join frees at least a quarter of the budget, so joining stays linear
             # in the bytes received.

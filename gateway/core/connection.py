@@ -255,7 +255,7 @@ class Connection:
         neg.bind_result(action.iq, full)
         bind_jid(str(full))
         log.info("resource_bound")
-        await self.negotiator.flush()
+        await self.negotiator.write_output()
 
     # -- phase 2: serving a transport (gateway.core.pump) ----------
 

@@ -103,7 +103,7 @@ class Negotiator:
         self._restarted = False
         self._refused = False
 
-    async def flush(self) -> None:
+    async def write_output(self) -> None:
         """Write what the negotiation queued."""
         await self.wire.write(self.negotiation.take_output())
 
@@ -131,7 +131,7 @@ class Negotiator:
         neg = self.negotiation
         self._restarted = False
         actions = neg.receive(events[index])
-        await self.flush()
+        await self.write_output()
         restart = False
         for action in actions:
             if isinstance(action, StartTls):
@@ -145,7 +145,7 @@ class Negotiator:
                 restart = True
             elif isinstance(action, LookupCredentials | CheckPassword):
                 actions_after = await self._check_credentials(action)
-                await self.flush()
+                await self.write_output()
                 if any(isinstance(a, Authenticated) for a in actions_after):
                     self._check_restart_point(events, index)
                 restart = self._after_auth(actions_after)
@@ -223,14 +223,14 @@ class Negotiator:
         except SmError as exc:
             self.ctx.metrics.resume_failed.inc(reason=ResumeFailure.MALFORMED)
             neg.send(failed(exc.condition))
-            await self.flush()
+            await self.write_output()
             return False
         if not self.ctx.config.modules.mod_stream_management.buffer:
             # XEP-0198 section 5: a server that does not support resumption answers
             # feature-not-implemented (without a buffer nothing could be resent).
             self.ctx.metrics.resume_failed.inc(reason=ResumeFailure.RESUMPTION_OFF)
             neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
-            await self.flush()
+            await self.write_output()
             return False
         handover = Handover(
             wire=self.wire, negotiation=neg, pending=pipelined, h=request.h, conn_id=self.conn_id
@@ -264,7 +264,7 @@ class Negotiator:
         self.ctx.metrics.resume_failed.inc(reason=handover.refusal)
         # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
         neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
-        await self.flush()
+        await self.write_output()
         return False
 
     async def _stale_h_for(self, smid: str, jid: JID) -> int | None:

@@ -235,18 +235,18 @@ class Negotiator:
         handover = Handover(
             wire=self.wire, negotiation=neg, pending=pipelined, h=request.h, conn_id=self.conn_id
         )
-        # The sm_session table says where the session lives; this node's slots are the
-        # local part of it. A session another node holds cannot move here yet: it is
-        # answered like an unknown one (and logged as what it is).
-        record = await self.ctx.sm_sessions.lookup(request.previd)
-        slot = None
-        if record is not None and record.node != self.ctx.node:
-            log.info("sm_resume_elsewhere", smid=request.previd, node=record.node)
-            handover.refusal = ResumeFailure.OTHER_NODE
-        elif record is not None and record.jid == str(neg.jid):
-            slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
-        elif record is not None:
-            handover.refusal = ResumeFailure.OTHER_USER
+        # This node's slots are a cache of the local part of the sm_session table: a slot
+        # here is claimed at once (no await between a reconnect storm's steps); on a miss
+        # the table says whether another node holds the session. It cannot move here
+        # yet: it is answered like an unknown one (and logged and counted as what it is).
+        slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
+        if slot is None:
+            record = await self.ctx.sm_sessions.lookup(request.previd)
+            if record is not None and record.node != self.ctx.node:
+                log.info("sm_resume_elsewhere", smid=request.previd, node=record.node)
+                handover.refusal = ResumeFailure.OTHER_NODE
+            elif record is not None and record.jid != str(neg.jid):
+                handover.refusal = ResumeFailure.OTHER_USER
         if slot is not None:
             log.info(
                 "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id

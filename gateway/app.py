@@ -62,7 +62,7 @@ from gateway.xmpp.sasl import ScramCredentials, check_plain
 log = structlog.get_logger(module=__name__)
 
 STORAGE_THREADS = 4
-CLOSE_DEADLINE = 10.0  # seconds for streams to close and sessions to hand back, at exit
+CLOSE_DEADLINE = 10.0  # seconds for streams to close and sessions to reroute their stanzas, at exit
 
 
 def make_lockout(config: GatewayConfig) -> AuthThrottle | None:
@@ -379,7 +379,7 @@ async def shutdown(ctx: ServerContext, handler_nursery: trio.Nursery) -> None:
     is cancelled (the end of each session still runs, shielded).
 
     With `handoff_on_shutdown`, resumable sessions (live or parked) are handed off instead
-    of ended, in a second step: the sessions that end go first, so what they hand back
+    of ended, in a second step: the sessions that end go first, so what they reroute
     (unacked messages, their unavailable presence) reaches the kept sessions' buffers.
     """
     ctx.draining = True

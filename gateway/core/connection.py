@@ -11,14 +11,14 @@ Theory of operation
 2. Serving, one `Pump` per transport (`gateway.core.pump`): the reader (this task's
    body), a single writer draining the session's bounded outgoing channel into batched
    socket writes, the ack timer, and companions: the offline flush (`FlushPacer`) and,
-   for a resumable session, the `watch` for a handover from a newer connection. Others
+   for a resumable session, the `watch` for a loan from a newer connection. Others
    only `Session.send()` (into the SM buffer and the channel) or `Session.close()`
    (cancels the serving scope).
 3. When the transport is lost (EOF, socket error, or an `<r/>` unanswered for
    `ack_timeout`: the writer sets a deadline on the reader's scope) and the session is
    resumable, the task parks in `resume_session` (`gateway.core.resume`): the session stays
    in the router, stanzas keep going into its SM buffer, and it waits up to the granted
-   `max` for a `Handover` on its slot's channel. A handover is adopted: `<resumed/>`, the
+   `max` for a `Loan` on its slot's channel. A loan is adopted: `<resumed/>`, the
    client's h applied, the rest of the buffer resent in order, then back to 2 on the lent
    transport.
 4. Otherwise the session ends (`gateway.core.ending`): it leaves the router and `sm_session`,
@@ -32,9 +32,9 @@ Theory of operation
    step 3 with no transport (`gateway.core.revive`).
 
 A connection whose `<resume/>` is accepted *lends* its transport to the parked session and
-waits until that session is done with it (`Handover.done`), outside the negotiation
+waits until that session is done with it (`Loan.done`), outside the negotiation
 deadline; it never touches the transport again. Cancellation (shutdown) goes through the
-same end path, shielded, so stanzas are handed back before the task exits.
+same end path, shielded, so stanzas are rerouted before the task exits.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from gateway.core.negotiate import TLS_HANDSHAKE_TIMEOUT, Negotiated, Negotiator
 from gateway.core.offline import FlushPacer
 from gateway.core.pump import Outcome, Pump
 from gateway.core.reading import StanzaTimer
-from gateway.core.resume import Handover, ResumeSlot, accept_handover, wait_parked, watch
+from gateway.core.resume import Loan, ResumeSlot, accept_loan, wait_parked, watch
 from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session, SessionType
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_connection, bind_jid
@@ -111,7 +111,7 @@ class Connection:
         self.outgoing_receive: trio.MemoryReceiveChannel[Element] | None = None
         self.pump: Pump | None = None  # while a transport is served
         self.flush: FlushPacer | None = None  # once bound
-        self.lent_from: Handover | None = None  # the handover whose transport we use
+        self.lent_from: Loan | None = None  # the loan whose transport we use
         # When the <r/> after a resend on resumption was written (the next pump's timer).
         self.request_sent_at: float | None = None
         self.stanzas_in = 0
@@ -127,7 +127,7 @@ class Connection:
         self.finished = trio.Event()
 
     @property
-    def lent_to(self) -> Handover | None:
+    def lent_to(self) -> Loan | None:
         """Our transport, lent to the resumed session that accepted it."""
         return self.negotiator.lent_to
 
@@ -146,7 +146,7 @@ class Connection:
         return self.slot is not None and sm is not None and sm.resumable
 
     def take_in_flight(self) -> list[Element]:
-        """What the writer was writing when serving ended (handed back without SM)."""
+        """What the writer was writing when serving ended (rerouted without SM)."""
         pump = self.pump
         if pump is None:
             return []
@@ -283,7 +283,7 @@ class Connection:
             if session.flush_pending:
                 self._start_flush()
             if self.slot is not None:
-                nursery.start_soon(watch, self.slot, pump.receive_handover)
+                nursery.start_soon(watch, self.slot, pump.receive_loan)
 
         return await pump.serve(start)
 
@@ -294,8 +294,8 @@ class Connection:
 
     # -- phase 3: resume_session (gateway.core.resume) ----------
 
-    async def _park(self) -> Handover | None:
-        """Wait (up to the granted max) for a resuming connection's handover."""
+    async def _park(self) -> Loan | None:
+        """Wait (up to the granted max) for a resuming connection's loan."""
         session, slot = self.session, self.slot
         assert session is not None and slot is not None and session.sm is not None
         self.outgoing_receive = None
@@ -305,25 +305,23 @@ class Connection:
         self.resume_deadline = deadline
         return await wait_parked(self.ctx.resume, slot, session, deadline)
 
-    async def _adopt(self, handover: Handover) -> bool:
-        """Serve `handover`'s transport: <resumed/>, apply h, resend the rest (section 5)."""
+    async def _adopt(self, loan: Loan) -> bool:
+        """Serve `loan`'s transport: <resumed/>, apply h, resend the rest (section 5)."""
         session, slot = self.session, self.slot
         assert session is not None and slot is not None and session.sm is not None
-        resend = await accept_handover(session, handover, self.ctx.metrics)
+        resend = await accept_loan(session, loan, self.ctx.metrics)
         if resend is None:
             return False
-        sm, neg = session.sm, handover.negotiation
+        sm, neg = session.sm, loan.negotiation
         # Switch this task to the lent stream (wire, negotiation state); from now on its
         # log lines carry the new peer (children spawned later inherit it).
         old_peer = str(self.wire.peer) if self.snapshot_peer is None else self.snapshot_peer
-        self.wire, self.negotiation = handover.wire, neg
+        self.wire, self.negotiation = loan.wire, neg
         self.snapshot_peer = None
-        session.conn = f"{handover.wire.kind} {handover.wire.peer}"
-        structlog.contextvars.bind_contextvars(
-            peer=str(handover.wire.peer), transport=handover.wire.kind
-        )
-        self.pending = handover.pending
-        self.lent_from = handover
+        session.conn = f"{loan.wire.kind} {loan.wire.peer}"
+        structlog.contextvars.bind_contextvars(peer=str(loan.wire.peer), transport=loan.wire.kind)
+        self.pending = loan.pending
+        self.lent_from = loan
         assert session.full_jid is not None
         neg.resumed(session.full_jid)
         self._new_outgoing(session)
@@ -334,14 +332,14 @@ class Connection:
         if resend and sm.ack:
             neg.send(ACK_REQUEST)
             self.request_sent_at = trio.current_time()
-        handover.resumed = True
-        handover.accepted.set()
+        loan.resumed = True
+        loan.accepted.set()
         self.resume_deadline = None
         self.ctx.metrics.resumed.inc()
         log.info(
             "session_resumed",
-            new_conn_id=handover.conn_id,
-            h=handover.h,
+            new_conn_id=loan.conn_id,
+            h=loan.h,
             resent=len(resend),
             old_peer=old_peer,
         )
@@ -369,11 +367,11 @@ class Connection:
                 outcome = await self._serve_transport()
             sm = session.sm
             resumable = self.slot is not None and sm is not None and sm.resumable
-            handover: Handover | None = None
+            loan: Loan | None = None
             if outcome is Outcome.HANDOVER:
                 # XEP-0198 section 5: the old transport is still attached: close it first.
                 assert self.pump is not None
-                handover = self.pump.handover_in
+                loan = self.pump.loan_in
                 self.negotiation.queue_stream_error(
                     StreamErrorCondition.CONFLICT, "the session was resumed elsewhere"
                 )
@@ -386,15 +384,15 @@ class Connection:
                 # While draining only when the session will be handed off at shutdown;
                 # otherwise it would only wait to be ended there.
                 await self._close_transport([])
-                handover = await self._park()
-                if handover is None and session.close_request is None:
+                loan = await self._park()
+                if loan is None and session.close_request is None:
                     # Timed out. The h goes into stale_h before the slot ends, so a resume
                     # that finds no slot can always learn it; a claim that raced the
                     # deadline still wins (end() returns it).
                     assert self.slot is not None
                     await record_stale_h(self)
-                    handover = self.ctx.resume.end(self.slot)
-                    if handover is None:
+                    loan = self.ctx.resume.end(self.slot)
+                    if loan is None:
                         self.slot = None  # ended; stale_h recorded in end_session
                         return "resume_timeout"
             else:
@@ -402,9 +400,9 @@ class Connection:
                 session.mark_ending()
                 await self._close_transport(final)
                 return reason
-            if handover is None:
+            if loan is None:
                 return "closed"
-            if not await self._adopt(handover):
+            if not await self._adopt(loan):
                 session.mark_ending()
                 return "resume_failed"
 

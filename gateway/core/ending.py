@@ -77,7 +77,7 @@ async def end_session(conn: Owner) -> None:
     if session.outgoing is not None:
         session.outgoing.close()
         session.outgoing = None
-    await hand_back(router, session, leftovers)
+    await reroute(router, session, leftovers)
 
 
 async def hand_off(conn: Owner) -> bool:
@@ -150,7 +150,7 @@ async def record_stale_h(conn: Owner) -> None:
         )
 
 
-async def hand_back(router: Router, session: Session, stanzas: list[Element]) -> None:
+async def reroute(router: Router, session: Session, stanzas: list[Element]) -> None:
     """Stanzas a session took but the client never acknowledged (DESIGN 3, the ledger)."""
     for stanza in stanzas:
         kind = stanza_kind(stanza)

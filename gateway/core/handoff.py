@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 When the gateway stops (after the SIGTERM drain), `app.shutdown` closes streams in two
-steps: first every session that will end (no resumption), so what they hand back (their
+steps: first every session that will end (no resumption), so what they reroute (their
 unacked messages, their unavailable presence) can still reach the kept sessions; then
 every resumable session (live or parked) with `handoff=True`. Such a session keeps taking
 stanzas into its buffer until its connection task, in `gateway.core.ending.hand_off`,

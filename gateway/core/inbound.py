@@ -123,6 +123,6 @@ async def _enable(conn: Owner, session: Session, request: EnableRequest) -> None
         )
         pump = conn.pump
         if pump is not None and pump.nursery is not None:
-            pump.nursery.start_soon(watch, conn.slot, pump.receive_handover)
+            pump.nursery.start_soon(watch, conn.slot, pump.receive_loan)
         structlog.contextvars.bind_contextvars(smid=smid)
     log.info("sm_enabled", resume=smid is not None, max=granted)

@@ -11,12 +11,12 @@ or free text as label values).
 
 The ledger (`ledger`, `xmpp_ledger_stanzas_total{state}`): every stanza a session took
 (`Session.send` answered True) ends in one `LedgerState`: acked by the client's h (an `<a/>`
-or a `<resume h/>`), or, when the session ends without resumption, handed back to the
+or a `<resume h/>`), or, when the session ends without resumption, rerouted by the
 router and delivered to another resource (a new entry in that session's ledger), stored
 offline, bounced or dropped by a policy (which `dropped` names). A session handed off at
 shutdown keeps its stanzas (counted in `handoff_stanzas`) and settles them after the
 restart. A session without stream management has no acks: what its writer wrote leaves
-the ledger unacknowledged, and only what was still queued when it ended is handed back.
+the ledger unacknowledged, and only what was still queued when it ended is rerouted.
 """
 
 from __future__ import annotations

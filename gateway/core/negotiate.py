@@ -12,7 +12,7 @@ succeeded, binding (the connection's `bind` callback creates the session), and a
 puts the whole negotiation under `negotiation_timeout`.
 
 A `<resume/>` (XEP-0198 section 5, after SASL, before bind) claims the session's slot
-and *lends* this connection's transport to the parked session through a `Handover`. While
+and *lends* this connection's transport to the parked session through a `Loan`. While
 the session has not answered, `claiming` is set; once it accepted, `lent_to`: the
 connection task must then wait until the session is done with the transport. Anything
 else (unknown, expired or another user's id, a refused resume) is answered here with
@@ -34,7 +34,7 @@ import trio
 from gateway.core.context import ServerContext
 from gateway.core.metrics import ResumeFailure
 from gateway.core.reading import StanzaTimer
-from gateway.core.resume import Handover
+from gateway.core.resume import Loan
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_jid
 from gateway.net.wire import Wire
@@ -75,7 +75,7 @@ class Negotiator:
         wire: the connection's transport (STARTTLS upgrades it in place).
         negotiation: the pure negotiation state machine.
         timer: the connection's unfinished-stanza clock.
-        conn_id: the connection's id (for the handover).
+        conn_id: the connection's id (for the loan).
         bind: binds the requested resource (creates the session) and answers the client.
     """
 
@@ -97,9 +97,9 @@ class Negotiator:
         #: Events the client pipelined after its bind request: the session's first.
         self.pending: list[Event] = []
         #: Our transport offered to a parked session, not answered yet.
-        self.claiming: Handover | None = None
+        self.claiming: Loan | None = None
         #: Our transport, lent to the session that accepted it.
-        self.lent_to: Handover | None = None
+        self.lent_to: Loan | None = None
         self._restarted = False
         self._refused = False
 
@@ -232,36 +232,36 @@ class Negotiator:
             neg.send(failed(SmCondition.FEATURE_NOT_IMPLEMENTED))
             await self.write_output()
             return False
-        handover = Handover(
+        loan = Loan(
             wire=self.wire, negotiation=neg, pending=pipelined, h=request.h, conn_id=self.conn_id
         )
         # This node's slots are a cache of the local part of the sm_session table: a slot
         # here is claimed at once (no await between a reconnect storm's steps); on a miss
         # the table says whether another node holds the session. It cannot move here
         # yet: it is answered like an unknown one (and logged and counted as what it is).
-        slot = self.ctx.resume.claim(request.previd, neg.jid, handover)
+        slot = self.ctx.resume.claim(request.previd, neg.jid, loan)
         if slot is None:
             record = await self.ctx.sm_sessions.lookup(request.previd)
             if record is not None and record.node != self.ctx.node:
                 log.info("sm_resume_elsewhere", smid=request.previd, node=record.node)
-                handover.refusal = ResumeFailure.OTHER_NODE
+                loan.refusal = ResumeFailure.OTHER_NODE
             elif record is not None and record.jid != str(neg.jid):
-                handover.refusal = ResumeFailure.OTHER_USER
+                loan.refusal = ResumeFailure.OTHER_USER
         if slot is not None:
             log.info(
                 "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id
             )
-            self.claiming = handover
+            self.claiming = loan
             try:
-                await handover.accepted.wait()
+                await loan.accepted.wait()
             finally:
                 self.claiming = None
-            if handover.resumed:
-                self.lent_to = handover
+            if loan.resumed:
+                self.lent_to = loan
                 return True
         stale = await self._stale_h_for(request.previd, neg.jid)
         log.info("sm_resume_failed", smid=request.previd, stale_h=stale)
-        self.ctx.metrics.resume_failed.inc(reason=handover.refusal)
+        self.ctx.metrics.resume_failed.inc(reason=loan.refusal)
         # XEP-0198 section 5: unknown, expired or another user's id -> item-not-found.
         neg.send(failed(SmCondition.ITEM_NOT_FOUND, stale))
         await self.write_output()

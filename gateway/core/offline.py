@@ -124,7 +124,7 @@ class OfflineService:
             stamp = utc_stamp()
             delay = stanza.find(ns.DELAY, "delay")
             if delay is not None and delay.get("from") == to.domain:
-                stamped = stanza  # stored before and handed back: keep the first stamp
+                stamped = stanza  # stored before and rerouted: keep the first stamp
             else:
                 stamped = stanza.append(delay_stamp(stamp, to.domain, "Offline Storage"))
             try:

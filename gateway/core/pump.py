@@ -9,17 +9,17 @@ resume); `serve()` runs until something ends the serving and says what (`Outcome
   clock of `StanzaTimer`) and hands each element to the connection's `on_element`.
 * The writer is a child task, the only one that writes: it drains the session's bounded
   outgoing channel in batches. Its write is shielded: serving that ends (a close, a
-  handover, shutdown) gives the write in progress `CLOSE_GRACE` to finish, because half a
+  loan, shutdown) gives the write in progress `CLOSE_GRACE` to finish, because half a
   stanza followed by a stream error is unreadable; a write still unfinished then is cut,
   `write_cut` is set and nothing more may be written to this transport.
 * The ack timer: after the writer sent an `<r/>`, the reader's scope gets a deadline of
   `ack_timeout`; an `<a/>` (`client_alive`) lifts it. A deadline that passes ends
   serving with `ACK_TIMEOUT` (the transport counts as lost).
-* Companions (the offline flush, the watch for a handover) are started by the
+* Companions (the offline flush, the watch for a loan) are started by the
   connection on `nursery` while serving.
 
 Others end the serving through the session (`Session.close` cancels `session.cancel_scope`,
-which is this serving's scope) or, for a resume, by setting `handover_in` and cancelling it.
+which is this serving's scope) or, for a resume, by setting `loan_in` and cancelling it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import trio
 
 from gateway.config import GatewayConfig
 from gateway.core.reading import StanzaTimer
-from gateway.core.resume import Handover
+from gateway.core.resume import Loan
 from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, Session
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.net.wire import TransportLost, Wire
@@ -48,7 +48,7 @@ class Outcome(enum.Enum):
     ACK_TIMEOUT = "ack_timeout"
     CLOSE_REQUESTED = "close_requested"
     PROTOCOL_ERROR = "protocol_error"
-    HANDOVER = "handover"
+    HANDOVER = "loan"
 
 
 class Pump:
@@ -91,11 +91,11 @@ class Pump:
         self.ack_timeout = config.modules.mod_stream_management.ack_timeout
         #: The serving nursery, while serving: companions are started on it.
         self.nursery: trio.Nursery | None = None
-        #: A resume's handover received while serving (set by the watch task).
-        self.handover_in: Handover | None = None
+        #: A resume's loan received while serving (set by the watch task).
+        self.loan_in: Loan | None = None
         self.protocol_error: RemoteProtocolError | None = None
         self.writer_lost = False
-        #: The batch being written: handed back (without SM) if the session ends.
+        #: The batch being written: rerouted (without SM) if the session ends.
         self.in_flight: list[Element] = []
         #: A write was cut off mid-way: nothing more may be written to this transport.
         self.write_cut = False
@@ -127,7 +127,7 @@ class Pump:
                     self._bound_write()
                 nursery.cancel_scope.cancel()
         self.nursery = None
-        if self._received_handover() is not None:
+        if self._received_loan() is not None:
             return Outcome.HANDOVER
         if session.close_request is not None:
             return Outcome.CLOSE_REQUESTED
@@ -135,9 +135,9 @@ class Pump:
             return Outcome.TRANSPORT_LOST
         return outcome
 
-    def receive_handover(self, handover: Handover) -> None:
+    def receive_loan(self, loan: Loan) -> None:
         """A resume claimed the session while it is served here: end the serving."""
-        self.handover_in = handover
+        self.loan_in = loan
         if self.session.cancel_scope is not None:
             self.session.cancel_scope.cancel()
 
@@ -146,9 +146,9 @@ class Pump:
         if self._ack_scope is not None:
             self._ack_scope.deadline = math.inf
 
-    def _received_handover(self) -> Handover | None:
+    def _received_loan(self) -> Loan | None:
         # A method, so type checkers do not narrow the attribute the watch task sets.
-        return self.handover_in
+        return self.loan_in
 
     async def _reader(self) -> Outcome:
         outcome = Outcome.ACK_TIMEOUT

@@ -1,4 +1,4 @@
-"""XEP-0198 resumption on this node: slots, parking and the handover (STYLE C9).
+"""XEP-0198 resumption on this node: slots, parking and the loan (STYLE C9).
 
 Theory of operation
 -------------------
@@ -10,17 +10,17 @@ receive channel, while the router keeps delivering into the session's SM buffer.
 A new connection that sends `<resume previd h/>` (after SASL, before bind) calls
 `claim(smid, jid)`. A slot that is unknown, ended, already claimed, or belongs to another
 user answers None (the caller sends `<failed><item-not-found/>`, with the stale h when
-known); otherwise the slot turns CLAIMED and the `Handover` is put into the slot's channel
+known); otherwise the slot turns CLAIMED and the `Loan` is put into the slot's channel
 in the same synchronous step (`send_nowait` on a buffer of one). Because claiming and ending
 are both synchronous state changes on one trio thread, they are totally ordered: either the
-handover is already in the channel when the parked task gives up (it checks the channel
+loan is already in the channel when the parked task gives up (it checks the channel
 once more and resumes), or the slot is ENDED before the claim (the claim fails). Two
 connections racing to resume: the first claim wins, the second sees CLAIMED and fails.
 
 A session still attached to a transport (the client reconnected before we noticed the old
-socket died) receives the handover in its `watch` task, which only cancels the serving
+socket died) receives the loan in its `watch` task, which only cancels the serving
 scope; the session task then closes the old transport with `conflict` and adopts the new
-one. The lender waits on `Handover.done` until the session task has finished with the
+one. The lender waits on `Loan.done` until the session task has finished with the
 transport it lent, then returns.
 
 Limits: `max_parked_per_user` and `max_parked` bound the parked slots; parking beyond a
@@ -55,13 +55,17 @@ log = structlog.get_logger(module=__name__)
 class SlotState(enum.Enum):
     SERVING = "serving"  # attached to a live transport
     PARKED = "parked"  # transport lost, waiting for a resume
-    CLAIMED = "claimed"  # a handover is in the channel
+    CLAIMED = "claimed"  # a loan is in the channel
     ENDED = "ended"  # the session is gone; the smid is only in stale_h now
 
 
 @dataclass(eq=False)
-class Handover:
-    """What a resuming connection lends to the session task."""
+class Loan:
+    """A resuming connection's transport (its wire, negotiation state and pipelined
+    events), lent to the session that owns the SM id ("lend, don't give", STYLE C9):
+    the session answers through `accepted`, and sets `done` when it no longer uses the
+    transport. One word for it: a session *handed off* is kept across a restart
+    (`gateway.core.handoff`), stanzas *rerouted* when a session ends (`core.ending`)."""
 
     wire: Wire
     negotiation: C2SNegotiation
@@ -75,7 +79,7 @@ class Handover:
     resumed: bool = False
     lost_transport: bool = False
     # Why the resume was refused (when `resumed` stays False), set by whoever refused it
-    # (`ResumeRegistry.claim`, `accept_handover`); the lender counts it when it answers
+    # (`ResumeRegistry.claim`, `accept_loan`); the lender counts it when it answers
     # `<failed/>`. Unset, the id is as good as unknown (item-not-found).
     refusal: ResumeFailure = ResumeFailure.UNKNOWN_SMID
 
@@ -85,8 +89,8 @@ class ResumeSlot:
     smid: str
     jid: JID
     session: Session
-    send_channel: trio.MemorySendChannel[Handover]
-    receive_channel: trio.MemoryReceiveChannel[Handover]
+    send_channel: trio.MemorySendChannel[Loan]
+    receive_channel: trio.MemoryReceiveChannel[Loan]
     state: SlotState = SlotState.SERVING
     parked_at: float = 0.0
     evicted: bool = False
@@ -107,16 +111,16 @@ class ResumeRegistry:
         self.max_parked = max_parked
 
     def create(self, smid: str, jid: JID, session: Session) -> ResumeSlot:
-        # A buffer of one: the handover is put in with send_nowait in the same step as the
+        # A buffer of one: the loan is put in with send_nowait in the same step as the
         # claim, and only one claim per park can succeed.
-        send_channel, receive_channel = trio.open_memory_channel[Handover](1)
+        send_channel, receive_channel = trio.open_memory_channel[Loan](1)
         slot = ResumeSlot(smid, jid, session, send_channel, receive_channel)
         self.slots[smid] = slot
         return slot
 
-    def claim(self, smid: str, jid: JID, handover: Handover) -> ResumeSlot | None:
-        """Give `handover` to the session of `smid`, if `jid` may resume it right now;
-        a refusal (None) says why in `handover.refusal`."""
+    def claim(self, smid: str, jid: JID, loan: Loan) -> ResumeSlot | None:
+        """Give `loan` to the session of `smid`, if `jid` may resume it right now;
+        a refusal (None) says why in `loan.refusal`."""
         slot = self.slots.get(smid)
         if slot is None or slot.state is SlotState.ENDED:
             refused = ResumeFailure.UNKNOWN_SMID
@@ -125,11 +129,11 @@ class ResumeRegistry:
         elif slot.state is SlotState.CLAIMED:
             refused = ResumeFailure.ALREADY_CLAIMED
         else:
-            slot.send_channel.send_nowait(handover)
+            slot.send_channel.send_nowait(loan)
             self._unpark(slot)
             slot.state = SlotState.CLAIMED
             return slot
-        handover.refusal = refused
+        loan.refusal = refused
         return None
 
     def park(self, slot: ResumeSlot, now: float) -> list[ResumeSlot]:
@@ -157,18 +161,18 @@ class ResumeRegistry:
         self._unpark(slot)
         slot.state = SlotState.SERVING
 
-    def end(self, slot: ResumeSlot) -> Handover | None:
-        """The session ends. Returns a handover that was claimed in the meantime, if any.
+    def end(self, slot: ResumeSlot) -> Loan | None:
+        """The session ends. Returns a loan that was claimed in the meantime, if any.
 
         When a claim came first the session must serve it instead of ending (the caller
         then calls `serving`); otherwise the slot is gone and later claims fail.
         """
         try:
-            handover = slot.receive_channel.receive_nowait()
+            loan = slot.receive_channel.receive_nowait()
         except trio.WouldBlock:
-            handover = None
-        if handover is not None:
-            return handover
+            loan = None
+        if loan is not None:
+            return loan
         self._unpark(slot)
         slot.state = SlotState.ENDED
         self.slots.pop(slot.smid, None)
@@ -190,15 +194,15 @@ class ResumeRegistry:
 
 async def wait_parked(
     registry: ResumeRegistry, slot: ResumeSlot, session: Session, deadline: float
-) -> Handover | None:
-    """Park `session` (its transport is gone) until a resume's handover or `deadline`.
+) -> Loan | None:
+    """Park `session` (its transport is gone) until a resume's loan or `deadline`.
 
     Parking may evict older parked sessions (the registry's limits): they are closed and
     end normally. Stanzas routed meanwhile go into the session's SM buffer only. A close
     of the session (`Session.close`) ends the wait at once.
 
     Returns:
-        The handover, or None when the deadline passed or the session was closed.
+        The loan, or None when the deadline passed or the session was closed.
     """
     assert session.sm is not None
     session.outgoing = None  # stanzas now only enter the SM buffer
@@ -221,13 +225,11 @@ async def wait_parked(
     return None
 
 
-async def accept_handover(
-    session: Session, handover: Handover, metrics: Metrics
-) -> list[Element] | None:
+async def accept_loan(session: Session, loan: Loan, metrics: Metrics) -> list[Element] | None:
     """Apply a resume's h to the session (XEP-0198 section 5) and decide.
 
     The stanzas h acknowledges leave the ledger as ACKED (counted in `metrics`); a
-    refusal says why in `handover.refusal`.
+    refusal says why in `loan.refusal`.
 
     Returns:
         The stanzas to resend after `<resumed/>`, or None when the resume is refused:
@@ -242,7 +244,7 @@ async def accept_handover(
     if session.close_request is None:
         buffered = sm.buffer_size
         try:
-            resend = sm.resume(handover.h)
+            resend = sm.resume(loan.h)
         except AckBehind:
             return sm.unacked()
         except SmError:
@@ -251,7 +253,7 @@ async def accept_handover(
         except HandledCountTooHigh as exc:
             refused = ResumeFailure.HANDLED_COUNT_TOO_HIGH
             log.info("sm_resume_bad_h", h=exc.h, send_count=exc.send_count)
-            neg = handover.negotiation
+            neg = loan.negotiation
             neg.queue_stream_error(
                 StreamErrorCondition.UNDEFINED_CONDITION,
                 "you acknowledged more stanzas than were sent",
@@ -261,21 +263,21 @@ async def accept_handover(
                 with contextlib.suppress(
                     trio.BrokenResourceError, trio.ClosedResourceError, OSError
                 ):
-                    await handover.wire.write(neg.take_output())
-                await handover.wire.aclose()
-            handover.lost_transport = True
-            handover.done.set()
+                    await loan.wire.write(neg.take_output())
+                await loan.wire.aclose()
+            loan.lost_transport = True
+            loan.done.set()
         else:
             # resume() leaves the unacked stanzas in the buffer: the rest were acked.
             metrics.ledger.inc(buffered - len(resend), state=LedgerState.ACKED)
             return resend
-    handover.refusal = refused
-    handover.resumed = False
-    handover.accepted.set()
+    loan.refusal = refused
+    loan.resumed = False
+    loan.accepted.set()
     return None
 
 
-async def watch(slot: ResumeSlot, on_handover: Callable[[Handover], None]) -> None:
-    """While the session is served: receive a resume's handover and pass it on (which
+async def watch(slot: ResumeSlot, on_loan: Callable[[Loan], None]) -> None:
+    """While the session is served: receive a resume's loan and pass it on (which
     only ends the serving; the session task adopts it, STYLE C9)."""
-    on_handover(await slot.receive_channel.receive())
+    on_loan(await slot.receive_channel.receive())

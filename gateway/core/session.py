@@ -54,7 +54,7 @@ class Session:
     """One client's session (see module docstring).
 
     Attributes:
-        conn_id: the connection's id (for logs and handovers).
+        conn_id: the connection's id (for logs and loans).
         conn: a description of the transport serving the session (kind and peer).
         notopen: true until the client's stream header arrived.
         type: c2s_unauthed, then c2s after SASL success.

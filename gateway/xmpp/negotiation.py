@@ -150,7 +150,7 @@ class BindRequested:
 
 @dataclass(frozen=True, slots=True)
 class ResumeRequested:
-    """XEP-0198 `<resume/>` before bind: try the handover, then call `resumed` or carry on."""
+    """XEP-0198 `<resume/>` before bind: try the loan, then call `resumed` or carry on."""
 
     element: Element
 

@@ -30,7 +30,7 @@ import trio.testing
 
 from gateway.core.connection import serve_connection
 from gateway.core.context import ServerContext
-from gateway.core.resume import Handover, ResumeRegistry, ResumeSlot, SlotState
+from gateway.core.resume import Loan, ResumeRegistry, ResumeSlot, SlotState
 from gateway.core.session import Session, SessionType
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.xmpp import namespaces as ns
@@ -204,13 +204,13 @@ async def _until_stream_error(client: RawClient) -> tuple[list[Element], Element
     return seen, element
 
 
-# -- placing a stanza inside the handover ------------------------------------------------------
+# -- placing a stanza inside the loan ------------------------------------------------------
 
 
 class ClaimHook(ResumeRegistry):
     """The gateway's registry, running `on_claim` in the step of a successful claim.
 
-    The claim has put the handover into the slot's channel (the session task is woken but
+    The claim has put the loan into the slot's channel (the session task is woken but
     cannot run before this step ends), so whatever `on_claim` does happens between the
     claim and the session task answering it.
     """
@@ -222,8 +222,8 @@ class ClaimHook(ResumeRegistry):
         self.on_claim: Callable[[ResumeSlot], None] | None = None
         self.hooked_claims = 0
 
-    def claim(self, smid: str, jid: JID, handover: Handover) -> ResumeSlot | None:
-        slot = super().claim(smid, jid, handover)
+    def claim(self, smid: str, jid: JID, loan: Loan) -> ResumeSlot | None:
+        slot = super().claim(smid, jid, loan)
         hook, self.on_claim = self.on_claim, None
         if slot is not None and hook is not None:
             hook(slot)
@@ -263,14 +263,14 @@ def _route_now(ctx: ServerContext, stanza: Element) -> None:
     raise AssertionError("routing suspended: it cannot be placed inside one scheduler step")
 
 
-# -- 1. a stanza routed while the handover is in flight ------------------------------------------
+# -- 1. a stanza routed while the loan is in flight ------------------------------------------
 
 
 @pytest.mark.parametrize(
     "moment",
     ["resume_unread", "between_claim_and_answer", "same_tick_as_resume", "answer_unread"],
 )
-async def test_stanza_routed_during_handover_arrives_once_after_the_resent_ones(
+async def test_stanza_routed_during_a_loan_arrives_once_after_the_resent_ones(
     net: Net, autojump_clock: trio.testing.MockClock, moment: str
 ) -> None:
     """`<resume/>` is sent and `<resumed/>` not read yet when alice's m3 is routed to bob.
@@ -688,7 +688,7 @@ async def test_overflow_in_the_step_of_a_resume_claim_fails_that_resume_cleanly(
         assert offline is not None and offline.metrics.offline_stored.value() == 9
 
 
-# -- more races around the handover ---------------------------------------------------------------
+# -- more races around the loan ---------------------------------------------------------------
 
 STALE_H = {"mod_stream_management": {"stale_h": {"enabled": True}}}
 

@@ -93,7 +93,6 @@ class ResumeSlot:
     receive_channel: trio.MemoryReceiveChannel[Loan]
     state: SlotState = SlotState.SERVING
     parked_at: float = 0.0
-    evicted: bool = False
     evict_scope: trio.CancelScope | None = None
 
 
@@ -152,8 +151,6 @@ class ResumeRegistry:
             _, victim = self.parked.popitem(last=False)
             self._unpark(victim)
             evict.append(victim)
-        for victim in evict:
-            victim.evicted = True
         return evict
 
     def serving(self, slot: ResumeSlot) -> None:

@@ -191,7 +191,20 @@ async def serve_websocket(
             if path != listener.path:
                 await inner.send_all(_http_response("404 Not Found", b"not found\n"))
                 return
-            await _serve_upgrade(ctx, listener, PrefixStream(raw, inner), tcp_peer, headers, serve)
+            try:
+                await _serve_upgrade(
+                    ctx, listener, PrefixStream(raw, inner), tcp_peer, headers, serve
+                )
+            except* (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                OSError,
+                ConnectionClosed,
+            ):
+                # The handshake runs in trio-websocket's nursery, so a peer that goes away
+                # during it (a reset while accepting) arrives in an ExceptionGroup.
+                log.info("websocket_handshake_lost")
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,

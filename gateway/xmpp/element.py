@@ -26,8 +26,8 @@ from gateway.xmpp import namespaces as ns
 
 XML_LANG: Final = "{" + ns.XML + "}lang"
 
-#: Bytes one element holds besides its attributes and children: the object, its attribute
-#: dict and child tuple, its name and namespace strings.
+#: Bytes one element holds besides its attributes, children and the characters of its name
+#: and namespace: the object, its attribute dict and child tuple, two string headers.
 ELEMENT_COST: Final = 200
 #: Bytes one attribute holds besides its name and value characters (two strings, a slot).
 ATTRIBUTE_COST: Final = 100
@@ -87,7 +87,9 @@ class Element:
         size: int = self._size
         if size < 0:
             attrs = self.attrs
-            size = ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST
+            size = ELEMENT_COST + len(self.namespace) + len(self.name)
+            if attrs:
+                size += attributes_cost(attrs)
             for child in self.children:
                 size += child.size if isinstance(child, Element) else TEXT_COST + len(child)
             object.__setattr__(self, "_size", size)

@@ -380,13 +380,17 @@ class StreamParser:
                 raise RemoteProtocolError(
                     StreamErrorCondition.POLICY_VIOLATION, "elements nested too deeply"
                 )
-            self._cost += ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST
+            # The name counts too: "uri}local" is a new string per element (no interning),
+            # and a namespace URI can be as long as the stanza allows.
+            cost = ELEMENT_COST + len(name)
+            self._cost += cost + attributes_cost(attrs) if attrs else cost
             if self._cost > self._max_memory:
                 self._over_budget()
             stack.append((name, attrs, []))
         elif self._root_open:
             self._stanza_start = self._parser.CurrentByteIndex
-            self._cost = ELEMENT_COST + attributes_cost(attrs) if attrs else ELEMENT_COST
+            cost = ELEMENT_COST + len(name)
+            self._cost = cost + attributes_cost(attrs) if attrs else cost
             if self._cost > self._max_memory:
                 self._over_budget()
             stack.append((name, attrs, []))

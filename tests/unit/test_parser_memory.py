@@ -148,9 +148,9 @@ def test_websocket_framing_takes_the_new_limit() -> None:
 
 def test_element_size_adds_up_its_parts_and_is_shared_by_copies() -> None:
     empty = Element(ns.CLIENT, "a")
-    assert empty.size == ELEMENT_COST
+    assert empty.size == ELEMENT_COST + len(ns.CLIENT) + 1
     body = Element(ns.CLIENT, "body", None, ["hello"])
-    assert body.size == ELEMENT_COST + TEXT_COST + 5
+    assert body.size == ELEMENT_COST + len(ns.CLIENT) + 4 + TEXT_COST + 5
     message = Element(ns.CLIENT, "message", {"to": "a@b"}, [body])
     assert message.size > body.size + ELEMENT_COST
     copy = message.replace_attrs(**{"from": "c@d/e"})
@@ -171,3 +171,20 @@ def test_element_size_follows_measured_memory_within_a_factor_of_two() -> None:
     assert isinstance(event, ElementReceived)
     held = after - before
     assert held / 2 < event.element.size < held * 2, (held, event.element.size)
+
+
+def test_a_long_namespace_counts_for_every_element_that_carries_it() -> None:
+    # Each child's name is "uri}local", a new string: 30,000 children under a 100 KB
+    # namespace held about 1 GB before the name was charged.
+    parser = opened()
+    namespace = "u" * 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(RemoteProtocolError) as info:
+            parser.feed(f"<x xmlns='{namespace}'>".encode() + b"<a/>" * 30_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.text == "stanza takes too much memory"
+    assert peak < STANZA_MEMORY_FACTOR * 262144 + 1_500_000, peak
+    assert Element("u" * 1000, "a").size == ELEMENT_COST + 1001

@@ -62,6 +62,7 @@ from gateway.xmpp.sasl import ScramCredentials, check_plain
 log = structlog.get_logger(module=__name__)
 
 STORAGE_THREADS = 4
+HASHING_THREADS = 2  # PLAIN password checks (PBKDF2), apart from the stores' threads
 CLOSE_DEADLINE = 10.0  # seconds for streams to close and sessions to reroute their stanzas, at exit
 
 
@@ -167,9 +168,13 @@ async def run_server(
             action.password, creds, "sha256", fake_iterations=config.auth.scram_iterations
         )
 
+    # PBKDF2 (and SASLprep) in worker threads of their own: never in the event loop, and
+    # a flood of PLAIN attempts queues behind itself, not in front of the stores' calls
+    # (logins' credential lookups, offline storage, session ends).
+    run_hashing = inline if inline_storage else in_threads(HASHING_THREADS)
+
     async def check_password(action: CheckPassword) -> bool:
-        # PBKDF2 (and SASLprep) in a worker thread: never in the event loop.
-        return await run_blocking(verify_password, action)
+        return await run_hashing(verify_password, action)
 
     sm_cfg = config.modules.mod_stream_management
     offline_store = SqliteOfflineStore(config.auth.database)

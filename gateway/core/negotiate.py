@@ -38,6 +38,7 @@ from gateway.core.resume import Loan
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_jid
 from gateway.net.wire import Wire
+from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.negotiation import (
@@ -51,7 +52,7 @@ from gateway.xmpp.negotiation import (
     StartTls,
     StreamEnded,
 )
-from gateway.xmpp.parser import Event
+from gateway.xmpp.parser import ElementReceived, Event
 from gateway.xmpp.sm_elements import SmCondition, SmError, failed, parse_resume
 
 log = structlog.get_logger(module=__name__)
@@ -130,7 +131,9 @@ class Negotiator:
         """Handle `events[index]`; a result when negotiation is over."""
         neg = self.negotiation
         self._restarted = False
-        actions = neg.receive(events[index])
+        event = events[index]
+        refused = self._locked_out(event)
+        actions = refused if refused is not None else neg.receive(event)
         await self.write_output()
         restart = False
         for action in actions:
@@ -163,6 +166,29 @@ class Negotiator:
                 return Negotiated.CLIENT_CLOSED
         self._restarted = restart
         return None
+
+    def _locked_out(self, event: Event) -> list[Action] | None:
+        """The lockout again before a SASL step of an exchange in progress: a client
+        cannot start many exchanges before its failures count, then finish them all."""
+        neg, lockout = self.negotiation, self.ctx.lockout
+        username = neg.exchange_username
+        if (
+            lockout is None
+            or username is None
+            or neg.host is None
+            or not isinstance(event, ElementReceived)
+            or event.element.tag != (ns.SASL, "response")
+        ):
+            return None
+        account = f"{username}@{neg.host}"
+        wait = lockout.refusal(self.wire.peer.ip, account, trio.current_time())
+        if wait is None:
+            return None
+        self._refused = True
+        log.info("auth_locked_out", retry_after=math.ceil(wait))
+        return neg.refuse_credentials(
+            f"too many failed attempts; try again in {math.ceil(wait)} seconds"
+        )
 
     async def _check_credentials(self, action: LookupCredentials | CheckPassword) -> list[Action]:
         """Check SASL credentials, unless the address is locked out for this account."""

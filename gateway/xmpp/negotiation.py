@@ -272,6 +272,12 @@ class C2SNegotiation:
         return self._sasl.failures
 
     @property
+    def exchange_username(self) -> str | None:
+        """The username of the SASL exchange in progress, once the client named it (the
+        shell's lockout asks again before each step of it)."""
+        return self._sasl.username
+
+    @property
     def failed_username(self) -> str | None:
         """The username of the last failed SASL exchange, if it named one (the shell's
         lockout counts failures per account)."""
@@ -413,9 +419,10 @@ class C2SNegotiation:
         return self._sasl_step(self._sasl.password_checked(is_valid))
 
     def refuse_credentials(self, text: str) -> list[Action]:
-        """Answer the exchange waiting for `LookupCredentials` or `CheckPassword` with
-        `temporary-auth-failure` without checking anything (the shell's lockout after
-        repeated failures); it counts as a failed attempt."""
+        """Answer the exchange in progress (waiting for `LookupCredentials` or
+        `CheckPassword`, or for the client's next step) with `temporary-auth-failure`
+        without checking anything (the shell's lockout after repeated failures); it counts
+        as a failed attempt."""
         return self._sasl_step(self._sasl.refuse(text))
 
     def provide_credentials(self, creds: ScramCredentials | None) -> list[Action]:

@@ -181,10 +181,15 @@ class SaslExchange:
             return self._fail(SaslCondition.NOT_AUTHORIZED)
         return self._succeed(None)
 
+    @property
+    def username(self) -> str | None:
+        """The username of the exchange in progress, once known."""
+        return self._username if self._mechanism is not None else None
+
     def refuse(self, text: str) -> SaslStep:
-        """Fail the waiting exchange with `temporary-auth-failure`, checking nothing; it
-        counts as a failed attempt."""
-        if not self._waiting:
+        """Fail the exchange in progress with `temporary-auth-failure`, checking
+        nothing; it counts as a failed attempt."""
+        if not self._waiting and self._mechanism is None:
             raise LocalProtocolError("refuse_credentials without a pending exchange")
         self._waiting = False
         return self._fail(SaslCondition.TEMPORARY_AUTH_FAILURE, text)

@@ -14,6 +14,7 @@ from gateway.core.context import ServerContext
 from gateway.net.limits import ConnectionGate, connection_cap, raise_descriptor_limit
 from gateway.net.transport import PeerInfo
 from gateway.xmpp import namespaces as ns
+from gateway.xmpp.sasl import ScramClient
 from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient, read_to_end
 from tests.helpers.inprocess import GatewayFactory, serve_memory_client
@@ -177,6 +178,39 @@ async def slow_reader(ctx: ServerContext) -> tuple[RawClient, RawClient]:
             f"<message to='alice@localhost/slow' id='m{n}'><body>{body}</body></message>"
         )
     return alice, bob
+
+
+async def test_scram_exchanges_started_before_the_lockout_cannot_all_guess(
+    gateway_factory: GatewayFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that opens many exchanges (a challenge on each) before any failure counts,
+    then sends all the proofs, is refused once the address is locked out: the lockout is
+    asked again before each SCRAM step, not only when the exchange starts."""
+    ctx, _ = await gateway_factory(
+        general={"hosts": ["localhost"], "max_auth_failures": 10},
+        auth={
+            "database": "accounts.sqlite",
+            "lockout": {"ip_failures": 2, "account_failures": 0, "window": 60, "duration": 300},
+        },
+    )
+    exchanges = []
+    for _ in range(4):
+        client = connect_from(ctx, "203.0.113.9")
+        await client.open()
+        scram = ScramClient("sha256", "alice", "guess")
+        first = base64.b64encode(scram.first()).decode()
+        await client.send(f"<auth xmlns='{ns.SASL}' mechanism='SCRAM-SHA-256'>{first}</auth>")
+        offered = await client.expect(ns.SASL, "challenge")
+        exchanges.append((client, scram, base64.b64decode(offered.text)))
+    answers = []
+    for client, scram, challenge in exchanges:
+        final = base64.b64encode(scram.final(challenge)).decode()
+        await client.send(f"<response xmlns='{ns.SASL}'>{final}</response>")
+        answer = await client.receive()
+        conditions = [c.name for c in answer.elements() if c.name != "text"]
+        answers.append("/".join([answer.name, *conditions]))
+    assert answers[:2] == ["failure/not-authorized"] * 2
+    assert answers[2:] == ["failure/temporary-auth-failure"] * 2
 
 
 async def test_a_slow_reader_that_reads_within_the_grace_gets_whole_stanzas_then_the_error(

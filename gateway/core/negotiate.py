@@ -35,6 +35,7 @@ from gateway.core.context import ServerContext
 from gateway.core.metrics import ResumeFailure
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Loan
+from gateway.core.session import CLOSE_GRACE
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_jid
 from gateway.net.wire import Wire
@@ -279,7 +280,12 @@ class Negotiator:
             )
             self.claiming = loan
             try:
-                await loan.accepted.wait()
+                # Shielded and bounded: the session answers within its close grace (it
+                # may first close its old transport); a negotiation deadline or shutdown
+                # meanwhile must not let this connection close a transport the session
+                # is about to write to.
+                with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_GRACE):
+                    await loan.accepted.wait()
             finally:
                 self.claiming = None
             if loan.resumed:

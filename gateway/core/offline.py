@@ -158,12 +158,12 @@ class OfflineService:
         message) to `session` (available now), oldest first; a message that does not fit
         the session's byte bounds stays for the next step.
 
-        Returns (messages sent, whether the store may hold more). Popping, sending and
-        putting back what the session refused are one shielded unit: a session closing
-        in the middle never makes popped messages vanish.
+        Returns (rows consumed: sent, or dropped as unreadable; whether the store may hold
+        more). Popping, sending and putting back what the session refused are one shielded
+        unit: a session closing in the middle never makes popped messages vanish.
         """
         bare = session.bare_jid
-        sent = 0
+        sent = skipped = 0
         async with self.locks.acquire(bare):
             with trio.CancelScope(shield=True):
                 rows = await self.run_blocking(
@@ -181,8 +181,11 @@ class OfflineService:
                         message = decode_stanza(data)
                     except StorageError:
                         log.exception("offline_row_unreadable", to=str(bare))
+                        skipped += 1
                         continue
                     if message.namespace != ns.CLIENT:
+                        log.warning("offline_row_not_a_client_stanza", to=str(bare))
+                        skipped += 1
                         continue
                     if not session.has_room_for(message) or not session.send(message):
                         unsent = rows[index:]
@@ -199,7 +202,8 @@ class OfflineService:
         self.metrics.offline_flushed.inc(sent)
         if sent:
             log.info("offline_flushed", count=sent)
-        return sent, bool(rows)
+        # Unreadable rows are gone too: progress, so the pacer does not wait for room.
+        return sent + skipped, bool(rows)
 
 
 #: Offline messages popped per step of a flush.

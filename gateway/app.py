@@ -56,8 +56,8 @@ from gateway.storage.roster_sqlite import SqliteRosterStore
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.supervision import run_stale_h_gc, supervise
 from gateway.xmpp.jid import JID
-from gateway.xmpp.negotiation import CheckPassword, LookupCredentials
 from gateway.xmpp.sasl import ScramCredentials, check_plain
+from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 
 log = structlog.get_logger(module=__name__)
 

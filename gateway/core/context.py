@@ -23,8 +23,8 @@ from gateway.core.router import Router
 from gateway.errors import StreamErrorCondition
 from gateway.net.limits import ConnectionGate
 from gateway.storage.base import SmSessionTable, StaleHTable
-from gateway.xmpp.negotiation import CheckPassword, LookupCredentials
 from gateway.xmpp.sasl import ScramCredentials
+from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 from gateway.xmpp.sm import SMState
 
 CredentialLookup = Callable[[LookupCredentials], Awaitable[ScramCredentials | None]]

@@ -47,13 +47,12 @@ from gateway.xmpp.negotiation import (
     Authenticated,
     BindRequested,
     C2SNegotiation,
-    CheckPassword,
-    LookupCredentials,
     ResumeRequested,
     StartTls,
     StreamEnded,
 )
 from gateway.xmpp.parser import ElementReceived, Event
+from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 from gateway.xmpp.sm_elements import SmCondition, SmError, failed, parse_resume
 
 log = structlog.get_logger(module=__name__)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, TypeVarTuple, Unpack
+from types import TracebackType
+from typing import Protocol, Self, TypeVar, TypeVarTuple, Unpack
 
 from gateway.xmpp.element import Element
 from gateway.xmpp.sasl import DEFAULT_ITERATIONS, HashName, ScramCredentials
@@ -49,6 +50,24 @@ class RunBlocking(Protocol):
     """
 
     def __call__(self, fn: Callable[[Unpack[_Ts]], _T], *args: *_Ts) -> Awaitable[_T]: ...
+
+
+class ClosedOnExit:
+    """`with store:` closes the store at the end; implementations define `close()`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 # -- accounts --------------------------------------------------------------------------------

@@ -19,19 +19,18 @@ import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import trio
 
 from gateway.errors import StorageError
-from gateway.storage.base import SmSessionRecord, StaleH
+from gateway.storage.base import ClosedOnExit, SmSessionRecord, StaleH
 
 #: Entries `MemoryStaleHTable.sweep` removes between two checkpoints (~0.3 ms of work).
 _SWEEP_BATCH: Final = 1024
 
 
-class MemoryDatabase:
+class MemoryDatabase(ClosedOnExit):
     """What the in-memory durable stores share: a lock and `close()`.
 
     The core calls durable stores from worker threads, so every method of a subclass runs
@@ -46,17 +45,6 @@ class MemoryDatabase:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._closed = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """End the store; later calls raise `StorageError`. Idempotent."""

@@ -25,10 +25,10 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from gateway.errors import StorageError
+from gateway.storage.base import ClosedOnExit
 from gateway.storage.credentials import (
     HASHES,
     DerivedAccount,
@@ -71,7 +71,7 @@ _UPSERT_CREDENTIALS: Final = """
 _CredentialRow = tuple[str, str, str, bytes, int, bytes, bytes]
 
 
-class SqliteDatabase:
+class SqliteDatabase(ClosedOnExit):
     """One connection to an SQLite file behind a lock, with a versioned schema component.
 
     Subclasses are the stores (accounts, roster, ...); each names its `component`, `version`
@@ -110,17 +110,6 @@ class SqliteDatabase:
         except BaseException:
             db.close()
             raise
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the connection; later calls raise `StorageError`. Idempotent."""

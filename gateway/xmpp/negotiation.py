@@ -33,7 +33,7 @@ from __future__ import annotations
 import enum
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from gateway.errors import (
@@ -47,10 +47,10 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.parser import ElementReceived, Event, StreamClosed, StreamOpened
-from gateway.xmpp.sasl import HashName, ScramCredentials
+from gateway.xmpp.sasl import ScramCredentials
 from gateway.xmpp.sasl_exchange import (
-    CredentialsNeeded,
-    PasswordCheckNeeded,
+    CheckPassword,
+    LookupCredentials,
     SaslExchange,
     SaslFailed,
     SaslReply,
@@ -108,26 +108,6 @@ class NegotiationSettings:
 @dataclass(frozen=True, slots=True)
 class StartTls:
     """`<proceed/>` is in the outbound buffer: flush it, then do the TLS handshake."""
-
-
-@dataclass(frozen=True, slots=True)
-class LookupCredentials:
-    """Fetch the account's stored credentials, then call `provide_credentials`."""
-
-    host: str
-    username: str
-    hash_name: HashName
-
-
-@dataclass(frozen=True, slots=True)
-class CheckPassword:
-    """PLAIN: check `password` against the account's stored credentials, at the same cost
-    whether the account exists or not and off the event loop (PBKDF2), then call
-    `password_checked`."""
-
-    host: str
-    username: str
-    password: str = field(repr=False)  # never in logs (STYLE G4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,12 +416,9 @@ class C2SNegotiation:
                 self.send(element)
                 self.phase = Phase.SASL
                 return []
-            case CredentialsNeeded(username, hash_name):
+            case LookupCredentials() | CheckPassword():
                 self.phase = Phase.SASL
-                return [LookupCredentials(self.host, username, hash_name)]
-            case PasswordCheckNeeded(username, password):
-                self.phase = Phase.SASL
-                return [CheckPassword(self.host, username, password)]
+                return [step]
             case SaslSucceeded(element, username, mechanism):
                 self.send(element)
                 self.jid = JID.make(username, self.host)

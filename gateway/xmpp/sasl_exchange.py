@@ -8,8 +8,8 @@ authenticated, and the shell's answers to the lookups it asked for. Each call re
 `SaslStep` for the negotiation to carry out; this module never writes to the stream:
 
 * `SaslReply`            send the `<challenge/>`; the exchange goes on
-* `CredentialsNeeded`    SCRAM: the shell looks the stored keys up -> `provide_credentials`
-* `PasswordCheckNeeded`  PLAIN: the shell checks the password -> `password_checked`
+* `LookupCredentials`    SCRAM: the shell looks the stored keys up -> `provide_credentials`
+* `CheckPassword`        PLAIN: the shell checks the password -> `password_checked`
 * `SaslSucceeded`        send `<success/>`; the stream restarts, authenticated
 * `SaslFailed`           send `<failure/>`; the client may try again, unless `is_fatal`
 
@@ -75,17 +75,21 @@ class SaslReply:
 
 
 @dataclass(frozen=True, slots=True)
-class CredentialsNeeded:
-    """SCRAM: look up the stored credentials of `username`, then `provide_credentials`."""
+class LookupCredentials:
+    """SCRAM: fetch the account's stored credentials, then call `provide_credentials`."""
 
+    host: str
     username: str
     hash_name: HashName
 
 
 @dataclass(frozen=True, slots=True)
-class PasswordCheckNeeded:
-    """PLAIN: check `password` for `username`, then `password_checked`."""
+class CheckPassword:
+    """PLAIN: check `password` against the account's stored credentials, at the same cost
+    whether the account exists or not and off the event loop (PBKDF2), then call
+    `password_checked`."""
 
+    host: str
     username: str
     password: str = field(repr=False)  # never in logs (STYLE G4)
 
@@ -107,7 +111,7 @@ class SaslFailed:
     is_fatal: bool
 
 
-SaslStep = SaslReply | CredentialsNeeded | PasswordCheckNeeded | SaslSucceeded | SaslFailed
+SaslStep = SaslReply | LookupCredentials | CheckPassword | SaslSucceeded | SaslFailed
 
 
 class SaslExchange:
@@ -230,7 +234,7 @@ class SaslExchange:
                 self._check_authzid(authzid, username)
                 self._username = username
                 self._waiting = True
-                return PasswordCheckNeeded(username, password)
+                return CheckPassword(self._host, username, password)
             if self._scram is None:
                 assert self._mechanism is not None
                 hash_name = SCRAM_MECHANISMS[self._mechanism]
@@ -239,7 +243,7 @@ class SaslExchange:
                 self._check_authzid(self._scram.authzid, username)
                 self._username = username
                 self._waiting = True
-                return CredentialsNeeded(username, hash_name)
+                return LookupCredentials(self._host, username, hash_name)
             server_final = self._scram.client_final(data)
         except AuthFailure as failure:
             return self._fail(failure.condition, failure.text)

@@ -20,8 +20,6 @@ from gateway.xmpp.negotiation import (
     Authenticated,
     BindRequested,
     C2SNegotiation,
-    CheckPassword,
-    LookupCredentials,
     NegotiationSettings,
     Phase,
     StartTls,
@@ -30,6 +28,7 @@ from gateway.xmpp.negotiation import (
 )
 from gateway.xmpp.parser import ElementReceived, StreamOpened, StreamParser
 from gateway.xmpp.sasl import ScramClient, derive_scram_credentials
+from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 
 HEADER = (
     b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' "

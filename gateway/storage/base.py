@@ -28,6 +28,7 @@ what a failure leaves behind). Times in SM records are whatever clock the caller
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -52,11 +53,12 @@ class RunBlocking(Protocol):
     def __call__(self, fn: Callable[[Unpack[_Ts]], _T], *args: *_Ts) -> Awaitable[_T]: ...
 
 
-class ClosedOnExit:
+class ClosedOnExit(abc.ABC):
     """`with store:` closes the store at the end; implementations define `close()`."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """End the store; later calls raise `StorageError`. Idempotent."""
 
     def __enter__(self) -> Self:
         return self

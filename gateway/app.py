@@ -35,6 +35,7 @@ from gateway.core.auth_limits import AuthThrottle
 from gateway.core.blocking import in_threads, inline
 from gateway.core.connection import serve_connection, serve_wire
 from gateway.core.context import ServerContext
+from gateway.core.directory import LocalDirectory
 from gateway.core.handoff import Handoff
 from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.offline import OfflineService
@@ -181,7 +182,10 @@ async def run_server(
     handoff_store = SqliteHandoffStore(config.auth.database)
     # The one registry of counters (STYLE P5: made here, passed down, never global).
     metrics = Metrics()
-    router = Router(config.general.hosts, account_exists, metrics=metrics)
+    node = config.cluster.node or f"{socket.gethostname()}-{os.getpid()}"
+    router = Router(
+        config.general.hosts, account_exists, directory=LocalDirectory(node), metrics=metrics
+    )
     router.server_handler = ServerServices(RosterService(roster_store, run_blocking))
     router.offline = OfflineService(
         offline_store,
@@ -207,7 +211,7 @@ async def run_server(
         metrics=metrics,
         handoff=Handoff(handoff_store, run_blocking, metrics=metrics),
         lockout=make_lockout(config),
-        node=config.cluster.node or f"{socket.gethostname()}-{os.getpid()}",
+        node=node,
         gate=ConnectionGate(
             connection_cap(config.general.max_connections, raise_descriptor_limit())
         ),

@@ -59,7 +59,7 @@ from gateway.core.offline import FlushPacer
 from gateway.core.pump import Outcome, Pump
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Loan, ResumeSlot, accept_loan, wait_parked, watch
-from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session, SessionType
+from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session
 from gateway.errors import RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
@@ -242,15 +242,14 @@ class Connection:
             conn_id=self.conn_id,
             conn=f"{self.wire.kind} {self.wire.peer}",
             outgoing=None,
-            notopen=False,
-            type=SessionType.C2S,
             username=neg.jid.local,
             host=neg.jid.domain,
         )
         self._new_outgoing(session)
         if self.close_request is not None:
             session.close_request = self.close_request
-        full = self.ctx.router.bind(session, neg.jid, action.resource)
+        full = await self.ctx.router.bind(session, neg.jid, action.resource)
+        session.bound(full)
         self._own(session)
         neg.bind_result(action.iq, full)
         bind_jid(str(full))

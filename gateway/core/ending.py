@@ -54,7 +54,7 @@ async def end_session(conn: Owner) -> None:
     assert session.close_request is not None
     if session.close_request.handoff and await hand_off(conn):
         return
-    held = router.unbind(session)
+    held = await router.directory.unbind(session)
     slot = conn.slot
     sm = session.sm
     await record_stale_h(conn)
@@ -129,7 +129,7 @@ async def hand_off(conn: Owner) -> bool:
     end_slot(conn, slot)
     if not await handoff.write(snapshot, data):
         return False
-    conn.ctx.router.unbind(session)
+    await conn.ctx.router.directory.unbind(session)
     await conn.ctx.sm_sessions.remove(sm.smid)
     if session.outgoing is not None:
         session.outgoing.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import structlog
 import trio
 
 from gateway.core.blocking import RunBlocking
+from gateway.core.directory import Resource
 from gateway.core.metrics import LedgerState, Metrics
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
@@ -30,7 +31,8 @@ from gateway.xmpp.stanza import delay_stamp
 
 log = structlog.get_logger(module=__name__)
 
-MessageTargets = Callable[[Element, JID], list[Session]]
+# Where a message to a bare JID goes now (the router's rules over the directory).
+MessageTargets = Callable[[Element, JID], Awaitable[list[Resource]]]
 
 
 class Bounce(Protocol):
@@ -112,8 +114,8 @@ class OfflineService:
             DELIVERED, STORED_OFFLINE, or what `bounce` answered.
         """
         async with self.locks.acquire(to):
-            for session in targets(stanza, to):
-                if session.send(stanza):
+            for target in await targets(stanza, to):
+                if target.handle.send(stanza):
                     return LedgerState.DELIVERED
             if self.max_per_user == 0:
                 return await bounce(

@@ -1,4 +1,8 @@
-"""Presence from a client (RFC 6121 section 4), for sessions on this node.
+"""Presence from a client (RFC 6121 section 4).
+
+Runs in the sending session's own connection task: it changes that session's presence
+fields, publishes them to the session directory, and reaches the account's other
+resources (on any node) through their handles.
 
 - Broadcast presence (no `to`): stored as the session's `presence` and `priority` and sent
   to every available resource of the account (the sender included, as a reflection).
@@ -68,12 +72,13 @@ async def handle_presence(router: Router, session: Session, stanza: Element) -> 
         initial = session.presence is None
         session.presence = stanza
         session.priority = priority
-        bare = session.bare_jid
-        for other in router.available_resources(bare):
-            other.send(stanza)
+        await router.directory.publish(session)
+        others = await router.available_resources(session.bare_jid)
+        for other in others:
+            other.handle.send(stanza)
         if initial:
-            for other in router.available_resources(bare):
-                if other is not session and other.presence is not None:
+            for other in others:
+                if other.handle is not session and other.presence is not None:
                     session.send(other.presence)
             if priority >= 0 and router.offline is not None:
                 # XEP-0160 section 3: stored messages go out on initial presence, paced
@@ -94,7 +99,9 @@ async def broadcast_unavailable(
 ) -> None:
     """Send unavailable presence for `session` to its account's resources and directed peers.
 
-    Used when the client sends it and when the session ends without sending it.
+    Used when the client sends it and when the session ends without sending it (then
+    unbound already: `own_account` False when it no longer held its JID, replaced by a
+    newer session that said goodbye for it).
     """
     if session.full_jid is None:
         return
@@ -106,10 +113,10 @@ async def broadcast_unavailable(
             ns.CLIENT, "presence", {"type": "unavailable", "from": str(session.full_jid)}
         )
     session.presence = None
-    bare = session.bare_jid
+    await router.directory.publish(session)
     if was_available and own_account:
-        for other in router.available_resources(bare):
-            other.send(stanza)
+        for other in await router.available_resources(session.bare_jid):
+            other.handle.send(stanza)
         session.send(stanza)
     targets = session.directed
     session.directed = set()

@@ -17,7 +17,7 @@ from gateway.config import TlsMode
 from gateway.core.connection import Connection
 from gateway.core.context import ServerContext
 from gateway.core.handoff import Revivable
-from gateway.core.session import Session, SessionType
+from gateway.core.session import Session
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import DetachedWire
@@ -56,8 +56,6 @@ async def serve_revived(
             conn_id=conn.conn_id,
             conn=f"detached (handed off, last {snapshot.peer or 'unknown'})",
             outgoing=None,
-            notopen=False,
-            type=SessionType.C2S,
             username=full.local,
             host=full.domain,
             priority=snapshot.priority,
@@ -77,7 +75,7 @@ async def serve_revived(
             ack_freq=cfg.ack_freq,
             ack=cfg.ack,
         )
-        ctx.router.bind(session, full.bare(), full.resource)
+        session.bound(await ctx.router.bind(session, full.bare(), full.resource))
         wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else snapshot.expires_at
         conn.revived(
             session,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import secrets
 
 from gateway.core.blocking import RunBlocking
+from gateway.core.directory import Member
 from gateway.core.router import Router
-from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaError, StanzaErrorCondition
 from gateway.storage.base import RosterItem, RosterStore
 from gateway.xmpp import namespaces as ns
@@ -34,13 +34,21 @@ class RosterService:
         iq_type: str,
         query: Element,
         account: JID,
-        origin: Session | None,
+        origin: Member | None,
     ) -> Element:
+        """Answer a roster get or set from the account itself.
+
+        Args:
+            origin: the requesting session (in its own connection task): a get makes it
+                an interested resource (RFC 6121 section 2.1.3), published to the
+                directory so that pushes find it.
+        """
         host, user = account.domain, account.local or ""
         if iq_type == "get":
             items = await self.run_blocking(self.store.items, host, user)
-            if origin is not None:
-                origin.interested = True  # RFC 6121 section 2.1.3: an interested resource
+            if origin is not None and not origin.interested:
+                origin.interested = True
+                await router.directory.publish(origin)
             payload = Element(ns.ROSTER, "query", None, [_item_element(i) for i in items])
             return iq_result(iq, payload)
 
@@ -74,21 +82,21 @@ class RosterService:
                 RosterItem(str(contact), name or None, "none", groups),
             )
             pushed = _item_element(stored)
-        self.push(router, account, pushed)
+        await self.push(router, account, pushed)
         return iq_result(iq)
 
-    def push(self, router: Router, account: JID, item: Element) -> None:
+    async def push(self, router: Router, account: JID, item: Element) -> None:
         """RFC 6121 section 2.1.6: push the changed item to every interested resource."""
-        for session in router.resources_of(account):
-            if session.interested and session.full_jid is not None:
-                session.send(
+        for resource in await router.directory.resources(account):
+            if resource.interested:
+                resource.handle.send(
                     Element(
                         ns.CLIENT,
                         "iq",
                         {
                             "type": "set",
                             "id": "push-" + secrets.token_hex(6),
-                            "to": str(session.full_jid),
+                            "to": str(resource.full_jid),
                         },
                         [Element(ns.ROSTER, "query", None, [item])],
                     )

@@ -1,7 +1,9 @@
-"""Local routing (DESIGN.md section 4; RFC 6121 sections 8.5 and 10).
+"""Routing (DESIGN.md section 4; RFC 6121 sections 8.5 and 10).
 
-The router maps bare JIDs to the connected resources on this node and applies the
-delivery rules. Stanzas arrive with `from` already stamped by the sender's connection.
+The router applies the delivery rules over the session directory
+(`gateway.core.directory`): it asks where a JID's resources are and delivers through
+their handles, wherever they live; it never holds a session. Stanzas arrive with `from`
+already stamped by the sender's connection.
 
 - full JID of a connected resource: delivered.
 - full JID not connected: message chat/normal as to the bare JID; headline dropped;
@@ -19,14 +21,13 @@ dropped with a log line naming the policy (the ledger of DESIGN.md section 3).
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
+from gateway.core.directory import Directory, Handle, Member, Resource
 from gateway.core.metrics import DropPolicy, LedgerState, Metrics
 from gateway.core.offline import OfflineService
-from gateway.core.session import Session
 from gateway.errors import JIDError, StanzaErrorCondition, StreamErrorCondition
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -36,84 +37,63 @@ from gateway.xmpp.stanza import StanzaKind, error_reply, stanza_kind
 log = structlog.get_logger(module=__name__)
 
 AccountExists = Callable[[str, str], Awaitable[bool]]
-ServerHandler = Callable[["Router", Element, Session | None], Awaitable[None]]
+# The origin is the sending session, handled in its own connection task.
+ServerHandler = Callable[["Router", Element, Member | None], Awaitable[None]]
 
 
 class Router:
-    """Sessions on this node by bare JID, and the delivery rules (see module docstring)."""
+    """The delivery rules over a session directory (see module docstring)."""
 
     def __init__(
-        self, hosts: tuple[str, ...], account_exists: AccountExists, *, metrics: Metrics
+        self,
+        hosts: tuple[str, ...],
+        account_exists: AccountExists,
+        *,
+        directory: Directory,
+        metrics: Metrics,
     ) -> None:
         self.hosts = frozenset(hosts)
         self.account_exists = account_exists
+        self.directory = directory
         self.metrics = metrics
-        self.sessions: dict[JID, dict[str, Session]] = {}
         # Set by the services module: handles iq addressed to a domain or to an account.
         self.server_handler: ServerHandler | None = None
         # XEP-0160 offline storage; None answers service-unavailable instead.
         self.offline: OfflineService | None = None
 
-    # -- the session registry ----------
+    # -- binding ----------
 
-    def bind(self, session: Session, bare: JID, resource: str | None) -> JID:
-        """Register `session` as a connected resource of `bare` and return its full JID.
+    async def bind(self, member: Member, bare: JID, resource: str | None) -> JID:
+        """Register `member` as a connected resource of `bare` and return its full JID
+        (the caller, the member's owner, records it in its session).
 
         A resource already in use by another session ends that older session with
         stream error `conflict` (RFC 6120 section 7.7.2.2, "override" policy); no resource
         asked for gets a random one.
         """
-        resources = self.sessions.setdefault(bare, {})
-        if resource is None:
-            resource = secrets.token_urlsafe(9)
-            while resource in resources:
-                resource = secrets.token_urlsafe(9)
-        old = resources.get(resource)
-        if old is not None and old is not session:
-            log.info("session_replaced", old_conn_id=old.conn_id, resource=resource)
-            if old.presence is not None and old.full_jid is not None:
+        bound = await self.directory.bind(member, bare, resource)
+        old = bound.replaced
+        if old is not None:
+            log.info("session_replaced", resource=old.full_jid.resource, node=old.node)
+            if old.is_available:
                 # The old session leaves now, before the new one takes the JID: its
-                # unavailable must not arrive after the new session's presence.
-                old.presence = None
+                # unavailable must not arrive after the new session's presence. (It no
+                # longer holds the JID, so it does not say it again when it ends.)
                 gone = Element(
                     ns.CLIENT, "presence", {"type": "unavailable", "from": str(old.full_jid)}
                 )
-                for other in self.available_resources(bare):
-                    other.send(gone)
-            old.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")
-        resources[resource] = session
-        full = bare.with_resource(resource)
-        session.full_jid = full
-        session.resource = resource
-        return full
+                for other in await self.directory.resources(bare):
+                    if other.is_available:
+                        other.handle.send(gone)
+            old.handle.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")
+        return bound.full_jid
 
-    def unbind(self, session: Session) -> bool:
-        """Remove `session` from the registry; False when another session holds its JID."""
-        if session.full_jid is None:
-            return False
-        bare = session.full_jid.bare()
-        resources = self.sessions.get(bare)
-        if resources is None:
-            return False
-        held = resources.get(session.full_jid.resource or "") is session
-        if held:
-            del resources[session.full_jid.resource or ""]
-        if not resources:
-            del self.sessions[bare]
-        return held
-
-    def resources_of(self, bare: JID) -> list[Session]:
-        return list(self.sessions.get(bare, {}).values())
-
-    def available_resources(self, bare: JID) -> list[Session]:
-        return [s for s in self.sessions.get(bare, {}).values() if s.presence is not None]
-
-    def session_for(self, full: JID) -> Session | None:
-        return self.sessions.get(full.bare(), {}).get(full.resource or "")
+    async def available_resources(self, bare: JID) -> list[Resource]:
+        return [r for r in await self.directory.resources(bare) if r.presence is not None]
 
     # -- delivery ----------
 
-    async def route(self, stanza: Element, origin: Session | None = None) -> None:
+    async def route(self, stanza: Element, origin: Member | None = None) -> None:
         """Deliver one stanza whose `from` is stamped (see module docstring)."""
         kind = stanza_kind(stanza)
         if kind is None:
@@ -148,7 +128,7 @@ class Router:
             await self._to_full(stanza, kind, to, origin)
 
     async def _to_domain(
-        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Member | None
     ) -> None:
         if to.resource is not None:
             # A resource of the server itself: nothing lives there.
@@ -161,25 +141,25 @@ class Router:
         # Presence to the domain: nothing to do (no server-side presence subscribers).
 
     async def _to_bare(
-        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Member | None
     ) -> None:
         if kind is StanzaKind.IQ:
             if self.server_handler is not None:
                 await self.server_handler(self, stanza, origin)
             return
         if kind is StanzaKind.PRESENCE:
-            targets = self.available_resources(to)
+            targets = await self.available_resources(to)
             if not targets and stanza.get("type") in (None, "unavailable", "error"):
                 return  # RFC 6121 section 8.5.2.2.1: silently ignored
-            for session in targets:
-                session.send(stanza)
+            for target in targets:
+                target.handle.send(stanza)
             if not targets:
                 self.drop(stanza, DropPolicy.PRESENCE_NO_AVAILABLE_RESOURCE)
             return
         await self.deliver_message_to_bare(stanza, to)
 
     async def deliver_message_to_bare(
-        self, stanza: Element, to: JID, *, exclude: Session | None = None
+        self, stanza: Element, to: JID, *, exclude: Handle | None = None
     ) -> LedgerState:
         """RFC 6121 section 8.5.2.1.1 for messages to a bare JID.
 
@@ -191,15 +171,15 @@ class Router:
         mtype = stanza.get("type", "normal")
         if mtype == "groupchat":
             return await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
-        targets = self.message_targets(stanza, to, exclude=exclude)
+        resources = await self.directory.resources(to)
         delivered = False
-        for session in targets:
-            delivered = session.send(stanza) or delivered
+        for target in message_targets(stanza, resources, exclude):
+            delivered = target.handle.send(stanza) or delivered
         if delivered:
             return LedgerState.DELIVERED
         if mtype == "headline":
             return self.drop(stanza, DropPolicy.HEADLINE_NO_AVAILABLE_RESOURCE)
-        if not self.sessions.get(to) and not await self.account_exists(to.domain, to.local or ""):
+        if not resources and not await self.account_exists(to.domain, to.local or ""):
             return await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         if self.offline is None:
             # RFC 6121 section 8.5.2.1.1: without offline storage the server MUST answer
@@ -207,35 +187,24 @@ class Router:
             return await self.bounce(
                 stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="the recipient is offline"
             )
-        return await self.offline.store_or_deliver(
-            stanza,
-            to,
-            lambda s, bare: self.message_targets(s, bare, exclude=exclude),
-            self.bounce,
-        )
 
-    def message_targets(
-        self, stanza: Element, to: JID, *, exclude: Session | None = None
-    ) -> list[Session]:
-        """The resources a message to a bare JID goes to (RFC 6121 section 8.5.2.1.1)."""
-        candidates = [
-            s for s in self.available_resources(to) if s.priority >= 0 and s is not exclude
-        ]
-        if stanza.get("type") == "headline" or not candidates:
-            return candidates
-        top = max(s.priority for s in candidates)
-        return [s for s in candidates if s.priority == top]
+        async def targets(stanza: Element, bare: JID) -> list[Resource]:
+            return message_targets(stanza, await self.directory.resources(bare), exclude)
+
+        return await self.offline.store_or_deliver(stanza, to, targets, self.bounce)
 
     async def _to_full(
-        self, stanza: Element, kind: StanzaKind, to: JID, origin: Session | None
+        self, stanza: Element, kind: StanzaKind, to: JID, origin: Member | None
     ) -> None:
-        session = self.session_for(to)
-        if session is not None and session.send(stanza):
+        target = await self.directory.resource(to)
+        if target is not None and target.handle.send(stanza):
             return
         if kind is StanzaKind.MESSAGE:
             mtype = stanza.get("type", "normal")
             if mtype in ("chat", "normal"):
-                await self.deliver_message_to_bare(stanza, to.bare(), exclude=session)
+                await self.deliver_message_to_bare(
+                    stanza, to.bare(), exclude=target.handle if target is not None else None
+                )
             elif mtype == "groupchat":
                 await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
@@ -271,8 +240,8 @@ class Router:
         self.metrics.bounced.inc(condition=condition)
         reply = error_reply(stanza, condition, text=text)
         sender = JID.parse(stanza.get("from") or "")
-        target = self.session_for(sender) if sender.resource else None
-        if target is not None and target.send(reply):
+        target = await self.directory.resource(sender) if sender.resource else None
+        if target is not None and target.handle.send(reply):
             return LedgerState.BOUNCED
         if sender.domain in self.hosts and sender.local is not None and reply.name == "message":
             # The sender's session moved on (logged in again, or ended): the error goes to
@@ -307,3 +276,20 @@ class Router:
             from_=stanza.get("from"),
         )
         return LedgerState.DROPPED
+
+
+def message_targets(
+    stanza: Element, resources: Sequence[Resource], exclude: Handle | None = None
+) -> list[Resource]:
+    """The resources a message to a bare JID goes to (RFC 6121 section 8.5.2.1.1): the
+    available ones of highest non-negative priority (all non-negative ones for a
+    headline), except `exclude` (a session handing its messages back)."""
+    candidates = [
+        r
+        for r in resources
+        if r.presence is not None and r.priority >= 0 and r.handle is not exclude
+    ]
+    if stanza.get("type") == "headline" or not candidates:
+        return candidates
+    top = max(r.priority for r in candidates)
+    return [r for r in candidates if r.priority == top]

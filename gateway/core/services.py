@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Final
 
+from gateway.core.directory import Member
 from gateway.core.roster import RosterService
 from gateway.core.router import Router
-from gateway.core.session import Session
 from gateway.errors import StanzaError, StanzaErrorCondition
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -37,7 +37,7 @@ class ServerServices:
     def __init__(self, roster: RosterService) -> None:
         self.roster = roster
 
-    async def __call__(self, router: Router, iq: Element, origin: Session | None) -> None:
+    async def __call__(self, router: Router, iq: Element, origin: Member | None) -> None:
         iq_type = iq.get("type")
         if iq_type not in IQ_TYPES:
             await router.bounce(iq, StanzaErrorCondition.BAD_REQUEST, text="unknown iq type")
@@ -89,12 +89,12 @@ class ServerServices:
         query: Element,
         to: JID,
         sender: JID,
-        origin: Session | None,
+        origin: Member | None,
     ) -> Element | None:
         own = sender.bare() == to
         if (
             not own
-            and not router.sessions.get(to)
+            and not await router.directory.resources(to)
             and not await router.account_exists(to.domain, to.local or "")
         ):
             raise StanzaError(StanzaErrorCondition.SERVICE_UNAVAILABLE)

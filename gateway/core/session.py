@@ -1,8 +1,10 @@
 """The session object (DESIGN.md section 2, Prosody's session structure).
 
-A `Session` is owned by its connection task. Other tasks (the router, acting for another
-connection) only call `send()` and `close()`, which hand work to the owner through a
-bounded memory channel and a cancel scope; they never touch the rest of its state.
+A `Session` is owned by its connection task. Other tasks reach it only as a handle of the
+session directory (`gateway.core.directory`): they call `send()` and `close()`, which hand
+work to the owner through a bounded memory channel and a cancel scope, and read its
+presence, priority and interest from the directory's records, which the owner publishes
+after each change. Nothing else of its state is touched by anyone but the owner.
 
 - connected resource: `full_jid` is set (after bind).
 - available resource: `presence` is set (initial presence sent, not yet unavailable).
@@ -11,7 +13,6 @@ bounded memory channel and a cancel scope; they never touch the rest of its stat
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -33,11 +34,6 @@ ACK_REQUEST: Final = ack_request()
 CLOSE_GRACE: Final = 2.0
 
 
-class SessionType(enum.Enum):
-    C2S_UNAUTHED = "c2s_unauthed"
-    C2S = "c2s"
-
-
 @dataclass(slots=True)
 class CloseRequest:
     """Why the owner task must end the stream."""
@@ -56,13 +52,10 @@ class Session:
     Attributes:
         conn_id: the connection's id (for logs and loans).
         conn: a description of the transport serving the session (kind and peer).
-        notopen: true until the client's stream header arrived.
-        type: c2s_unauthed, then c2s after SASL success.
         username, host, resource, full_jid: the JID parts, as they become known.
         priority: the priority of the last broadcast presence.
         presence: the last broadcast presence without type, None when unavailable.
         interested: the client requested the roster (gets roster pushes).
-        roster: the roster, loaded when the resource is bound (None before).
         directed: JIDs this resource sent directed available presence to; they get its
             unavailable presence when it goes away (RFC 6121 section 4.6.3).
         sm: the XEP-0198 state (`SMState`), once the client enabled stream management.
@@ -77,8 +70,6 @@ class Session:
     conn_id: str
     conn: str
     outgoing: trio.MemorySendChannel[Element] | None
-    notopen: bool = True
-    type: SessionType = SessionType.C2S_UNAUTHED
     username: str | None = None
     host: str | None = None
     resource: str | None = None
@@ -86,7 +77,6 @@ class Session:
     priority: int = 0
     presence: Element | None = None
     interested: bool = False
-    roster: dict[str, Element] | None = None
     directed: set[JID] = field(default_factory=set)
     sm: SMState | None = None
     close_request: CloseRequest | None = None
@@ -98,6 +88,11 @@ class Session:
     # Offline messages wait to be flushed (paced by the owner task, see connection.py).
     flush_pending: bool = False
     on_flush_request: Callable[[], None] | None = None
+
+    def bound(self, full: JID) -> None:
+        """Record the full JID the router bound the session to."""
+        self.full_jid = full
+        self.resource = full.resource
 
     @property
     def bare_jid(self) -> JID:

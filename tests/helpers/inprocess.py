@@ -18,8 +18,10 @@ from gateway.app import run_server
 from gateway.config import GatewayConfig, parse_config
 from gateway.core.connection import serve_connection
 from gateway.core.context import ServerContext
+from gateway.core.session import Session
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.storage.sqlite import SqliteAccountStore
+from gateway.xmpp.jid import JID
 from tests.helpers.accounts import PASSWORD, USERS
 from tests.helpers.client import RawClient
 
@@ -127,3 +129,12 @@ async def close_clients(clients: list[RawClient]) -> None:
     for client in clients:
         with trio.move_on_after(1):
             await client.stream.aclose()
+
+
+async def local_session(gateway: ServerContext, full_jid: str) -> Session | None:
+    """The session of this node bound to `full_jid`, looked up in the directory."""
+    resource = await gateway.router.directory.resource(JID.parse(full_jid))
+    if resource is None:
+        return None
+    assert isinstance(resource.handle, Session), resource
+    return resource.handle

@@ -35,12 +35,12 @@ from gateway.storage.snapshot import decode_snapshot, encode_snapshot
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from gateway.xmpp.jid import JID
 from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import condition_of
 from tests.helpers.inprocess import (
     Connect,
     add_accounts,
+    local_session,
     make_config,
     serve_memory_client,
     start_connectable,
@@ -172,7 +172,7 @@ async def test_a_parked_session_is_resumed_after_a_restart_with_every_unacked_st
 
         with capture_logs(processors=[merge_contextvars]) as logs:
             async with running(config) as second:
-                revived = second.ctx.router.session_for(JID.parse(ALICE))
+                revived = await local_session(second.ctx, ALICE)
                 assert revived is not None and revived.presence is not None  # available
                 assert stored(config) == 0  # taken: only this process serves it
                 peer, answer = await resume(second.connect, "alice", alice.smid, alice.h)
@@ -244,7 +244,7 @@ async def test_a_session_whose_time_ran_out_while_down_ends_into_offline_storage
 
         async with running(config) as second:
             await trio.testing.wait_all_tasks_blocked()
-            assert second.ctx.router.session_for(JID.parse(ALICE)) is None
+            assert await local_session(second.ctx, ALICE) is None
             # stale_h is on: the late resume learns how many stanzas the server had.
             _peer, answer = await resume(second.connect, "alice", alice.smid, alice.h)
             assert answer == failed("item-not-found", h=1)
@@ -374,7 +374,7 @@ async def test_a_session_of_an_account_removed_while_down_ends_and_its_messages_
 
         async with running(config) as second:
             await trio.testing.wait_all_tasks_blocked()
-            assert second.ctx.router.session_for(JID.parse(ALICE)) is None
+            assert await local_session(second.ctx, ALICE) is None
             # The bounce found bob offline: it waits in his offline store.
             bob = await online(second.connect, "bob", "desk")
             errors = [e for e in bob.at_login if e.name == "message" and e.get("type") == "error"]
@@ -452,7 +452,7 @@ async def test_a_wall_clock_far_ahead_never_extends_resumption_beyond_resume_tim
 
         async with running(config) as second:
             await trio.sleep(301)  # resume_timeout is 300
-            assert second.ctx.router.session_for(JID.parse(ALICE)) is None
+            assert await local_session(second.ctx, ALICE) is None
 
 
 class FailingStore:
@@ -542,7 +542,7 @@ async def test_a_session_the_client_closed_is_not_handed_off(
             # and the shutdown comes in the middle of it.
             await alice.send("</stream:stream>")
             await trio.testing.wait_all_tasks_blocked()
-            assert first.ctx.router.session_for(JID.parse(ALICE)) is not None  # still ending
+            assert await local_session(first.ctx, ALICE) is not None  # still ending
             first.stop()
         # XEP-0198 section 7: a cleanly closed stream ends the session; nothing to keep.
         assert stored(config) == 0

@@ -31,7 +31,7 @@ import trio.testing
 from gateway.core.connection import serve_connection
 from gateway.core.context import ServerContext
 from gateway.core.resume import Loan, ResumeRegistry, ResumeSlot, SlotState
-from gateway.core.session import Session, SessionType
+from gateway.core.session import Session
 from gateway.net.transport import PeerInfo, StreamTransport
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -39,7 +39,7 @@ from gateway.xmpp.jid import JID
 from gateway.xmpp.sm import MOD, SMState
 from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient, condition_of, read_to_end
-from tests.helpers.inprocess import GatewayFactory
+from tests.helpers.inprocess import GatewayFactory, local_session
 
 PHONE = "bob@localhost/phone"
 R = f"<r xmlns='{ns.SM}'/>"
@@ -469,7 +469,7 @@ async def test_resume_racing_the_resume_timeout_is_all_or_nothing(
         await trio.testing.wait_all_tasks_blocked()
         await alice.client.send(_msg(PHONE, "m2", id_="m2"))
         await trio.testing.wait_all_tasks_blocked()
-        session = net.ctx.router.session_for(JID.parse(PHONE))
+        session = await local_session(net.ctx, PHONE)
         assert session is not None and session.cancel_scope is not None
         deadline = session.cancel_scope.deadline  # the parked task's resume deadline
         assert math.isfinite(deadline)
@@ -717,7 +717,7 @@ async def test_resume_on_the_timeout_tick_resumes_whole_or_learns_the_stale_h(
         await bob.client.send(_msg("alice@localhost/desk", "b0"))  # the server's h: 1
         bob.cut()
         await trio.testing.wait_all_tasks_blocked()
-        session = ctx.router.session_for(JID.parse(PHONE))
+        session = await local_session(ctx, PHONE)
         assert session is not None and session.cancel_scope is not None
         deadline = session.cancel_scope.deadline
         await trio.sleep_until(deadline - 5)
@@ -760,20 +760,23 @@ async def test_bind_conflict_in_the_step_of_a_resume_claim_leaves_one_holder_of_
             conn_id="newcomer",
             conn="test",
             outgoing=to_newcomer,
-            notopen=False,
-            type=SessionType.C2S,
             username="bob",
             host="localhost",
         )
 
         def bind_phone(_slot: ResumeSlot) -> None:
-            net.ctx.router.bind(newcomer, JID.parse("bob@localhost"), "phone")
+            # Inside the claim's step: the bind runs to its end without waiting (the
+            # local directory never waits), as a connection task's bind would.
+            binding = net.ctx.router.bind(newcomer, JID.parse("bob@localhost"), "phone")
+            with pytest.raises(StopIteration) as done:
+                binding.send(None)
+            newcomer.bound(done.value.value)
 
         hook.on_claim = bind_phone
         bob2.arrive(_resume(smid, 0))
         await trio.testing.wait_all_tasks_blocked()
         assert hook.hooked_claims == 1
-        assert net.ctx.router.session_for(JID.parse(PHONE)) is newcomer
+        assert await local_session(net.ctx, PHONE) is newcomer
         answer = await bob2.client.receive()
         if answer.name == "resumed":
             # Resumed a moment before it was replaced: the replacement still ends it.

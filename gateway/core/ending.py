@@ -145,9 +145,10 @@ async def record_stale_h(conn: Owner) -> None:
     if session is None or sm is None or sm.smid is None:
         return
     if conn.ctx.config.modules.mod_stream_management.stale_h.enabled:
-        await conn.ctx.stale_h.put(
+        evicted = await conn.ctx.stale_h.put(
             StaleH(sm.smid, sm.counter_in, str(session.bare_jid), conn.ctx.wall_clock())
         )
+        conn.ctx.metrics.stale_h_evicted.inc(evicted)
 
 
 async def reroute(router: Router, session: Session, stanzas: list[Element]) -> None:

@@ -22,6 +22,12 @@ once through the normal end path (messages rerouted, stored offline or bounced; 
 stale_h). If the start then fails (a port in use), the revived sessions are handed off
 again for the next attempt.
 
+`snapshot_of` (out) and `read_snapshot` with `session_from` (back in) are the one way a
+session's state leaves a process and re-enters one, with the codec of
+`gateway.storage.snapshot` in between: the restart uses them through the hand-off store,
+and moving a session to another node of a cluster is the same three steps with the bytes
+carried across.
+
 The snapshot's expiry is wall-clock time (it crosses processes); a parked session keeps
 the deadline it had, a live one gets its full granted `max` from the moment of the hand-off
 (its transport is lost then); revival never grants more than `max` nor `resume_timeout`.
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from gateway.config import StreamManagementConfig
 from gateway.core.blocking import RunBlocking
 from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.session import Session
@@ -48,6 +55,7 @@ from gateway.errors import JIDError, StorageError
 from gateway.storage.base import HandoffStore, SessionSnapshot
 from gateway.storage.snapshot import decode_snapshot, encode_snapshot
 from gateway.xmpp.jid import JID
+from gateway.xmpp.sm import SMState
 
 log = structlog.get_logger(module=__name__)
 
@@ -94,6 +102,37 @@ class Revivable:
     snapshot: SessionSnapshot
     full_jid: JID
     directed: frozenset[JID]
+
+
+def session_from(revivable: Revivable, conn_id: str, config: StreamManagementConfig) -> Session:
+    """The session a snapshot describes, for the connection task `conn_id` that takes it
+    over: the inverse of `snapshot_of` (the session is not bound yet, and has no
+    transport; the SM limits are this process's config)."""
+    snapshot, full = revivable.snapshot, revivable.full_jid
+    session = Session(
+        conn_id=conn_id,
+        conn=f"detached (handed off, last {snapshot.peer or 'unknown'})",
+        outgoing=None,
+        username=full.local,
+        host=full.domain,
+        priority=snapshot.priority,
+        presence=snapshot.presence,
+        interested=snapshot.interested,
+        directed=set(revivable.directed),
+        flush_pending=snapshot.flush_pending,
+    )
+    session.sm = SMState.restored(
+        smid=snapshot.smid,
+        max_=snapshot.max,
+        counter_in=snapshot.counter_in,
+        counter_out=snapshot.counter_out,
+        buffer=snapshot.buffer,
+        buffer_max=config.buffer_max,
+        buffer_max_bytes=config.buffer_max_bytes,
+        ack_freq=config.ack_freq,
+        ack=config.ack,
+    )
+    return session
 
 
 @dataclass(eq=False)
@@ -184,33 +223,47 @@ class Handoff:
         records = await self.run_blocking(self.store.take_all)
         revivable: dict[str, Revivable] = {}
         for data in records:
-            try:
-                snapshot = decode_snapshot(data)
-            except StorageError as exc:
-                log.warning("handoff_snapshot_dropped", reason="damaged", error=str(exc))
+            taken = read_snapshot(data)
+            if taken is None:
                 continue
-            try:
-                full = JID.parse(snapshot.full_jid)
-            except JIDError:
-                full = None
-            reason = None
-            if full is None or full.local is None or full.resource is None:
-                reason = "bad_jid"
-            elif snapshot.smid in revivable:
-                reason = "duplicate_smid"
-            if reason is not None or full is None:
+            smid = taken.snapshot.smid
+            if smid in revivable:
                 log.warning(
                     "handoff_snapshot_dropped",
-                    reason=reason,
-                    smid=snapshot.smid,
-                    stanzas=len(snapshot.buffer),
+                    reason="duplicate_smid",
+                    smid=smid,
+                    stanzas=len(taken.snapshot.buffer),
                 )
                 continue
-            directed: set[JID] = set()
-            for text in snapshot.directed:
-                try:
-                    directed.add(JID.parse(text))
-                except JIDError:
-                    log.warning("handoff_directed_dropped", smid=snapshot.smid)
-            revivable[snapshot.smid] = Revivable(snapshot, full, frozenset(directed))
+            revivable[smid] = taken
         return sorted(revivable.values(), key=lambda r: r.snapshot.expires_at)
+
+
+def read_snapshot(data: bytes) -> Revivable | None:
+    """Decode a stored snapshot and parse its JIDs: None (logged, with how many stanzas
+    went with it) for a damaged record or one whose JID is not a full JID; a malformed
+    directed-presence JID only loses that entry."""
+    try:
+        snapshot = decode_snapshot(data)
+    except StorageError as exc:
+        log.warning("handoff_snapshot_dropped", reason="damaged", error=str(exc))
+        return None
+    try:
+        full: JID | None = JID.parse(snapshot.full_jid)
+    except JIDError:
+        full = None
+    if full is None or full.local is None or full.resource is None:
+        log.warning(
+            "handoff_snapshot_dropped",
+            reason="bad_jid",
+            smid=snapshot.smid,
+            stanzas=len(snapshot.buffer),
+        )
+        return None
+    directed: set[JID] = set()
+    for text in snapshot.directed:
+        try:
+            directed.add(JID.parse(text))
+        except JIDError:
+            log.warning("handoff_directed_dropped", smid=snapshot.smid)
+    return Revivable(snapshot, full, frozenset(directed))

@@ -210,6 +210,10 @@ class Metrics:
         self.handoff_stanzas: Final = Counter(
             "xmpp_handoff_stanzas_total", "Unacked stanzas that went with handed-off sessions."
         )
+        self.stale_h_evicted: Final = Counter(
+            "xmpp_sm_stale_h_evicted_total",
+            "stale_h entries dropped to keep the table within its bound before their age.",
+        )
         self.ledger: Final = Counter(
             "xmpp_ledger_stanzas_total",
             "Stanzas sessions took, by the ledger state they ended in (DESIGN section 3).",

@@ -16,13 +16,12 @@ import trio
 from gateway.config import TlsMode
 from gateway.core.connection import Connection
 from gateway.core.context import ServerContext
-from gateway.core.handoff import Revivable
+from gateway.core.handoff import Revivable, session_from
 from gateway.core.session import Session
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import DetachedWire
 from gateway.storage.base import SmSessionRecord
-from gateway.xmpp.sm import SMState
 
 log = structlog.get_logger(module=__name__)
 
@@ -52,29 +51,7 @@ async def serve_revived(
     reason = "closed"
     started = False
     try:
-        session = Session(
-            conn_id=conn.conn_id,
-            conn=f"detached (handed off, last {snapshot.peer or 'unknown'})",
-            outgoing=None,
-            username=full.local,
-            host=full.domain,
-            priority=snapshot.priority,
-            presence=snapshot.presence,
-            interested=snapshot.interested,
-            directed=set(revivable.directed),
-            flush_pending=snapshot.flush_pending,
-        )
-        session.sm = SMState.restored(
-            smid=snapshot.smid,
-            max_=snapshot.max,
-            counter_in=snapshot.counter_in,
-            counter_out=snapshot.counter_out,
-            buffer=snapshot.buffer,
-            buffer_max=cfg.buffer_max,
-            buffer_max_bytes=cfg.buffer_max_bytes,
-            ack_freq=cfg.ack_freq,
-            ack=cfg.ack,
-        )
+        session = session_from(revivable, conn.conn_id, cfg)
         session.bound(await ctx.router.bind(session, full.bare(), full.resource))
         wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else snapshot.expires_at
         conn.revived(

@@ -334,10 +334,13 @@ class SmSessionTable(Protocol):
 class StaleHTable(Protocol):
     """SM id -> last h of an ended session (the seed's `stale_h`), swept by age."""
 
-    async def put(self, entry: StaleH) -> None:
+    async def put(self, entry: StaleH) -> int:
         """Add the entry, replacing any entry with the same `smid`.
 
         A backend may bound its size and drop its oldest entries to make room.
+
+        Returns:
+            How many other entries were dropped to make room (for the metrics).
         """
         ...
 

@@ -104,28 +104,28 @@ class MemoryStaleHTable:
         ValueError: `max_entries` is not positive.
     """
 
-    __slots__ = ("_entries", "_max_entries", "evicted")
+    __slots__ = ("_entries", "_max_entries")
 
     def __init__(self, *, max_entries: int = 100_000) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be positive")
         self._max_entries = max_entries
         self._entries: OrderedDict[str, StaleH] = OrderedDict()
-        #: Entries dropped by the size bound since creation (for metrics).
-        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def put(self, entry: StaleH) -> None:
+    async def put(self, entry: StaleH) -> int:
         """Add the entry at the young end, replacing any entry with the same `smid`;
-        drop the oldest entry when the table is full."""
+        drop the oldest entry when the table is full. Returns how many were dropped."""
         await trio.lowlevel.checkpoint()
         entries = self._entries
+        evicted = 0
         if entries.pop(entry.smid, None) is None and len(entries) >= self._max_entries:
             entries.popitem(last=False)
-            self.evicted += 1
+            evicted = 1
         entries[entry.smid] = entry
+        return evicted
 
     async def get(self, smid: str) -> StaleH | None:
         """The entry for `smid`, or None."""

@@ -143,13 +143,11 @@ class SqliteStaleHTable(SqliteDatabase):
         super().__init__(path, busy_timeout=busy_timeout)
         self._run = run_blocking
         self._max_entries = max_entries
-        #: Entries this object deleted for the size bound (for metrics).
-        self.evicted = 0
 
-    async def put(self, entry: StaleH) -> None:
+    async def put(self, entry: StaleH) -> int:
         """Add the entry as the youngest, replacing any entry with the same `smid`;
-        delete the oldest entry when the table is full."""
-        await self._run(self._put, entry)
+        delete the oldest entry when the table is full. Returns how many were deleted."""
+        return await self._run(self._put, entry)
 
     async def get(self, smid: str) -> StaleH | None:
         """The entry for `smid`, or None."""
@@ -167,7 +165,7 @@ class SqliteStaleHTable(SqliteDatabase):
             if deleted < _SWEEP_BATCH:
                 return removed
 
-    def _put(self, entry: StaleH) -> None:
+    def _put(self, entry: StaleH) -> int:
         with self._transaction() as db:
             excess = 0
             replaced = db.execute("DELETE FROM stale_h WHERE smid = ?", (entry.smid,)).rowcount
@@ -187,7 +185,7 @@ class SqliteStaleHTable(SqliteDatabase):
                 "INSERT INTO stale_h (smid, h, jid, at) VALUES (?, ?, ?, ?)",
                 (entry.smid, entry.h, entry.jid, entry.at),
             )
-            self.evicted += excess  # under the store's lock
+        return excess
 
     def _get(self, smid: str) -> StaleH | None:
         rows = self._query("SELECT h, jid, at FROM stale_h WHERE smid = ?", (smid,))

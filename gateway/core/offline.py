@@ -18,7 +18,6 @@ import structlog
 import trio
 
 from gateway.core.blocking import RunBlocking
-from gateway.core.directory import Resource
 from gateway.core.metrics import LedgerState, Metrics
 from gateway.core.session import Session
 from gateway.errors import StanzaErrorCondition, StorageError
@@ -31,8 +30,8 @@ from gateway.xmpp.stanza import delay_stamp
 
 log = structlog.get_logger(module=__name__)
 
-# Where a message to a bare JID goes now (the router's rules over the directory).
-MessageTargets = Callable[[Element, JID], Awaitable[list[Resource]]]
+# Delivers a message to a bare JID's resources by the router's rules; False: none took it.
+DeliverToBare = Callable[[Element, JID], Awaitable[bool]]
 
 
 class Bounce(Protocol):
@@ -105,7 +104,7 @@ class OfflineService:
         self,
         stanza: Element,
         to: JID,
-        targets: MessageTargets,
+        deliver: DeliverToBare,
         bounce: Bounce,
     ) -> LedgerState:
         """Deliver to a resource that became available meanwhile, else store, else bounce.
@@ -114,9 +113,8 @@ class OfflineService:
             DELIVERED, STORED_OFFLINE, or what `bounce` answered.
         """
         async with self.locks.acquire(to):
-            for target in await targets(stanza, to):
-                if target.handle.send(stanza):
-                    return LedgerState.DELIVERED
+            if await deliver(stanza, to):
+                return LedgerState.DELIVERED
             if self.max_per_user == 0:
                 return await bounce(
                     stanza,

@@ -172,10 +172,7 @@ class Router:
         if mtype == "groupchat":
             return await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
         resources = await self.directory.resources(to)
-        delivered = False
-        for target in message_targets(stanza, resources, exclude):
-            delivered = target.handle.send(stanza) or delivered
-        if delivered:
+        if deliver_to_best(stanza, resources, exclude):
             return LedgerState.DELIVERED
         if mtype == "headline":
             return self.drop(stanza, DropPolicy.HEADLINE_NO_AVAILABLE_RESOURCE)
@@ -188,10 +185,10 @@ class Router:
                 stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE, text="the recipient is offline"
             )
 
-        async def targets(stanza: Element, bare: JID) -> list[Resource]:
-            return message_targets(stanza, await self.directory.resources(bare), exclude)
+        async def deliver(stanza: Element, bare: JID) -> bool:
+            return deliver_to_best(stanza, await self.directory.resources(bare), exclude)
 
-        return await self.offline.store_or_deliver(stanza, to, targets, self.bounce)
+        return await self.offline.store_or_deliver(stanza, to, deliver, self.bounce)
 
     async def _to_full(
         self, stanza: Element, kind: StanzaKind, to: JID, origin: Member | None
@@ -278,18 +275,35 @@ class Router:
         return LedgerState.DROPPED
 
 
-def message_targets(
+def deliver_to_best(
     stanza: Element, resources: Sequence[Resource], exclude: Handle | None = None
-) -> list[Resource]:
-    """The resources a message to a bare JID goes to (RFC 6121 section 8.5.2.1.1): the
-    available ones of highest non-negative priority (all non-negative ones for a
-    headline), except `exclude` (a session handing its messages back)."""
+) -> bool:
+    """Send a message for a bare JID to the resources RFC 6121 section 8.5.2.1.1 picks:
+    the available ones of highest non-negative priority (every non-negative one for a
+    headline), except `exclude` (a session handing its messages back). When every one
+    of them refuses it (they are closing), the next priority down gets it: a session
+    on its way out is not available.
+
+    Returns:
+        Whether a resource took it.
+    """
     candidates = [
         r
         for r in resources
         if r.presence is not None and r.priority >= 0 and r.handle is not exclude
     ]
-    if stanza.get("type") == "headline" or not candidates:
-        return candidates
-    top = max(r.priority for r in candidates)
-    return [r for r in candidates if r.priority == top]
+    if stanza.get("type") == "headline":
+        delivered = False
+        for target in candidates:
+            delivered = target.handle.send(stanza) or delivered
+        return delivered
+    while candidates:
+        top = max(r.priority for r in candidates)
+        delivered = False
+        for target in candidates:
+            if target.priority == top:
+                delivered = target.handle.send(stanza) or delivered
+        if delivered:
+            return True
+        candidates = [r for r in candidates if r.priority != top]
+    return False

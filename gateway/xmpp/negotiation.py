@@ -107,7 +107,7 @@ class NegotiationSettings:
 
 @dataclass(frozen=True, slots=True)
 class StartTls:
-    """`<proceed/>` is in the outbound buffer: flush it, then do the TLS handshake."""
+    """`<proceed/>` is in the outbound buffer: write it out, then do the TLS handshake."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,7 @@ def test_a_fresh_snapshot_has_only_the_unlabelled_counters_at_zero() -> None:
         "xmpp_offline_flushed_total": 0,
         "xmpp_sm_resumed_total": 0,
         "xmpp_handoff_stanzas_total": 0,
+        "xmpp_sm_stale_h_evicted_total": 0,
     }
 
 

@@ -473,6 +473,7 @@ class Connection:
             session.cancel_scope = None
         self.pump = None
         self.flush = None
+        self.negotiator.release()
 
     def log_closed(self, reason: str) -> None:
         session = self.session

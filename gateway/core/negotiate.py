@@ -36,7 +36,7 @@ from gateway.core.metrics import ResumeFailure
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Loan
 from gateway.core.session import CLOSE_GRACE
-from gateway.errors import RemoteProtocolError, StreamErrorCondition
+from gateway.errors import LocalProtocolError, RemoteProtocolError, StreamErrorCondition
 from gateway.logsetup import bind_jid
 from gateway.net.wire import Wire
 from gateway.xmpp import namespaces as ns
@@ -103,6 +103,11 @@ class Negotiator:
         self.lent_to: Loan | None = None
         self._restarted = False
         self._refused = False
+
+    def release(self) -> None:
+        """Drop the callback into the connection (a cycle with it) when the connection
+        ends, so both are freed by reference counting."""
+        self.bind = _negotiation_over
 
     async def write_output(self) -> None:
         """Write what the negotiation queued."""
@@ -305,3 +310,7 @@ class Negotiator:
         if entry is None or entry.jid != str(jid):
             return None
         return entry.h
+
+
+async def _negotiation_over(action: BindRequested) -> None:
+    raise LocalProtocolError("the connection has ended; nothing can be bound")

@@ -26,6 +26,7 @@ LAYER = {
     "config": 2,
     "storage": 2,
     "logsetup": 3,
+    "cli": 3,
     "supervision": 4,
     "net": 5,
     "core": 6,

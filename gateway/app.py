@@ -19,7 +19,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from functools import partial
 
 import structlog
@@ -29,12 +29,15 @@ from gateway.cli import command_parser, run_user_command
 from gateway.config import GatewayConfig, ListenerConfig, TlsMode, load_config
 from gateway.core.auth_limits import AuthThrottle
 from gateway.core.blocking import in_threads, inline
+from gateway.core.cluster import ClusterDirectory
 from gateway.core.connection import serve_connection, serve_wire
 from gateway.core.context import ServerContext
-from gateway.core.directory import LocalDirectory
-from gateway.core.handoff import Handoff
+from gateway.core.directory import Directory, Handle, LocalDirectory
+from gateway.core.handoff import Handoff, read_snapshot
 from gateway.core.metrics import HandoffResult, Metrics
+from gateway.core.migration import Migrations
 from gateway.core.offline import OfflineService
+from gateway.core.relay import Close, Deliver, Item, Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.core.revive import serve_revived
 from gateway.core.roster import RosterService
@@ -46,12 +49,17 @@ from gateway.net.limits import ConnectionGate, connection_cap, raise_descriptor_
 from gateway.net.tcp import open_listeners, peer_of, unwrap_proxy
 from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
+from gateway.storage.base import SmSessionTable, StaleHTable
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
+from gateway.storage.redis_client import Redis, open_redis
 from gateway.storage.roster_sqlite import SqliteRosterStore
+from gateway.storage.sm_redis import RedisSmSessionTable, RedisStaleHTable
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.supervision import run_stale_h_gc, supervise
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
 from gateway.xmpp.sasl import ScramCredentials, check_plain
 from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 
@@ -60,6 +68,12 @@ log = structlog.get_logger(module=__name__)
 STORAGE_THREADS = 4
 HASHING_THREADS = 2  # PLAIN password checks (PBKDF2), apart from the stores' threads
 CLOSE_DEADLINE = 10.0  # seconds for streams to close and sessions to reroute their stanzas, at exit
+#: Every key the gateway writes in a cluster's Redis starts with this (one database may
+#: be shared with other software).
+REDIS_PREFIX = "xg:"
+#: Stanzas for other nodes waiting for Redis (an outage); past it they take the local
+#: fallbacks (offline storage, bounces) instead of growing memory.
+RELAY_MAX_PENDING = 100_000
 
 
 def make_lockout(config: GatewayConfig) -> AuthThrottle | None:
@@ -145,7 +159,23 @@ async def run_server(
     `task_status.started` gets the `ServerContext`; the bound ports are in
     `ctx.listen_ports` (useful with port 0 in tests). `inline_storage` runs SQLite calls
     in the trio thread instead of worker threads (tests with a mock clock, STYLE V3).
+    With `cluster.redis`, the node joins the cluster: its directory, relay and heartbeat
+    (and with `backend: redis` its SM tables) use that Redis.
     """
+    if config.cluster.redis is None:
+        await _run_node(config, None, inline_storage=inline_storage, task_status=task_status)
+        return
+    async with open_redis(config.cluster.redis) as redis:
+        await _run_node(config, redis, inline_storage=inline_storage, task_status=task_status)
+
+
+async def _run_node(
+    config: GatewayConfig,
+    redis: Redis | None,
+    *,
+    inline_storage: bool,
+    task_status: trio.TaskStatus[ServerContext],
+) -> None:
     accounts = SqliteAccountStore(config.auth.database)
     roster_store = SqliteRosterStore(config.auth.database)
     run_blocking = inline if inline_storage else in_threads(STORAGE_THREADS)
@@ -178,9 +208,18 @@ async def run_server(
     # The one registry of counters (STYLE P5: made here, passed down, never global).
     metrics = Metrics()
     node = config.cluster.node or f"{socket.gethostname()}-{os.getpid()}"
-    router = Router(
-        config.general.hosts, account_exists, directory=LocalDirectory(node), metrics=metrics
-    )
+    relay = cluster = None
+    directory: Directory = LocalDirectory(node)
+    if redis is not None:
+        relay = Relay(redis, node, prefix=REDIS_PREFIX, max_pending=RELAY_MAX_PENDING)
+        directory = cluster = ClusterDirectory(redis, relay, node, prefix=REDIS_PREFIX)
+    router = Router(config.general.hosts, account_exists, directory=directory, metrics=metrics)
+    if cluster is not None:
+
+        async def unavailable(stanza: Element, to: JID, exclude: Handle | None) -> None:
+            await router.to_unavailable_full(stanza, to, exclude=exclude)
+
+        cluster.unavailable = unavailable
     router.server_handler = ServerServices(RosterService(roster_store, run_blocking))
     router.offline = OfflineService(
         offline_store,
@@ -189,7 +228,13 @@ async def run_server(
         max_bytes_per_user=config.modules.mod_offline.max_bytes_per_user,
         metrics=metrics,
     )
-    stale_h = MemoryStaleHTable()
+    sm_sessions: SmSessionTable
+    stale_h: StaleHTable
+    if sm_cfg.backend == "redis" and redis is not None:
+        sm_sessions = RedisSmSessionTable(redis, prefix=REDIS_PREFIX)
+        stale_h = RedisStaleHTable(redis, prefix=REDIS_PREFIX)
+    else:
+        sm_sessions, stale_h = MemorySmSessionTable(), MemoryStaleHTable()
     ctx = ServerContext(
         config=config,
         router=router,
@@ -201,7 +246,7 @@ async def run_server(
         resume=ResumeRegistry(
             max_parked_per_user=sm_cfg.max_parked_per_user, max_parked=sm_cfg.max_parked
         ),
-        sm_sessions=MemorySmSessionTable(),
+        sm_sessions=sm_sessions,
         stale_h=stale_h,
         metrics=metrics,
         handoff=Handoff(handoff_store, run_blocking, metrics=metrics),
@@ -217,6 +262,14 @@ async def run_server(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with trio.open_nursery() as service_nursery:
+                if relay is not None and cluster is not None:
+                    await service_nursery.start(relay.run_sender)
+                    await service_nursery.start(
+                        relay.run_receiver, _dispatcher(ctx, relay, cluster)
+                    )
+                    await service_nursery.start(
+                        cluster.run_heartbeat, config.cluster.heartbeat, ctx.set_health
+                    )
                 if sm_cfg.stale_h.enabled:
                     # The stale_h GC is supervised: restarted (and logged) if it ever fails.
                     await service_nursery.start(
@@ -239,6 +292,31 @@ async def run_server(
             offline_store.close()
             handoff_store.close()
         log.info("stopped")
+
+
+def _dispatcher(
+    ctx: ServerContext, relay: Relay, cluster: ClusterDirectory
+) -> Callable[[Item], Awaitable[None]]:
+    """Where the items other nodes relay here go: stanzas and closes to the directory,
+    session moves to this node's `Migrations` (made here: it parks arriving sessions in
+    the connection handlers' nursery)."""
+
+    async def adopt(data: bytes) -> bool:
+        revivable = read_snapshot(data)
+        if revivable is None or ctx.handler_nursery is None:
+            return False
+        await ctx.handler_nursery.start(serve_revived, ctx, revivable)
+        return revivable.snapshot.smid in ctx.resume.slots
+
+    ctx.migrations = migrations = Migrations(relay, ctx.node, ctx.resume, adopt)
+
+    async def dispatch(item: Item) -> None:
+        if isinstance(item, Deliver | Close):
+            await cluster.deliver(item)
+        else:
+            await migrations.receive(item)
+
+    return dispatch
 
 
 async def _serve_until_signal(

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -68,6 +69,9 @@ class GeneralConfig:
     shutdown_grace: float = 5.0
     """Seconds of draining after SIGINT/SIGTERM (new streams refused, /healthz 503)
     before open streams are closed with system-shutdown."""
+    workers: int = 1
+    """Worker processes serving the same ports (SO_REUSEPORT), each a cluster node; more
+    than 1 needs `cluster.redis`, where the nodes share their state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,8 @@ class StreamManagementConfig:
     """`modules.mod_stream_management`, with the seed's names and defaults."""
 
     backend: str = "memory"
+    """Where `sm_session` and `stale_h` live: memory (this node) or redis (shared by the
+    nodes of a cluster; needs `cluster.redis`)."""
     buffer: bool = True
     buffer_max: int | None = 100
     """Unacked stanzas kept per session; None is `infinity`."""
@@ -169,8 +175,16 @@ class ModulesConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
+    redis: str | None = field(default=None, repr=False)
+    """The Redis URL shared by the nodes (`redis://`, `rediss://` or `unix://`); None: a
+    single node with embedded state. Kept out of `repr`: it may hold a password."""
     node: str | None = None
-    """This node's id in session records; None: the host name and process id."""
+    """This node's id in session records, Redis key names and logs (1 to 64 of
+    ``A-Za-z0-9._-``); None: the host name and process id."""
+    heartbeat: float = 5.0
+    """Seconds between this node's heartbeats in Redis; a node that misses 3 counts as
+    dead, so this sets how soon a dead node is noticed. 0.1 to 60: faster floods Redis
+    with writes, slower notices a dead node minutes late."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +215,10 @@ class GatewayConfig:
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+_REDIS_DB = re.compile(r"[0-9]{1,9}")
+_REDIS_URL_FORMS = "redis://[:password@]host[:port][/db], rediss://... or unix://[:password@]/path"
 
 
 def _parse_general(r: Reader) -> GeneralConfig:
@@ -232,6 +250,7 @@ def _parse_general(r: Reader) -> GeneralConfig:
         stanza_timeout=r.seconds("stanza_timeout", d.stanza_timeout, 1, 3600),
         max_connections=r.integer("max_connections", d.max_connections, 0, 10_000_000),
         shutdown_grace=r.seconds("shutdown_grace", d.shutdown_grace, 0, 600),
+        workers=r.integer("workers", d.workers, 1, 256),
     )
     r.done()
     if g.pre_auth_max_stanza_size > g.max_stanza_size:
@@ -284,9 +303,6 @@ def _parse_sm(r: Reader) -> StreamManagementConfig:
     backend = r.string("backend", d.backend)
     if backend not in ("memory", "redis"):
         raise r.error("backend", f"must be memory or redis, got {backend!r}")
-    if backend == "redis":
-        # Clusters share SM state in Redis (DESIGN 6); refuse rather than ignore it.
-        raise r.error("backend", "redis is not available yet; use memory")
     raw_max = r.raw("buffer_max")
     buffer_max: int | None
     if raw_max == "infinity":
@@ -332,6 +348,74 @@ def _parse_lockout(r: Reader) -> LockoutConfig:
     )
     r.done()
     return lockout
+
+
+def _check_redis_url(r: Reader, name: str) -> str | None:
+    """The Redis URL at `name`, checked for what the Redis client needs.
+
+    No message quotes any part of the value: it may hold a password, and a password with an
+    unescaped `/`, `?` or `#` lands in whatever part of the URL follows it.
+    """
+    value = r.raw(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise r.error(name, f"must be a Redis URL ({_REDIS_URL_FORMS}), got {_type_of(value)}")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise r.error(name, "must not contain spaces or control characters")
+    scheme, sep, _ = value.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in REDIS_SCHEMES:
+        raise r.error(name, f"must start with redis://, rediss:// or unix:// ({_REDIS_URL_FORMS})")
+    try:
+        url = urllib.parse.urlsplit(value)
+    except ValueError as exc:  # unbalanced [ ]
+        raise r.error(name, f"is not a valid URL ({_REDIS_URL_FORMS})") from exc
+    hostport = url.netloc.rpartition("@")[2]
+    if url.fragment or (url.query and scheme != "unix"):
+        raise r.error(
+            name,
+            "must not have a ?query or #fragment (the db number goes in the path: "
+            "redis://host:6379/0; a password cannot hold / ? or #)",
+        )
+    if scheme == "unix":
+        if hostport:
+            raise r.error(name, "unix:// takes no host or port, only a path: unix:///path/to.sock")
+        if not url.path.startswith("/") or url.path.endswith("/"):
+            raise r.error(name, "must name the socket file by its absolute path: unix:///path")
+        db = url.query.removeprefix("db=")
+        if url.query and (db == url.query or not _REDIS_DB.fullmatch(db)):
+            raise r.error(name, "may only have ?db=N after the socket path (N a number)")
+        return value
+    if hostport.startswith("["):  # an IPv6 address: [::1]:6379
+        host, bracket, rest = hostport.partition("]")
+        host += bracket
+        colon, port = rest[:1], rest[1:]
+        if rest and colon != ":":
+            raise r.error(name, "has an invalid host")
+    else:
+        host, colon, port = hostport.partition(":")
+    if not host:
+        raise r.error(
+            name, "has no host (redis://[:password@]host[:port][/db]; a password cannot hold / ? #)"
+        )
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as exc:
+            raise r.error(name, "has an invalid IPv6 address between [ ]") from exc
+    elif not _REDIS_HOST.fullmatch(host):
+        raise r.error(name, "has an invalid host name")
+    if colon and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise r.error(name, "has an invalid port (must be between 1 and 65535)")
+    if url.path not in ("", "/") and not _REDIS_DB.fullmatch(url.path[1:]):
+        raise r.error(name, "may only have a db number as its path (redis://host:6379/0)")
+    return value
+
+
+def _type_of(value: object) -> str:
+    """The YAML type of `value`, never its text (see `_check_redis_url`)."""
+    return "an empty string" if value == "" else type(value).__name__
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -427,11 +511,17 @@ def parse_config(
     m.done()
 
     cl = root.section("cluster")
+    dc = ClusterConfig()
     node = cl.raw("node")
     if node is not None and (not isinstance(node, str) or not _NODE_ID.fullmatch(node)):
         raise cl.error("node", "must be 1 to 64 letters, digits, '.', '_' or '-'")
-    cluster = ClusterConfig(node=node)
+    cluster = ClusterConfig(
+        redis=_check_redis_url(cl, "redis"),
+        node=node,
+        heartbeat=cl.seconds("heartbeat", dc.heartbeat, 0.1, 60),
+    )
     cl.done()
+    _check_cluster(file, general, sm, cluster)
 
     lg = root.section("logging")
     level = lg.string("level", "info").lower()
@@ -456,8 +546,36 @@ def parse_config(
     )
 
 
+def _check_cluster(
+    file: str, general: GeneralConfig, sm: StreamManagementConfig, cluster: ClusterConfig
+) -> None:
+    """Keys that only make sense together: several nodes share their state in Redis."""
+    if general.workers > 1 and cluster.redis is None:
+        raise ConfigError(
+            file,
+            "general.workers",
+            f"{general.workers} worker processes need cluster.redis (each worker is a node, "
+            "and nodes share sessions through Redis); set it, or workers: 1",
+        )
+    if sm.backend == "redis" and cluster.redis is None:
+        raise ConfigError(
+            file,
+            "modules.mod_stream_management.backend",
+            "redis needs cluster.redis (the Redis URL); without a cluster use memory",
+        )
+    if sm.backend != "redis" and cluster.redis is not None:
+        raise ConfigError(
+            file,
+            "modules.mod_stream_management.backend",
+            f"must be redis when cluster.redis is set, got {sm.backend}: with per-node "
+            "tables a resume arriving at another node would get item-not-found; set "
+            "modules.mod_stream_management.backend: redis",
+        )
+
+
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "GatewayConfig",
     "GeneralConfig",
     "ListenerConfig",

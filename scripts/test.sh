@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
-# The reverse-proxy integration tests run the real haproxy and nginx (as child processes
-# with their own configs). Installing them must not start the system services: a
-# policy-rc.d that answers 101 forbids every start by the packages' scripts (removed after).
+# The reverse-proxy and cluster integration tests run the real haproxy, nginx and
+# redis-server (as child processes with their own configs, on ports they pick). Installing
+# them must not start the system services: a policy-rc.d that answers 101 forbids every
+# start by the packages' scripts (removed after).
 export PATH="$PATH:/usr/sbin:/sbin"
-if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null; then
+if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null \
+    || ! command -v redis-server >/dev/null; then
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         policy=/usr/sbin/policy-rc.d
@@ -16,7 +18,7 @@ if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null; then
         trap 'rm -f "$policy"' EXIT
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy nginx
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy nginx redis-server
     if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

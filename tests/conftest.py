@@ -8,7 +8,7 @@ this module.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from tests.helpers.inprocess import (
     start_connectable,
     start_gateway,
 )
+from tests.helpers.redis import RedisServer, run_redis
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +100,16 @@ async def gateway_factory(
 
     yield _start
     await close_clients(clients)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole test session (see tests/helpers/redis.py)."""
+    yield from run_redis(tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of an empty Redis database for one test."""
+    redis_server.cli("flushall")
+    return redis_server.url

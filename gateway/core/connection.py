@@ -60,7 +60,7 @@ from gateway.core.pump import Outcome, Pump
 from gateway.core.reading import StanzaTimer
 from gateway.core.resume import Loan, ResumeSlot, accept_loan, wait_parked, watch
 from gateway.core.session import ACK_REQUEST, CLOSE_GRACE, CloseRequest, Session
-from gateway.errors import RemoteProtocolError, StreamErrorCondition
+from gateway.errors import RemoteProtocolError, StorageError, StreamErrorCondition
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import StreamTransport
 from gateway.net.wire import StreamWire, TransportLost, Wire
@@ -451,6 +451,8 @@ class Connection:
                         log.exception("transport_close_failed")
                 try:
                     await end_session(self)
+                except StorageError as exc:
+                    log.warning("session_end_storage_failed", error=str(exc))
                 except Exception:
                     # Still the per-connection boundary (C7): a storage fault while
                     # handing stanzas back must not take the listener and every other
@@ -564,6 +566,15 @@ async def serve_wire(ctx: ServerContext, wire: Wire, *, tls: TlsMode, port: int)
     except (ssl.SSLError, OSError) as exc:
         reason = "tls_failed" if isinstance(exc, ssl.SSLError) else "socket_error"
         log.info("transport_error", error=str(exc))
+    except StorageError as exc:
+        # A store (a cluster's Redis, the database) failed: the client is told to come
+        # back later, the operator gets one line naming the store, not a traceback.
+        reason = "storage_unavailable"
+        log.warning("storage_unavailable", error=str(exc))
+        neg.queue_stream_error(
+            StreamErrorCondition.INTERNAL_SERVER_ERROR, "the server's storage is unavailable"
+        )
+        final = neg.take_output()
     except Exception:
         # STYLE C7: the one place allowed to catch everything; our bug, not the client's.
         log.exception("internal_error")

@@ -18,6 +18,7 @@ from gateway.config import GatewayConfig
 from gateway.core.auth_limits import AuthThrottle
 from gateway.core.handoff import Handoff
 from gateway.core.metrics import Metrics
+from gateway.core.migration import Migrations
 from gateway.core.resume import ResumeRegistry
 from gateway.core.router import Router
 from gateway.errors import StreamErrorCondition
@@ -72,6 +73,9 @@ class ServerContext:
     metrics: Metrics
     connections: set[LiveConnection] = field(default_factory=set)
     draining: bool = False
+    # Why the node cannot take new sessions although it serves its own (a cluster's
+    # Redis unreachable), for /healthz; None: healthy.
+    unhealthy: str | None = None
     listen_ports: list[int] = field(default_factory=list)
     websocket_ports: list[int] = field(default_factory=list)
     # Where connections run; transports accepted elsewhere (tests' memory streams) are
@@ -83,6 +87,9 @@ class ServerContext:
     # The hand-off store as the core uses it (gateway.core.handoff); None: sessions end
     # at shutdown and nothing is taken back at start.
     handoff: Handoff | None = None
+    # Session moves between the nodes of a cluster (gateway.core.migration); None: one
+    # node, a resume for a session held elsewhere fails.
+    migrations: Migrations | None = None
     # Temporary SASL refusal after repeated failures (auth.lockout); None: off.
     lockout: AuthThrottle | None = None
     # Counts the open client connections of every listener (general.max_connections).
@@ -92,6 +99,11 @@ class ServerContext:
     # Wall-clock seconds (UNIX time) for what other processes read: session records,
     # stale_h ages. Tests inject their own.
     wall_clock: Callable[[], float] = time.time
+
+    def set_health(self, unhealthy: str | None) -> None:
+        """Record why the node is unhealthy (None: healthy again), for /healthz."""
+        self.unhealthy = unhealthy
+
     # Unbound connections closing at once (see serve_wire).
     closing: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(CLOSE_CONCURRENCY)

@@ -197,6 +197,19 @@ class LocalDirectory:
         resources = self._by_bare.get(bare)
         return tuple(resources.values()) if resources else ()
 
+    def all(self) -> list[Resource]:
+        """Every resource of this node (a cluster writes them again after an outage)."""
+        return [r for resources in self._by_bare.values() for r in resources.values()]
+
+    def release(self, full: JID, handle: Handle) -> None:
+        """Undo a `bind` of `handle` to `full` that could not be completed elsewhere."""
+        resources = self._by_bare.get(full.bare())
+        key = full.resource or ""
+        if resources is not None and (held := resources.get(key)) and held.handle is handle:
+            del resources[key]
+            if not resources:
+                del self._by_bare[full.bare()]
+
     async def resource(self, full: JID) -> Resource | None:
         resources = self._by_bare.get(full.bare())
         return resources.get(full.resource or "") if resources is not None else None

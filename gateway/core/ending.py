@@ -14,13 +14,13 @@ import structlog
 import trio
 
 from gateway.core.context import ServerContext
-from gateway.core.handoff import snapshot_of
+from gateway.core.handoff import encode_for_move, snapshot_of
 from gateway.core.metrics import DropPolicy, ResumeFailure
 from gateway.core.presence import broadcast_unavailable
 from gateway.core.resume import ResumeSlot
 from gateway.core.router import Router
 from gateway.core.session import Session
-from gateway.errors import StanzaErrorCondition
+from gateway.errors import StanzaErrorCondition, StorageError
 from gateway.net.wire import Wire
 from gateway.storage.base import StaleH
 from gateway.xmpp.element import Element
@@ -57,11 +57,19 @@ async def end_session(conn: Owner) -> None:
     held = await router.directory.unbind(session)
     slot = conn.slot
     sm = session.sm
-    await record_stale_h(conn)
+    try:
+        await record_stale_h(conn)
+    except StorageError as exc:
+        # (A shared store is away: the session still ends, and its stanzas below are
+        # still handed back; only its h is not remembered.)
+        log.warning("stale_h_not_recorded", error=str(exc))
     if slot is not None:
         end_slot(conn, slot)
     if sm is not None and sm.smid is not None:
-        await conn.ctx.sm_sessions.remove(sm.smid)
+        try:
+            await conn.ctx.sm_sessions.remove(sm.smid)
+        except StorageError as exc:
+            log.warning("sm_session_not_removed", error=str(exc))
     # A session replaced by a conflict already said goodbye to its own resources.
     await broadcast_unavailable(router, session, own_account=held)
     leftovers: list[Element] = []
@@ -92,6 +100,8 @@ async def hand_off(conn: Owner) -> bool:
     """
     session, slot, handoff = conn.session, conn.slot, conn.ctx.handoff
     request = session.close_request if session is not None else None
+    migrate_to = request.migrate_to if request is not None else None
+    migrations = conn.ctx.migrations if migrate_to is not None else None
     if request is not None:
         # Whatever happens below, the session takes no more stanzas: handed off, its
         # snapshot is taken now; ended instead, its buffer is rerouted as it is.
@@ -101,7 +111,7 @@ async def hand_off(conn: Owner) -> bool:
         session is None
         or request is None
         or slot is None
-        or handoff is None
+        or (handoff is None and migrations is None)
         or sm is None
         or not sm.resumable
         or sm.smid is None
@@ -117,16 +127,27 @@ async def hand_off(conn: Owner) -> bool:
     )
     snapshot = snapshot_of(
         session,
-        expires_at=handoff.wall_clock() + remaining,
+        expires_at=(handoff.wall_clock if handoff is not None else conn.ctx.wall_clock)()
+        + remaining,
         epoch=conn.handoff_epoch + 1,
         peer=str(conn.wire.peer) if conn.snapshot_peer is None else conn.snapshot_peer,
     )
-    data = handoff.encode(snapshot)
+    data = encode_for_move(snapshot, conn.ctx.metrics)
     if data is None:
         return False
     # Only a connection open before the shutdown can have claimed the slot now; it is
     # refused like any claim that races the end.
     end_slot(conn, slot)
+    if migrations is not None and migrate_to is not None:
+        # To another node: this node lets go of every record first, so the new owner's
+        # bind and registration cannot race removals from here.
+        await conn.ctx.router.directory.unbind(session)
+        await conn.ctx.sm_sessions.remove(sm.smid)
+        if not migrations.send(sm.smid, data, migrate_to):
+            return False
+        log.info("session_moved", to_node=migrate_to, unacked=len(snapshot.buffer))
+        return True
+    assert handoff is not None
     if not await handoff.write(snapshot, data):
         return False
     await conn.ctx.router.directory.unbind(session)

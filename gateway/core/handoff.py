@@ -95,6 +95,18 @@ def snapshot_of(session: Session, *, expires_at: float, epoch: int, peer: str) -
     )
 
 
+def encode_for_move(snapshot: SessionSnapshot, metrics: Metrics) -> bytes | None:
+    """The bytes a session moves as (to the hand-off store or another node); None
+    (logged, counted) when it cannot be encoded, and the caller ends the session
+    normally, so nothing is lost."""
+    try:
+        return encode_snapshot(snapshot)
+    except ValueError as exc:
+        log.warning("handoff_encode_failed", error=str(exc))
+        metrics.handoff_sessions.inc(result=HandoffResult.ENCODE_FAILED)
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Revivable:
     """A snapshot that passed the checks, with its JIDs parsed."""
@@ -164,14 +176,8 @@ class Handoff:
     _write_lock: trio.Lock = field(default_factory=trio.Lock, init=False)
 
     def encode(self, snapshot: SessionSnapshot) -> bytes | None:
-        """The stored form of `snapshot`; None (logged) when it cannot be encoded, and
-        the caller ends the session normally, so nothing is lost."""
-        try:
-            return encode_snapshot(snapshot)
-        except ValueError as exc:
-            log.warning("handoff_encode_failed", error=str(exc))
-            self.metrics.handoff_sessions.inc(result=HandoffResult.ENCODE_FAILED)
-            return None
+        """The stored form of `snapshot` (see `encode_for_move`)."""
+        return encode_for_move(snapshot, self.metrics)
 
     async def write(self, snapshot: SessionSnapshot, data: bytes) -> bool:
         """Store one snapshot; False (logged) when the store failed.

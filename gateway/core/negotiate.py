@@ -273,11 +273,16 @@ class Negotiator:
         slot = self.ctx.resume.claim(request.previd, neg.jid, loan)
         if slot is None:
             record = await self.ctx.sm_sessions.lookup(request.previd)
-            if record is not None and record.node != self.ctx.node:
+            if record is not None and record.jid != str(neg.jid):
+                loan.refusal = ResumeFailure.OTHER_USER
+            elif record is not None and record.node != self.ctx.node:
                 log.info("sm_resume_elsewhere", smid=request.previd, node=record.node)
                 loan.refusal = ResumeFailure.OTHER_NODE
-            elif record is not None and record.jid != str(neg.jid):
-                loan.refusal = ResumeFailure.OTHER_USER
+                migrations = self.ctx.migrations
+                # A cluster moves the session here (gateway.core.migration), then it is
+                # claimed like any local one.
+                if migrations is not None and await migrations.fetch(request.previd, record.node):
+                    slot = self.ctx.resume.claim(request.previd, neg.jid, loan)
         if slot is not None:
             log.info(
                 "sm_resume_handover", smid=request.previd, session_conn_id=slot.session.conn_id

@@ -53,7 +53,7 @@ async def serve_revived(
     try:
         session = session_from(revivable, conn.conn_id, cfg)
         session.bound(await ctx.router.bind(session, full.bare(), full.resource))
-        wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else snapshot.expires_at
+        wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else ctx.wall_clock()
         conn.revived(
             session,
             remaining=snapshot.expires_at - wall_now,

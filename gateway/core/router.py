@@ -196,12 +196,26 @@ class Router:
         target = await self.directory.resource(to)
         if target is not None and target.handle.send(stanza):
             return
+        await self.to_unavailable_full(
+            stanza, to, exclude=target.handle if target is not None else None, origin=origin
+        )
+
+    async def to_unavailable_full(
+        self,
+        stanza: Element,
+        to: JID,
+        *,
+        exclude: Handle | None = None,
+        origin: Member | None = None,
+    ) -> None:
+        """RFC 6121 section 8.5.3.2 for a stanza whose full JID is not connected (or did
+        not take it: `exclude`); also for a stanza relayed from another node that arrived
+        after its resource had gone."""
+        kind = stanza_kind(stanza)
         if kind is StanzaKind.MESSAGE:
             mtype = stanza.get("type", "normal")
             if mtype in ("chat", "normal"):
-                await self.deliver_message_to_bare(
-                    stanza, to.bare(), exclude=target.handle if target is not None else None
-                )
+                await self.deliver_message_to_bare(stanza, to.bare(), exclude=exclude)
             elif mtype == "groupchat":
                 await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
@@ -211,7 +225,12 @@ class Router:
                 await self.bounce(stanza, StanzaErrorCondition.SERVICE_UNAVAILABLE)
             else:
                 self.drop(stanza, DropPolicy.IQ_RESPONSE_TO_UNAVAILABLE_RESOURCE)
-        elif stanza.get("type") in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
+        elif kind is StanzaKind.PRESENCE and stanza.get("type") in (
+            "subscribe",
+            "subscribed",
+            "unsubscribe",
+            "unsubscribed",
+        ):
             await self._to_bare(stanza, kind, to.bare(), origin)
         # Other presence to an unavailable resource is silently ignored (RFC 6121 8.5.3.2.3).
 

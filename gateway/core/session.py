@@ -43,6 +43,9 @@ class CloseRequest:
     # Shutdown: a resumable session is handed off (kept for a resume elsewhere or after
     # the restart) instead of ended.
     handoff: bool = False
+    # With `handoff`: the node of the cluster it moves to (a resume arrived there),
+    # instead of the hand-off store.
+    migrate_to: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -211,11 +214,13 @@ class Session:
         text: str | None = None,
         *,
         handoff: bool = False,
+        migrate_to: str | None = None,
     ) -> None:
         """Ask the owner task to end the stream (with a stream error when given); with
-        `handoff`, a resumable session is kept for a resume instead of ended."""
+        `handoff`, a resumable session is kept for a resume instead of ended (moved to
+        node `migrate_to` when given)."""
         if self.close_request is not None:
             return
-        self.close_request = CloseRequest(condition, text, handoff)
+        self.close_request = CloseRequest(condition, text, handoff, migrate_to)
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()

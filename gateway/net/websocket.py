@@ -49,6 +49,7 @@ class WebSocketHost(Protocol):
     ssl_context: ssl.SSLContext | None
     gate: ConnectionGate
     draining: bool
+    unhealthy: str | None
 
 
 async def read_request_head(stream: trio.abc.Stream) -> bytes | None:
@@ -180,11 +181,12 @@ async def serve_websocket(
             method, target, headers = parsed
             path = target.split("?", 1)[0]
             if path == "/healthz" and "upgrade" not in headers:
-                status, body = (
-                    ("503 Service Unavailable", b"draining\n")
-                    if ctx.draining
-                    else ("200 OK", b"ok\n")
-                )
+                if ctx.draining:
+                    status, body = "503 Service Unavailable", b"draining\n"
+                elif ctx.unhealthy is not None:
+                    status, body = "503 Service Unavailable", f"{ctx.unhealthy}\n".encode()
+                else:
+                    status, body = "200 OK", b"ok\n"
                 # HEAD gets the headers only (RFC 9110 9.3.2).
                 await inner.send_all(_http_response(status, body, head=method == "HEAD"))
                 return

@@ -134,7 +134,7 @@ async def close_clients(clients: list[RawClient]) -> None:
 async def local_session(gateway: ServerContext, full_jid: str) -> Session | None:
     """The session of this node bound to `full_jid`, looked up in the directory."""
     resource = await gateway.router.directory.resource(JID.parse(full_jid))
-    if resource is None:
-        return None
+    if resource is None or resource.node != gateway.router.directory.node:
+        return None  # (held by another node of a cluster)
     assert isinstance(resource.handle, Session), resource
     return resource.handle

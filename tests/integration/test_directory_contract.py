@@ -23,8 +23,11 @@ from typing import Any, Final
 
 import pytest
 
+from gateway.core.cluster import ClusterDirectory
 from gateway.core.directory import Bound, Directory, LocalDirectory, Member, Resource
+from gateway.core.relay import Relay
 from gateway.errors import StreamErrorCondition
+from gateway.storage.redis_client import open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -34,23 +37,33 @@ NODE: Final = "gw1"
 JULIET: Final = JID.parse("juliet@example.com")
 ROMEO: Final = JID.parse("romeo@example.com")
 
-DirectoryOpener = Callable[[str], AbstractAsyncContextManager[Directory]]
+DirectoryOpener = Callable[[str, pytest.FixtureRequest], AbstractAsyncContextManager[Directory]]
 
 
 @contextlib.asynccontextmanager
-async def _local(node: str) -> AsyncIterator[Directory]:
+async def _local(node: str, _request: pytest.FixtureRequest) -> AsyncIterator[Directory]:
     yield LocalDirectory(node)
+
+
+@contextlib.asynccontextmanager
+async def _cluster(node: str, request: pytest.FixtureRequest) -> AsyncIterator[Directory]:
+    # Only this parameter starts Redis (the redis_url fixture), when it runs.
+    url: str = request.getfixturevalue("redis_url")
+    async with open_redis(url) as redis:
+        relay = Relay(redis, node, prefix="xg:", max_pending=100)
+        yield ClusterDirectory(redis, relay, node, prefix="xg:")
 
 
 DIRECTORIES: Final[dict[str, DirectoryOpener]] = {
     "local": _local,
+    "cluster": _cluster,
 }
 
 
 @pytest.fixture(params=[pytest.param(opener, id=name) for name, opener in DIRECTORIES.items()])
 async def directory(request: pytest.FixtureRequest) -> AsyncIterator[Directory]:
     opener: DirectoryOpener = request.param
-    async with opener(NODE) as opened:
+    async with opener(NODE, request) as opened:
         yield opened
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import (
     AuthConfig,
+    ClusterConfig,
     GatewayConfig,
     GeneralConfig,
     ListenerConfig,
@@ -35,6 +36,10 @@ from gateway.errors import ConfigError
 SHIPPED = Path(__file__).resolve().parents[2] / "config.yaml"
 FILE_NAME = "gw-under-test.yaml"
 PLAIN_LISTENER: dict[str, Any] = {"c2s": [{"ip": "127.0.0.1", "port": 5222, "tls": "none"}]}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_SM: dict[str, Any] = {"mod_stream_management": {"backend": "redis"}}
+#: In the Redis URLs of the refusal cases; no message may quote it, nor any piece of it.
+PASSWORD = "Sup3rSecret"
 
 
 def _write(tmp_path: Path, data: object, name: str = FILE_NAME) -> Path:
@@ -100,6 +105,7 @@ def test_shipped_config_loads_with_the_documented_values(tmp_path: Path) -> None
     assert cfg.modules.mod_stream_management == StreamManagementConfig()
     assert cfg.modules.mod_offline.max_per_user == 1000
     assert cfg.logging == LoggingConfig("info", LogFormat.AUTO)
+    assert cfg.cluster == ClusterConfig()  # a single node, embedded state
     assert cfg.serves("localhost")
     assert not cfg.serves("example.org")
 
@@ -124,6 +130,7 @@ def test_omitted_keys_take_the_documented_defaults(tmp_path: Path) -> None:
     assert g.max_auth_failures == 3
     assert g.send_queue_size == 1000
     assert g.shutdown_grace == 5.0
+    assert g.workers == 1
     assert cfg.trusted_proxies == ()
     assert cfg.tls.certfile is None
     assert cfg.tls.keyfile is None
@@ -142,6 +149,9 @@ def test_omitted_keys_take_the_documented_defaults(tmp_path: Path) -> None:
     assert cfg.modules.mod_offline.max_per_user == 1000
     assert cfg.logging.level == "info"
     assert cfg.logging.format is LogFormat.AUTO
+    assert cfg.cluster.redis is None
+    assert cfg.cluster.node is None
+    assert cfg.cluster.heartbeat == 5.0
 
 
 def test_default_listener_is_starttls_on_all_interfaces_port_5222(tmp_path: Path) -> None:
@@ -190,6 +200,7 @@ GENERAL_VALUES = [
     ("send_queue_bytes", 65536, 65536),
     ("max_connections", 0, 0),
     ("max_connections", 50_000, 50_000),
+    ("workers", 1, 1),
 ]
 
 
@@ -391,6 +402,8 @@ def test_absolute_and_home_relative_paths_are_kept(
         ),
         (_doc(modules={"mod_offline": {"max": 1}}), "modules.mod_offline.max"),
         (_doc(logging={"lvl": "info"}), "logging.lvl"),
+        (_doc(cluster={"redis_url": REDIS_URL}), "cluster.redis_url"),
+        (_doc(cluster={"heartbeats": 5}), "cluster.heartbeats"),
     ],
 )
 def test_unknown_key_is_refused_by_its_dotted_path(tmp_path: Path, data: object, key: str) -> None:
@@ -439,6 +452,11 @@ def test_unknown_key_is_refused_by_its_dotted_path(tmp_path: Path, data: object,
         (_doc(auth={"database": ""}), "auth.database", "file path"),
         (_doc(trusted_proxies="10.0.0.0/8"), "trusted_proxies", "list"),
         (_doc(logging={"level": 10}), "logging.level", "string"),
+        (_doc(general={"workers": "2"}), "general.workers", "integer"),
+        (_doc(general={"workers": 1.5}), "general.workers", "integer"),
+        (_doc(cluster={"heartbeat": "5s"}), "cluster.heartbeat", "seconds"),
+        (_doc(cluster={"heartbeat": True}), "cluster.heartbeat", "seconds"),
+        (_doc(cluster=REDIS_URL), "cluster", "mapping"),
     ],
 )
 def test_wrong_type_is_refused_naming_the_key(
@@ -509,6 +527,12 @@ def test_port_out_of_range_names_the_key(tmp_path: Path) -> None:
             "modules.mod_stream_management.stale_h.repeat_after",
         ),
         (_doc(modules={"mod_offline": {"max_per_user": -1}}), "modules.mod_offline.max_per_user"),
+        (_doc(general={"workers": 0}), "general.workers"),
+        (_doc(general={"workers": 257}), "general.workers"),
+        (_doc(cluster={"heartbeat": 0}), "cluster.heartbeat"),
+        (_doc(cluster={"heartbeat": 0.09}), "cluster.heartbeat"),
+        (_doc(cluster={"heartbeat": 60.5}), "cluster.heartbeat"),
+        (_doc(cluster={"heartbeat": -5}), "cluster.heartbeat"),
     ],
 )
 def test_out_of_range_value_is_refused_with_its_bounds(
@@ -735,17 +759,6 @@ def test_duplicate_hosts_after_normalisation_are_kept_once() -> None:
     assert cfg.general.hosts == ("example.org",)
 
 
-def test_redis_backend_is_refused_until_clusters_exist(tmp_path: Path) -> None:
-    path = tmp_path / FILE_NAME
-    path.write_text(
-        "listen: {c2s: [{tls: none}]}\nmodules: {mod_stream_management: {backend: redis}}\n"
-    )
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "modules.mod_stream_management.backend"
-    assert "not available yet" in str(info.value)
-
-
 def test_hostile_client_limits_have_safe_defaults(tmp_path: Path) -> None:
     cfg = _load(tmp_path)
     assert cfg.general.pre_auth_max_stanza_size == 8192
@@ -797,10 +810,209 @@ def test_lockout_and_byte_limits_are_read_and_checked(tmp_path: Path) -> None:
 def test_cluster_node_names_this_node_and_is_checked(tmp_path: Path) -> None:
     assert _load(tmp_path).cluster.node is None  # the host name and pid, at start
     assert _load(tmp_path, cluster={"node": "gw-1.eu"}).cluster.node == "gw-1.eu"
-    for bad in ["", "a b", "x" * 65, 7]:
+    assert _load(tmp_path, cluster={"node": "x" * 64}).cluster.node == "x" * 64
+    for bad in ["", "a b", "x" * 65, "gw:1", "gw/1", "gw1\n", "nœud", 7, ["gw1"]]:
         with pytest.raises(ConfigError) as info:
             _load(tmp_path, cluster={"node": bad})
         assert info.value.key == "cluster.node"
+        assert "1 to 64 letters, digits" in info.value.message
+
+
+# -- the cluster: cluster.*, general.workers, a shared SM backend -----------------------------
+
+
+def _cluster(tmp_path: Path, redis: object, **cluster: Any) -> GatewayConfig:
+    """A cluster node's config: `redis` as `cluster.redis`, SM tables in Redis."""
+    return _load(tmp_path, cluster={"redis": redis, **cluster}, modules=REDIS_SM)
+
+
+def test_shipped_cluster_example_loads_once_uncommented(tmp_path: Path) -> None:
+    lines = SHIPPED.read_text(encoding="utf-8").splitlines()
+    start = lines.index("# cluster:")
+    end = lines.index("", start)
+    lines[start:end] = [line.removeprefix("# ") for line in lines[start:end]]
+    text = "\n".join(lines).replace("backend: memory ", "backend: redis  ")
+    text = text.replace("  workers: 1\n", "  workers: 4\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    _certs(tmp_path)
+
+    cfg = load_config(path)
+
+    assert cfg.cluster == ClusterConfig(redis=REDIS_URL, node="gw1", heartbeat=5.0)
+    assert cfg.general.workers == 4
+    assert cfg.modules.mod_stream_management.backend == "redis"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        REDIS_URL,
+        "redis://localhost",
+        "redis://localhost/",
+        "redis://redis_1:6379",  # a compose service name
+        "redis://:s3cret@redis.example.org:6380/2",
+        "redis://gateway:s3cret@10.0.0.5/15",  # a Redis 6 ACL user
+        "redis://:p@ss@redis.example.org/0",  # the last @ ends the password
+        "redis://:pässwörd@redis.example.org:6379/0",
+        "redis://[::1]:6379/1",
+        "redis://[2001:db8::7]",
+        "REDIS://Redis.Example.org:65535/0",
+        "rediss://:s3cret@redis.example.org:6380/0",
+        "rediss://redis.example.org",
+        "unix:///run/redis/redis.sock",
+        "unix://:s3cret@/run/redis/redis.sock",
+        "unix:///run/redis/redis.sock?db=3",
+    ],
+)
+def test_redis_url_is_accepted_and_kept_as_written(tmp_path: Path, url: str) -> None:
+    cfg = _cluster(tmp_path, url)
+    assert cfg.cluster.redis == url
+    assert cfg.modules.mod_stream_management.backend == "redis"
+    # Nothing that logs the config (repr) shows the URL: it may hold a password.
+    assert url not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (f"http://:{PASSWORD}@redis.example.org/0", "must start with redis://, rediss://"),
+        (f"redis:/:{PASSWORD}@redis.example.org/0", "must start with redis://, rediss://"),
+        (f":{PASSWORD}@redis.example.org:6379", "must start with redis://, rediss://"),
+        (PASSWORD, "must start with redis://, rediss://"),
+        (f"redis://:{PASSWORD}@", "has no host"),
+        (f"redis://:{PASSWORD}@:6379/0", "has no host"),
+        ("redis://:Sup3r/Secret@redis.example.org/0", "has no host"),  # an unescaped /
+        ("redis://:Sup3r?Secret@redis.example.org/0", "must not have a ?query"),
+        ("redis://:Sup3r#Secret@redis.example.org/0", "must not have a ?query or #fragment"),
+        (f"redis://:{PASSWORD}@redis.example.org:6379?db=1", "must not have a ?query"),
+        (f"redis://:{PASSWORD}@redis.example.org:0/0", "has an invalid port"),
+        (f"redis://:{PASSWORD}@redis.example.org:65536/0", "has an invalid port"),
+        (f"redis://:{PASSWORD}@redis.example.org:-1/0", "has an invalid port"),
+        (f"redis://:{PASSWORD}@redis.example.org:+80/0", "has an invalid port"),
+        (f"redis://:{PASSWORD}@redis.example.org:port/0", "has an invalid port"),
+        (f"redis://:{PASSWORD}@redis.example.org:/0", "has an invalid port"),
+        (f"redis://admin:{PASSWORD}/0", "has an invalid port"),  # the @host forgotten
+        (f"redis://:{PASSWORD}@redis.example.org/db0", "db number as its path"),
+        (f"redis://:{PASSWORD}@redis.example.org/0/1", "db number as its path"),
+        (f"redis://:{PASSWORD}@redis.example.org/-1", "db number as its path"),
+        (f"redis://:{PASSWORD}@exa$mple.org/0", "has an invalid host name"),
+        (f"redis://:{PASSWORD}@-redis/0", "has an invalid host name"),
+        (f"redis://:{PASSWORD}@[::1/0", "is not a valid URL"),
+        (f"redis://:{PASSWORD}@[::1]x/0", "has an invalid host"),
+        (f"redis://:{PASSWORD}@redis.example.org /0", "must not contain spaces"),
+        (f"redis://:{PASSWORD}@redis.example.org\n/0", "must not contain spaces"),
+        (f"unix://:{PASSWORD}@localhost/run/redis.sock", "unix:// takes no host or port"),
+        (f"unix://:{PASSWORD}@run/redis.sock", "unix:// takes no host or port"),
+        (f"unix://:{PASSWORD}@", "absolute path"),
+        (f"unix://:{PASSWORD}@/run/redis/", "absolute path"),
+        (f"unix://:{PASSWORD}@/run/redis.sock?db=x", "?db=N"),
+        (f"unix://:{PASSWORD}@/run/redis.sock?timeout=1", "?db=N"),
+        (f"unix://:{PASSWORD}@/run/redis.sock#db", "#fragment"),
+    ],
+)
+def test_bad_redis_url_is_refused_without_quoting_it(tmp_path: Path, url: str, reason: str) -> None:
+    data = _doc(cluster={"redis": url}, modules=REDIS_SM)
+    exc = _refusal(tmp_path, data, "cluster.redis")
+    assert reason in exc.message
+    for secret in (PASSWORD, "Sup3r", "Secret"):
+        assert secret not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("value", "given"),
+    [
+        ("", "an empty string"),
+        (6379, "int"),
+        ([f"redis://:{PASSWORD}@redis.example.org/0"], "list"),
+        ({"url": f"redis://:{PASSWORD}@redis.example.org/0"}, "dict"),
+        (True, "bool"),
+    ],
+)
+def test_redis_url_of_the_wrong_type_is_refused_without_quoting_it(
+    tmp_path: Path, value: object, given: str
+) -> None:
+    data = _doc(cluster={"redis": value}, modules=REDIS_SM)
+    exc = _refusal(tmp_path, data, "cluster.redis")
+    assert exc.message.startswith("must be a Redis URL (redis://")
+    assert exc.message.endswith(f"got {given}")
+    assert PASSWORD not in str(exc)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.1, 0.1), (2.5, 2.5), (60, 60.0), (5, 5.0)])
+def test_heartbeat_sets_seconds_between_heartbeats(
+    tmp_path: Path, value: float, expected: float
+) -> None:
+    cfg = _cluster(tmp_path, REDIS_URL, heartbeat=value)
+    assert cfg.cluster.heartbeat == expected
+    assert type(cfg.cluster.heartbeat) is float
+
+
+def test_heartbeat_bounds_are_stated(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(cluster={"heartbeat": 61}), "cluster.heartbeat")
+    assert exc.message == "must be between 0.1 and 60 seconds, got 61"
+
+
+@pytest.mark.parametrize("workers", [2, 8, 256])
+def test_several_workers_run_as_a_cluster(tmp_path: Path, workers: int) -> None:
+    cfg = _load(
+        tmp_path,
+        general={"workers": workers},
+        cluster={"redis": REDIS_URL, "node": "gw1", "heartbeat": 1},
+        modules=REDIS_SM,
+    )
+    assert cfg.general.workers == workers
+    assert cfg.cluster == ClusterConfig(redis=REDIS_URL, node="gw1", heartbeat=1.0)
+
+
+def test_workers_bounds_are_stated(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(general={"workers": 257}), "general.workers")
+    assert exc.message == "must be between 1 and 256, got 257"
+
+
+def test_one_node_may_use_redis_too(tmp_path: Path) -> None:
+    """One worker per host, several hosts: each is a node of the same cluster."""
+    cfg = _cluster(tmp_path, REDIS_URL, node="gw2")
+    assert cfg.general.workers == 1
+    assert (cfg.cluster.redis, cfg.cluster.node) == (REDIS_URL, "gw2")
+
+
+@pytest.mark.parametrize("workers", [2, 256])
+def test_several_workers_without_redis_are_refused(tmp_path: Path, workers: int) -> None:
+    exc = _refusal(tmp_path, _doc(general={"workers": workers}), "general.workers")
+    assert exc.message.startswith(f"{workers} worker processes need cluster.redis")
+
+
+def test_several_workers_with_redis_sm_but_no_redis_name_workers(tmp_path: Path) -> None:
+    data = _doc(general={"workers": 2}, modules=REDIS_SM)
+    _refusal(tmp_path, data, "general.workers")
+
+
+def test_redis_sm_backend_without_redis_is_refused(tmp_path: Path) -> None:
+    exc = _refusal(tmp_path, _doc(modules=REDIS_SM), "modules.mod_stream_management.backend")
+    assert exc.message.startswith("redis needs cluster.redis")
+
+
+def test_redis_sm_backend_without_redis_is_refused_in_yaml_too(tmp_path: Path) -> None:
+    path = tmp_path / FILE_NAME
+    path.write_text(
+        "listen: {c2s: [{tls: none}]}\nmodules: {mod_stream_management: {backend: redis}}\n"
+    )
     with pytest.raises(ConfigError) as info:
-        _load(tmp_path, cluster={"redis": "redis://127.0.0.1"})
-    assert info.value.key == "cluster.redis"  # not yet: clusters come with Redis
+        load_config(path)
+    assert info.value.key == "modules.mod_stream_management.backend"
+    assert "needs cluster.redis" in str(info.value)
+    assert "not available yet" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "modules", [{}, {"mod_stream_management": {"backend": "memory"}}], ids=["default", "memory"]
+)
+def test_redis_with_per_node_sm_tables_is_refused(tmp_path: Path, modules: dict[str, Any]) -> None:
+    url = f"redis://:{PASSWORD}@redis.example.org:6379/0"
+    data = _doc(cluster={"redis": url}, modules=modules)
+    exc = _refusal(tmp_path, data, "modules.mod_stream_management.backend")
+    assert exc.message.startswith("must be redis when cluster.redis is set, got memory")
+    assert "item-not-found" in exc.message
+    assert exc.message.endswith("set modules.mod_stream_management.backend: redis")
+    assert PASSWORD not in str(exc)

@@ -1,0 +1,355 @@
+"""The session directory of a cluster: this node's resources in memory, every node's in
+Redis (DESIGN section 6).
+
+Theory of operation
+-------------------
+`ClusterDirectory` keeps this node's sessions in a `LocalDirectory` (so a stanza for a
+local full JID never touches Redis) and mirrors each of them into Redis when its owner
+binds, publishes or unbinds it: one hash per account, `{prefix}res:{bare}`, field =
+resource, value = the owning node, priority, interest and last presence. Each node also
+keeps the set of full JIDs it holds, `{prefix}held:{node}`, so a dead node's entries can
+be found. Changes are Lua scripts, so two nodes never interleave inside one: `bind`
+takes the field and returns who held it (a resource held on another node is closed
+there with `conflict`, RFC 6120 7.7.2.2, cluster-wide); `publish` and `unbind` change
+the field only while it still names this node (a session replaced elsewhere cannot
+overwrite or delete its successor).
+
+A lookup for a bare JID reads the hash: this node's entries come from memory, the others
+become `Resource`s whose handle is a `RemoteHandle`, which posts the stanza (or the close
+request) to the `Relay` for the node that holds it; the router applies the same rules
+to both. An entry in Redis naming this node but unknown in memory is stale (a write lost
+while Redis was away) and ignored.
+
+Redis unreachable: lookups answer with this node's resources only, publishes and
+unbinds are logged and retried by `run_heartbeat`'s re-registration when Redis is back;
+`bind` raises `StorageError` (a new session cannot be made visible to the cluster, so
+the caller refuses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+import trio
+
+from gateway.core.directory import Bound, Handle, LocalDirectory, Member, Resource
+from gateway.core.relay import Close, Deliver, Relay
+from gateway.errors import StorageError, StreamErrorCondition
+from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.storage.redis_client import REDIS_ERRORS, Redis, command
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+
+log = structlog.get_logger(module=__name__)
+
+#: Heartbeats a node may miss before the others treat it as dead.
+MISSED_HEARTBEATS: Final = 3
+
+# KEYS: the account's hash, this node's held set. ARGV: resource, full JID, record.
+# Returns the record that held the field before (any node), or false.
+_BIND: Final = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[2])
+return old
+"""
+# KEYS: the account's hash. ARGV: resource, this node's record prefix, new record.
+_PUBLISH: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS: the account's hash, this node's held set. ARGV: resource, record prefix, full JID.
+_UNBIND: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A resource as stored in Redis."""
+
+    node: str
+    priority: int
+    interested: bool
+    presence: Element | None
+
+    def encode(self) -> bytes:
+        flags = "i" if self.interested else "-"
+        presence = encode_stanza(self.presence) if self.presence is not None else b""
+        return f"{self.node}\0{self.priority}\0{flags}\0".encode() + presence
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        """Raises StorageError for a damaged record."""
+        try:
+            node, priority, flags, presence = data.split(b"\0", 3)
+            return cls(
+                node.decode(),
+                int(priority),
+                flags == b"i",
+                decode_stanza(presence) if presence else None,
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StorageError(f"directory record: {exc}") from exc
+
+
+def node_prefix(node: str) -> bytes:
+    """The start of every record `node` holds (how the scripts recognise its own)."""
+    return f"{node}\0".encode()
+
+
+class RemoteHandle:
+    """A resource held by another node: what is sent goes through the relay."""
+
+    __slots__ = ("full_jid", "node", "relay")
+
+    def __init__(self, relay: Relay, node: str, full_jid: JID) -> None:
+        self.relay = relay
+        self.node = node
+        self.full_jid = full_jid
+
+    def send(self, stanza: Element) -> bool:
+        return self.relay.post(self.node, Deliver(self.full_jid, stanza))
+
+    def close(
+        self,
+        condition: StreamErrorCondition | None = None,
+        text: str | None = None,
+        *,
+        handoff: bool = False,
+    ) -> None:
+        if not self.relay.post(self.node, Close(self.full_jid, condition, text)):
+            log.warning("remote_close_not_posted", to=str(self.full_jid), node=self.node)
+
+
+Unavailable = Callable[[Element, JID, Handle | None], Awaitable[None]]
+
+
+class ClusterDirectory:
+    """A `Directory` over this node's memory and the cluster's Redis (module docstring).
+
+    Args:
+        redis: the cluster's client.
+        relay: this node's relay (remote handles post to it).
+        node: this node's id.
+        prefix: the cluster's key prefix.
+    """
+
+    def __init__(self, redis: Redis, relay: Relay, node: str, *, prefix: str) -> None:
+        self.node = node
+        self.redis = redis
+        self.relay = relay
+        self.prefix = prefix
+        self.local = LocalDirectory(node)
+        self._own = node_prefix(node)
+        self._bind = redis.register_script(_BIND)
+        self._publish = redis.register_script(_PUBLISH)
+        self._unbind = redis.register_script(_UNBIND)
+        #: Where a relayed stanza goes when its resource has gone (the router's rules for
+        #: an unavailable full JID); set by the app once the router exists.
+        self.unavailable: Unavailable | None = None
+
+    def _account_key(self, bare: JID) -> str:
+        return f"{self.prefix}res:{bare}"
+
+    def held_key(self, node: str) -> str:
+        return f"{self.prefix}held:{node}"
+
+    def _record(self, member: Member) -> bytes:
+        return Record(self.node, member.priority, member.interested, member.presence).encode()
+
+    # -- the owner's side --------------------------------------------------------------------
+
+    async def bind(self, member: Member, bare: JID, resource: str | None) -> Bound:
+        bound = await self.local.bind(member, bare, resource)
+        full = bound.full_jid
+        try:
+            old: object = await command(
+                self._bind(
+                    keys=[self._account_key(bare), self.held_key(self.node)],
+                    args=[full.resource or "", str(full), self._record(member)],
+                ),
+                "directory bind",
+            )
+        except StorageError:
+            self.local.release(full, member)
+            raise
+        if bound.replaced is not None or not isinstance(old, bytes):
+            return bound
+        try:
+            record = Record.decode(old)
+        except StorageError:
+            log.warning("directory_record_damaged", jid=str(full))
+            return bound
+        if record.node == self.node:
+            return bound  # stale: this node held it and no longer does
+        replaced = self._remote(full, record)
+        return Bound(full, replaced)
+
+    async def publish(self, member: Member) -> None:
+        await self.local.publish(member)
+        full = member.full_jid
+        held = await self.local.resource(full) if full is not None else None
+        if full is None or held is None or held.handle is not member:
+            return
+        try:
+            await command(
+                self._publish(
+                    keys=[self._account_key(full.bare())],
+                    args=[full.resource or "", self._own, self._record(member)],
+                ),
+                "directory publish",
+            )
+        except StorageError as exc:
+            log.warning("directory_publish_failed", error=str(exc))
+
+    async def unbind(self, member: Member) -> bool:
+        held = await self.local.unbind(member)
+        full = member.full_jid
+        if held and full is not None:
+            try:
+                await command(
+                    self._unbind(
+                        keys=[self._account_key(full.bare()), self.held_key(self.node)],
+                        args=[full.resource or "", self._own, str(full)],
+                    ),
+                    "directory unbind",
+                )
+            except StorageError as exc:
+                log.warning("directory_unbind_failed", error=str(exc))
+        return held
+
+    # -- lookups --------------------------------------------------------------------------
+
+    async def resources(self, bare: JID) -> Sequence[Resource]:
+        local = await self.local.resources(bare)
+        try:
+            stored = await command(self.redis.hgetall(self._account_key(bare)), "directory read")
+        except StorageError as exc:
+            log.warning("directory_read_failed", error=str(exc))
+            return local
+        found = list(local)
+        for field, data in stored.items():
+            try:
+                record = Record.decode(data)
+            except StorageError:
+                continue
+            if record.node == self.node:
+                continue  # ours come from memory; one missing there is stale
+            found.append(self._remote(bare.with_resource(field.decode()), record))
+        return found
+
+    async def resource(self, full: JID) -> Resource | None:
+        local = await self.local.resource(full)
+        if local is not None:
+            return local
+        try:
+            data = await command(
+                self.redis.hget(self._account_key(full.bare()), full.resource or ""),
+                "directory read",
+            )
+        except StorageError as exc:
+            log.warning("directory_read_failed", error=str(exc))
+            return None
+        if data is None:
+            return None
+        try:
+            record = Record.decode(data)
+        except StorageError:
+            return None
+        if record.node == self.node:
+            return None
+        return self._remote(full, record)
+
+    def _remote(self, full: JID, record: Record) -> Resource:
+        return Resource(
+            full,
+            record.node,
+            RemoteHandle(self.relay, record.node, full),
+            record.priority,
+            record.presence,
+            record.interested,
+        )
+
+    # -- what other nodes relay here ------------------------------------------------------
+
+    async def deliver(self, item: Deliver | Close) -> None:
+        """Deliver an item relayed from another node to this node's resource; a stanza
+        whose resource has gone takes the router's rules for an unavailable full JID."""
+        local = await self.local.resource(item.to)
+        if isinstance(item, Close):
+            if local is not None:
+                # Replaced on another node: the JID is no longer this session's from now
+                # on (as a local replacement does), so stanzas for it find the new holder
+                # and the ending session does not announce itself gone a second time.
+                self.local.release(item.to, local.handle)
+                local.handle.close(item.condition, item.text)
+            return
+        if local is not None and local.handle.send(item.stanza):
+            return
+        if self.unavailable is not None:
+            await self.unavailable(item.stanza, item.to, local.handle if local else None)
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    async def run_heartbeat(
+        self,
+        interval: float,
+        on_health: Callable[[str | None], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Say every `interval` seconds that this node lives (a key that expires after
+        `MISSED_HEARTBEATS` intervals); after Redis was unreachable, write this node's
+        resources again (what changed meanwhile was only logged). `on_health` hears
+        why the node is unhealthy ("redis unreachable") and when it is well again
+        (None). Never returns."""
+        key = f"{self.prefix}node:{self.node}"
+        ttl_ms = int(interval * MISSED_HEARTBEATS * 1000)
+        healthy = True
+        started = False
+        while True:
+            try:
+                await command(self.redis.set(key, b"1", px=ttl_ms), "heartbeat")
+                await command(self.redis.sadd(f"{self.prefix}nodes", [self.node]), "heartbeat")
+                if not healthy:
+                    await self._register_again()
+                    log.info("cluster_redis_back")
+                    on_health(None)
+                healthy = True
+            except StorageError as exc:
+                if healthy:
+                    log.warning("cluster_redis_unreachable", error=str(exc))
+                    on_health("redis unreachable")
+                healthy = False
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(interval)
+
+    async def _register_again(self) -> None:
+        """Write every local resource's record (after Redis was away)."""
+        for resource in self.local.all():
+            full = resource.full_jid
+            record = Record(self.node, resource.priority, resource.interested, resource.presence)
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(
+                        self._account_key(full.bare()), {full.resource or "": record.encode()}
+                    )
+                    pipe.sadd(self.held_key(self.node), [str(full)])
+            except REDIS_ERRORS as exc:
+                raise StorageError(f"redis directory register: {exc}") from exc

@@ -1,0 +1,101 @@
+"""Moving a session to the node its client resumes on (DESIGN section 6).
+
+Theory of operation
+-------------------
+A client whose session is held by node A sends `<resume/>` to node B. B finds A in the
+`sm_session` record (same user), and `fetch` posts `Surrender(smid, B)` to A through the
+relay, then waits (bounded) for the session to arrive.
+
+On A, `receive` finds the session's resume slot and asks its connection task to close
+with `handoff=True, migrate_to=B` (a transport still attached is closed with `conflict`
+first). The task takes the snapshot the restart hand-off takes
+(`gateway.core.ending.hand_off`): it ends its slot, leaves the directory and
+`sm_session`, and posts `Moved(smid, snapshot)` to B, in that order, so B's records
+never race A's removals. From then on A refuses stanzas for it; they take the router's
+fallbacks (another resource, or offline storage, flushed to the session after the
+resume), so none is lost and none is delivered twice. Nothing of the session remains on A.
+
+On B, `receive(Moved)` parks the snapshot as a local session (`adopt`, the restart's
+revival: bound, registered with the next epoch, claimable) and wakes the waiting lender,
+which then claims the slot like any local resume and answers `<resumed/>` with the
+buffer. A snapshot that arrives after the lender gave up is parked all the same, so the
+client's next `<resume/>` finds it here. A surrender A cannot make (the session ended
+meanwhile) answers `Moved` with an empty snapshot, and B answers `<failed/>` at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import structlog
+import trio
+
+from gateway.core.relay import Moved, Relay, Surrender
+from gateway.core.resume import ResumeRegistry
+from gateway.errors import StreamErrorCondition
+
+log = structlog.get_logger(module=__name__)
+
+#: Seconds a lender waits for a session to arrive from its owner node.
+MOVE_WAIT: Final = 6.0
+
+Adopt = Callable[[bytes], Awaitable[bool]]
+
+
+class Migrations:
+    """This node's half of session moves (module docstring).
+
+    Args:
+        relay: this node's relay.
+        node: this node's id.
+        registry: this node's resume slots (sessions that may be surrendered).
+        adopt: parks a moved session here from its snapshot; False when it cannot.
+    """
+
+    def __init__(self, relay: Relay, node: str, registry: ResumeRegistry, adopt: Adopt) -> None:
+        self.relay = relay
+        self.node = node
+        self.registry = registry
+        self.adopt = adopt
+        self._waiting: dict[str, tuple[trio.Event, list[bool]]] = {}
+
+    async def fetch(self, smid: str, owner: str) -> bool:
+        """Ask node `owner` for session `smid` and wait (at most `MOVE_WAIT`) until it is
+        parked here; False when it did not come (refused, or too slow)."""
+        if smid in self._waiting or not self.relay.post(owner, Surrender(smid, self.node)):
+            return False
+        arrived, outcome = self._waiting[smid] = (trio.Event(), [])
+        try:
+            with trio.move_on_after(MOVE_WAIT):
+                await arrived.wait()
+        finally:
+            del self._waiting[smid]
+        return bool(outcome) and outcome[0]
+
+    def send(self, smid: str, snapshot: bytes, to_node: str) -> bool:
+        """Post a surrendered session's snapshot to the node that asked for it."""
+        return self.relay.post(to_node, Moved(smid, snapshot))
+
+    async def receive(self, item: Surrender | Moved) -> None:
+        """A surrender request from another node, or a session arriving from one."""
+        if isinstance(item, Surrender):
+            slot = self.registry.slots.get(item.smid)
+            if slot is None:
+                log.info("sm_surrender_unknown", smid=item.smid, requester=item.requester)
+                self.send(item.smid, b"", item.requester)
+                return
+            log.info("sm_surrender", smid=item.smid, requester=item.requester)
+            slot.session.close(
+                StreamErrorCondition.CONFLICT,
+                "resumed on another node",
+                handoff=True,
+                migrate_to=item.requester,
+            )
+            return
+        adopted = bool(item.snapshot) and await self.adopt(item.snapshot)
+        waiting = self._waiting.get(item.smid)
+        if waiting is not None:
+            arrived, outcome = waiting
+            outcome.append(adopted)
+            arrived.set()

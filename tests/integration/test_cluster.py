@@ -1,0 +1,259 @@
+"""Two nodes of a cluster in one process, sharing a real Redis: stanzas, presence and
+resource conflicts cross from one node to the other (DESIGN section 6).
+
+Each node is a whole gateway (its own listeners, connection tasks and SQLite file with
+the same accounts) joined to the cluster by `cluster.redis`; clients talk to a node over
+memory streams. Delivery across nodes goes through Redis (real sockets), so the tests
+wait for what they expect with a deadline instead of for all tasks to block.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.core.context import ServerContext
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from tests.helpers.accounts import PASSWORD
+from tests.helpers.client import RawClient
+from tests.helpers.inprocess import (
+    Connect,
+    add_accounts,
+    local_session,
+    make_config,
+    start_connectable,
+)
+from tests.helpers.redis import run_redis
+from tests.helpers.sm import RESUMABLE, Peer, online, resume
+
+#: Seconds a stanza may take to cross (real sockets to Redis and back).
+CROSSING = 5.0
+
+Start = Callable[[str], Awaitable[tuple[ServerContext, Connect]]]
+
+
+@pytest.fixture
+async def start_node(
+    nursery: trio.Nursery, tmp_path: Path, cert_files: tuple[Path, Path], redis_url: str
+) -> Start:
+    clients: list[RawClient] = []
+
+    async def start(node: str) -> tuple[ServerContext, Connect]:
+        directory = tmp_path / node
+        directory.mkdir()
+        config = make_config(
+            directory,
+            cert_files,
+            cluster={"redis": redis_url, "node": node, "heartbeat": 1},
+            modules={"mod_stream_management": {"backend": "redis"}},
+        )
+        add_accounts(config)
+        return await start_connectable(nursery, config, clients)
+
+    return start
+
+
+async def until(peer: Peer, wanted: Callable[[Element], bool]) -> Element:
+    """The first element `wanted` accepts, within CROSSING seconds."""
+    with trio.fail_after(CROSSING):
+        while not wanted(element := await peer.receive()):
+            pass
+    return element
+
+
+def body(element: Element) -> str | None:
+    return element.find_text(ns.CLIENT, "body") if element.name == "message" else None
+
+
+def chat(to: str, text: str) -> str:
+    return f"<message to='{to}' type='chat' id='{text}'><body>{text}</body></message>"
+
+
+async def test_a_message_to_a_full_jid_on_another_node_arrives_and_the_answer_comes_back(
+    start_node: Start,
+) -> None:
+    _one, connect_one = await start_node("gw1")
+    _two, connect_two = await start_node("gw2")
+    alice = await online(connect_one, "alice", "desk")
+    bob = await online(connect_two, "bob", "phone")
+    await alice.send(chat("bob@localhost/phone", "hello"))
+    got = await until(bob, lambda e: body(e) == "hello")
+    assert got.get("from") == "alice@localhost/desk"
+    await bob.send(chat("alice@localhost/desk", "hi back"))
+    back = await until(alice, lambda e: body(e) == "hi back")
+    assert back.get("from") == "bob@localhost/phone"
+
+
+async def test_a_message_to_a_bare_jid_goes_to_the_top_priority_resource_on_any_node(
+    start_node: Start,
+) -> None:
+    _one, connect_one = await start_node("gw1")
+    _two, connect_two = await start_node("gw2")
+    alice = await online(connect_one, "alice", "desk")
+    bob_desk = await online(connect_one, "bob", "desk", priority=1)
+    bob_phone = await online(connect_two, "bob", "phone", priority=5)
+    await alice.send(chat("bob@localhost", "to the phone"))
+    got = await until(bob_phone, lambda e: body(e) == "to the phone")
+    assert got.get("to") == "bob@localhost"
+    # The desk (lower priority, other node) did not get it: its next message is this one.
+    await alice.send(chat("bob@localhost/desk", "to the desk"))
+    first = await until(bob_desk, lambda e: e.name == "message")
+    assert body(first) == "to the desk"
+
+
+async def test_presence_crosses_between_the_resources_of_one_account(start_node: Start) -> None:
+    _one, connect_one = await start_node("gw1")
+    _two, connect_two = await start_node("gw2")
+    desk = await online(connect_one, "alice", "desk")
+    phone = await online(connect_two, "alice", "phone", priority=None)
+    await phone.send("<presence><show>away</show></presence>")
+    seen = await until(
+        desk, lambda e: e.name == "presence" and e.get("from") == "alice@localhost/phone"
+    )
+    assert seen.find_text(ns.CLIENT, "show") == "away"
+    # RFC 6121 4.4.2: the new resource learns the presence of the account's others.
+    told = await until(
+        phone, lambda e: e.name == "presence" and e.get("from") == "alice@localhost/desk"
+    )
+    assert told.get("type") is None
+    await phone.send("<presence type='unavailable'/>")
+    gone = await until(
+        desk, lambda e: e.name == "presence" and e.get("from") == "alice@localhost/phone"
+    )
+    assert gone.get("type") == "unavailable"
+
+
+async def test_binding_a_resource_held_on_another_node_ends_the_older_session_with_conflict(
+    start_node: Start,
+) -> None:
+    _one, connect_one = await start_node("gw1")
+    _two, connect_two = await start_node("gw2")
+    watcher = await online(connect_one, "alice", "phone")
+    old = await online(connect_one, "alice", "desk")
+    new = await online(connect_two, "alice", "desk", priority=None)
+    error = await until(old, lambda e: e.tag == (ns.STREAM, "error"))
+    assert error.find(ns.STREAMS_ERRORS, "conflict") is not None
+    # Its unavailable reached the account's other resource, once.
+    gone = await until(
+        watcher,
+        lambda e: e.name == "presence" and e.get("type") == "unavailable",
+    )
+    assert gone.get("from") == "alice@localhost/desk"
+    # And the new holder of the JID gets what is sent to it, from either node.
+    await watcher.send(chat("alice@localhost/desk", "to the new desk"))
+    assert body(await until(new, lambda e: e.name == "message")) == "to the new desk"
+
+
+async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lost(
+    start_node: Start,
+) -> None:
+    one, connect_one = await start_node("gw1")
+    two, connect_two = await start_node("gw2")
+    alice = await online(connect_two, "alice", "desk")
+    bob = await online(connect_one, "bob", "phone", sm=RESUMABLE)
+    smid = bob.smid
+    await alice.send(chat("bob@localhost/phone", "m1"))
+    await alice.send(chat("bob@localhost/phone", "m2"))
+    await until(bob, lambda e: body(e) == "m2")
+    await bob.ack(bob.h - 1)  # m1 acknowledged, m2 handled but not acknowledged
+    await bob.cut()
+    await alice.send(chat("bob@localhost/phone", "m3"))  # for the parked session on gw1
+    with trio.fail_after(CROSSING):
+        while (parked := await local_session(one, "bob@localhost/phone")) is None or (
+            parked.sm is None or parked.sm.buffer_size < 2
+        ):
+            await trio.sleep(0.01)
+
+    again, answer = await resume(connect_two, "bob", smid, bob.h - 1)
+    assert answer.tag == (ns.SM, "resumed"), answer
+    resent = [body(e) for e in await collect(again, 2)]
+    assert resent == ["m2", "m3"]  # every unacked stanza, once, in order
+    assert await local_session(one, "bob@localhost/phone") is None  # gone from gw1
+    moved = await local_session(two, "bob@localhost/phone")
+    assert moved is not None and moved.sm is not None and moved.sm.smid == smid
+    # The session lives on gw2 now: what is sent to it arrives there.
+    await alice.send(chat("bob@localhost/phone", "m4"))
+    assert body(await until(again, lambda e: e.name == "message")) == "m4"
+
+
+async def test_a_resume_on_another_node_by_another_user_is_item_not_found(
+    start_node: Start,
+) -> None:
+    one, connect_one = await start_node("gw1")
+    _two, connect_two = await start_node("gw2")
+    bob = await online(connect_one, "bob", "phone", sm=RESUMABLE)
+    await bob.cut()
+    _peer, answer = await resume(connect_two, "alice", bob.smid, 0)
+    assert answer.tag == (ns.SM, "failed")
+    assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None
+    assert await local_session(one, "bob@localhost/phone") is not None  # still parked
+
+
+async def collect(peer: Peer, count: int) -> list[Element]:
+    """The next `count` stanzas (nonzas skipped), within CROSSING seconds."""
+    found: list[Element] = []
+    with trio.fail_after(CROSSING):
+        while len(found) < count:
+            element = await peer.receive()
+            if element.name in ("message", "presence", "iq"):
+                found.append(element)
+    return found
+
+
+async def test_with_redis_gone_a_node_serves_its_sessions_refuses_new_ones_and_recovers(
+    nursery: trio.Nursery, tmp_path: Path, cert_files: tuple[Path, Path]
+) -> None:
+    servers = run_redis(tmp_path)  # a Redis of this test's own: it is stopped mid-test
+    redis = next(servers)
+    config = make_config(
+        tmp_path,
+        cert_files,
+        cluster={"redis": redis.url, "node": "gw1", "heartbeat": 0.2},
+        modules={"mod_stream_management": {"backend": "redis"}},
+    )
+    add_accounts(config)
+    clients: list[RawClient] = []
+    ctx, connect = await start_connectable(nursery, config, clients)
+    alice = await online(connect, "alice", "desk")
+    bob = await online(connect, "bob", "phone")
+
+    redis.process.terminate()
+    redis.process.wait()
+    await health_becomes(ctx, "redis unreachable")
+    # Sessions of this node keep chatting.
+    await alice.send(chat("bob@localhost/phone", "still here"))
+    assert body(await until(bob, lambda e: e.name == "message")) == "still here"
+    # A new session cannot be made known to the cluster: refused, clearly.
+    late = await connect(2, memory=True)
+    await late.open()
+    assert (await late.auth("carol", PASSWORD, "PLAIN")).name == "success"
+    late.parser.reset()
+    await late.open()
+    await late.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    assert await late.expect_stream_error() == "internal-server-error"
+
+    # Redis comes back (empty, on the same port): the node registers its sessions again.
+    command: list[str] = list(redis.process.args)  # type: ignore[arg-type]  # a list there
+    again = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await health_becomes(ctx, None)
+        assert "desk" in redis.cli("hkeys", "xg:res:alice@localhost")
+        carol = await online(connect, "carol", "laptop")
+        await carol.send(chat("alice@localhost/desk", "back"))
+        assert body(await until(alice, lambda e: e.name == "message")) == "back"
+    finally:
+        again.terminate()
+        again.wait()
+        servers.close()
+
+
+async def health_becomes(ctx: ServerContext, unhealthy: str | None) -> None:
+    """Wait (real time, bounded) until the node's health says `unhealthy`."""
+    with trio.fail_after(CROSSING):
+        while ctx.unhealthy != unhealthy:
+            await trio.sleep(0.05)

@@ -28,6 +28,7 @@ the caller refuses it).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -39,7 +40,7 @@ from gateway.core.directory import Bound, Handle, LocalDirectory, Member, Resour
 from gateway.core.relay import Close, Deliver, Relay
 from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.codec import decode_stanza, encode_stanza
-from gateway.storage.redis_client import REDIS_ERRORS, Redis, command
+from gateway.storage.redis_client import Redis, command
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 
@@ -65,6 +66,17 @@ if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
 end
 return 0
 """
+# KEYS: the account's hash, this node's held set. ARGV: resource, record prefix, full JID,
+# record. Writes the record only where the field is free or already this node's.
+_CLAIM: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, 1, string.len(ARGV[2])) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
 # KEYS: the account's hash, this node's held set. ARGV: resource, record prefix, full JID.
 _UNBIND: Final = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -79,9 +91,11 @@ return 0
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A resource as stored in Redis."""
+    """A resource as stored in Redis; `session` tells one binding of a full JID from the
+    next (a close meant for a replaced session spares its successor)."""
 
     node: str
+    session: str
     priority: int
     interested: bool
     presence: Element | None
@@ -89,15 +103,17 @@ class Record:
     def encode(self) -> bytes:
         flags = "i" if self.interested else "-"
         presence = encode_stanza(self.presence) if self.presence is not None else b""
-        return f"{self.node}\0{self.priority}\0{flags}\0".encode() + presence
+        head = f"{self.node}\0{self.session}\0{self.priority}\0{flags}\0"
+        return head.encode() + presence
 
     @classmethod
     def decode(cls, data: bytes) -> Record:
         """Raises StorageError for a damaged record."""
         try:
-            node, priority, flags, presence = data.split(b"\0", 3)
+            node, session, priority, flags, presence = data.split(b"\0", 4)
             return cls(
                 node.decode(),
+                session.decode(),
                 int(priority),
                 flags == b"i",
                 decode_stanza(presence) if presence else None,
@@ -114,12 +130,13 @@ def node_prefix(node: str) -> bytes:
 class RemoteHandle:
     """A resource held by another node: what is sent goes through the relay."""
 
-    __slots__ = ("full_jid", "node", "relay")
+    __slots__ = ("full_jid", "node", "relay", "session")
 
-    def __init__(self, relay: Relay, node: str, full_jid: JID) -> None:
+    def __init__(self, relay: Relay, node: str, full_jid: JID, session: str) -> None:
         self.relay = relay
         self.node = node
         self.full_jid = full_jid
+        self.session = session
 
     def send(self, stanza: Element) -> bool:
         return self.relay.post(self.node, Deliver(self.full_jid, stanza))
@@ -131,7 +148,7 @@ class RemoteHandle:
         *,
         handoff: bool = False,
     ) -> None:
-        if not self.relay.post(self.node, Close(self.full_jid, condition, text)):
+        if not self.relay.post(self.node, Close(self.full_jid, condition, text, self.session)):
             log.warning("remote_close_not_posted", to=str(self.full_jid), node=self.node)
 
 
@@ -158,9 +175,18 @@ class ClusterDirectory:
         self._bind = redis.register_script(_BIND)
         self._publish = redis.register_script(_PUBLISH)
         self._unbind = redis.register_script(_UNBIND)
+        self._claim = redis.register_script(_CLAIM)
+        #: The session token of each resource bound here (see `Record.session`).
+        self._sessions: dict[JID, str] = {}
+        #: Resources unbound here while Redis refused the unbind: removed when it is back.
+        self._unbind_later: set[JID] = set()
         #: Where a relayed stanza goes when its resource has gone (the router's rules for
         #: an unavailable full JID); set by the app once the router exists.
         self.unavailable: Unavailable | None = None
+
+    def session_of(self, full: JID) -> str | None:
+        """The session token of the resource `full` bound here (see `Record.session`)."""
+        return self._sessions.get(full)
 
     def _account_key(self, bare: JID) -> str:
         return f"{self.prefix}res:{bare}"
@@ -168,26 +194,30 @@ class ClusterDirectory:
     def held_key(self, node: str) -> str:
         return f"{self.prefix}held:{node}"
 
-    def _record(self, member: Member) -> bytes:
-        return Record(self.node, member.priority, member.interested, member.presence).encode()
+    def _record(self, full: JID, member: Member) -> bytes:
+        session = self._sessions.get(full, "")
+        return Record(
+            self.node, session, member.priority, member.interested, member.presence
+        ).encode()
 
     # -- the owner's side --------------------------------------------------------------------
 
     async def bind(self, member: Member, bare: JID, resource: str | None) -> Bound:
-        bound = await self.local.bind(member, bare, resource)
-        full = bound.full_jid
-        try:
-            old: object = await command(
-                self._bind(
-                    keys=[self._account_key(bare), self.held_key(self.node)],
-                    args=[full.resource or "", str(full), self._record(member)],
-                ),
-                "directory bind",
-            )
-        except StorageError:
-            self.local.release(full, member)
-            raise
-        if bound.replaced is not None or not isinstance(old, bytes):
+        # Redis first: a bind it refuses changes nothing here (the holder stays).
+        full = bare.with_resource(resource or self.local.fresh_resource(bare))
+        session = secrets.token_hex(6)
+        record = Record(self.node, session, member.priority, member.interested, member.presence)
+        old: object = await command(
+            self._bind(
+                keys=[self._account_key(bare), self.held_key(self.node)],
+                args=[full.resource or "", str(full), record.encode()],
+            ),
+            "directory bind",
+        )
+        self._unbind_later.discard(full)
+        bound = await self.local.bind(member, bare, full.resource)
+        self._sessions[full] = session
+        if not isinstance(old, bytes):
             return bound
         try:
             record = Record.decode(old)
@@ -195,9 +225,14 @@ class ClusterDirectory:
             log.warning("directory_record_damaged", jid=str(full))
             return bound
         if record.node == self.node:
-            return bound  # stale: this node held it and no longer does
-        replaced = self._remote(full, record)
-        return Bound(full, replaced)
+            return bound  # this node held it: the local replacement, if any, says who
+        remote = self._remote(full, record)
+        if bound.replaced is None:
+            return Bound(full, remote)
+        # Held here and (stale) elsewhere at once: the remote one is ended here, the
+        # caller ends the local one.
+        remote.handle.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")
+        return bound
 
     async def publish(self, member: Member) -> None:
         await self.local.publish(member)
@@ -209,7 +244,7 @@ class ClusterDirectory:
             await command(
                 self._publish(
                     keys=[self._account_key(full.bare())],
-                    args=[full.resource or "", self._own, self._record(member)],
+                    args=[full.resource or "", self._own, self._record(full, member)],
                 ),
                 "directory publish",
             )
@@ -220,17 +255,22 @@ class ClusterDirectory:
         held = await self.local.unbind(member)
         full = member.full_jid
         if held and full is not None:
+            self._sessions.pop(full, None)
             try:
-                await command(
-                    self._unbind(
-                        keys=[self._account_key(full.bare()), self.held_key(self.node)],
-                        args=[full.resource or "", self._own, str(full)],
-                    ),
-                    "directory unbind",
-                )
+                await self._unbind_record(full)
             except StorageError as exc:
                 log.warning("directory_unbind_failed", error=str(exc))
+                self._unbind_later.add(full)
         return held
+
+    async def _unbind_record(self, full: JID) -> None:
+        await command(
+            self._unbind(
+                keys=[self._account_key(full.bare()), self.held_key(self.node)],
+                args=[full.resource or "", self._own, str(full)],
+            ),
+            "directory unbind",
+        )
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -278,7 +318,7 @@ class ClusterDirectory:
         return Resource(
             full,
             record.node,
-            RemoteHandle(self.relay, record.node, full),
+            RemoteHandle(self.relay, record.node, full, record.session),
             record.priority,
             record.presence,
             record.interested,
@@ -291,7 +331,7 @@ class ClusterDirectory:
         whose resource has gone takes the router's rules for an unavailable full JID."""
         local = await self.local.resource(item.to)
         if isinstance(item, Close):
-            if local is not None:
+            if local is not None and self._sessions.get(item.to) == item.session:
                 # Replaced on another node: the JID is no longer this session's from now
                 # on (as a local replacement does), so stanzas for it find the new holder
                 # and the ending session does not announce itself gone a second time.
@@ -323,10 +363,15 @@ class ClusterDirectory:
         started = False
         while True:
             try:
-                await command(self.redis.set(key, b"1", px=ttl_ms), "heartbeat")
+                # The key missing (first beat, or Redis lost its data: a restart, a
+                # failover, FLUSHALL) or an outage behind us: write our records again.
+                previous = await command(
+                    self.redis.set(key, b"1", px=ttl_ms, get=True), "heartbeat"
+                )
                 await command(self.redis.sadd(f"{self.prefix}nodes", [self.node]), "heartbeat")
-                if not healthy:
+                if previous is None or not healthy:
                     await self._register_again()
+                if not healthy:
                     log.info("cluster_redis_back")
                     on_health(None)
                 healthy = True
@@ -341,15 +386,28 @@ class ClusterDirectory:
             await trio.sleep(interval)
 
     async def _register_again(self) -> None:
-        """Write every local resource's record (after Redis was away)."""
+        """Make Redis say again what this node holds (after an outage, or after Redis lost
+        its data): the unbinds it refused, then every local resource's record, where the
+        field is free or still ours. A resource another node took meanwhile is ended
+        here with `conflict`: the newer session keeps the JID, as with any bind."""
+        for full in list(self._unbind_later):
+            await self._unbind_record(full)
+            self._unbind_later.discard(full)
         for resource in self.local.all():
             full = resource.full_jid
-            record = Record(self.node, resource.priority, resource.interested, resource.presence)
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(
-                        self._account_key(full.bare()), {full.resource or "": record.encode()}
-                    )
-                    pipe.sadd(self.held_key(self.node), [str(full)])
-            except REDIS_ERRORS as exc:
-                raise StorageError(f"redis directory register: {exc}") from exc
+            session = self._sessions.get(full, "")
+            record = Record(
+                self.node, session, resource.priority, resource.interested, resource.presence
+            )
+            claimed: object = await command(
+                self._claim(
+                    keys=[self._account_key(full.bare()), self.held_key(self.node)],
+                    args=[full.resource or "", self._own, str(full), record.encode()],
+                ),
+                "directory register",
+            )
+            if not claimed:
+                log.info("session_replaced_elsewhere", jid=str(full))
+                self.local.release(full, resource.handle)
+                self._sessions.pop(full, None)
+                resource.handle.close(StreamErrorCondition.CONFLICT, "replaced by a new connection")

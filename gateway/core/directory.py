@@ -144,12 +144,18 @@ class LocalDirectory:
     def __len__(self) -> int:
         return sum(len(resources) for resources in self._by_bare.values())
 
-    async def bind(self, member: Member, bare: JID, resource: str | None) -> Bound:
-        resources = self._by_bare.setdefault(bare, {})
-        if resource is None:
+    def fresh_resource(self, bare: JID) -> str:
+        """A random resource `bare` has no session with here."""
+        resources = self._by_bare.get(bare, {})
+        resource = secrets.token_urlsafe(9)
+        while resource in resources:
             resource = secrets.token_urlsafe(9)
-            while resource in resources:
-                resource = secrets.token_urlsafe(9)
+        return resource
+
+    async def bind(self, member: Member, bare: JID, resource: str | None) -> Bound:
+        if resource is None:
+            resource = self.fresh_resource(bare)
+        resources = self._by_bare.setdefault(bare, {})
         full = bare.with_resource(resource)
         old = resources.get(resource)
         replaced = old if old is not None and old.handle is not member else None

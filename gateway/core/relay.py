@@ -69,11 +69,13 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """End the session of resource `to` with `condition` (a conflict elsewhere)."""
+    """End the session of resource `to` with `condition` (a conflict elsewhere), if it is
+    still binding `session` (`gateway.core.cluster.Record.session`)."""
 
     to: JID
     condition: StreamErrorCondition | None
     text: str | None = None
+    session: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,7 @@ def encode_batch(items: list[Item]) -> bytes:
         elif isinstance(item, Close):
             condition = item.condition.value if item.condition is not None else ""
             jid, op = str(item.to).encode(), _CLOSE
-            payload = f"{condition}\n{item.text or ''}".encode()
+            payload = f"{condition}\n{item.session}\n{item.text or ''}".encode()
         elif isinstance(item, Surrender):
             jid, op, payload = item.smid.encode(), _SURRENDER, item.requester.encode()
         else:
@@ -141,12 +143,13 @@ def decode_batch(data: bytes) -> list[Item]:
             if op == _DELIVER:
                 items.append(Deliver(JID.parse(target), decode_stanza(payload)))
             elif op == _CLOSE:
-                condition, _, text = payload.decode().partition("\n")
+                condition, session, text = payload.decode().split("\n", 2)
                 items.append(
                     Close(
                         JID.parse(target),
                         StreamErrorCondition(condition) if condition else None,
                         text or None,
+                        session,
                     )
                 )
             elif op == _SURRENDER:

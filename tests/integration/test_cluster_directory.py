@@ -18,6 +18,7 @@ clients are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,9 +191,9 @@ def logged(logs: Sequence[Mapping[str, Any]], event: str) -> bool:
 
 
 async def stored(redis: Redis, full: JID) -> Record | None:
-    """The record Redis holds for `full`."""
+    """The record Redis holds for `full`, its session token left out (random)."""
     data = await redis.hget(f"{PREFIX}res:{full.bare()}", full.resource or "")
-    return Record.decode(data) if data is not None else None
+    return dataclasses.replace(Record.decode(data), session="") if data is not None else None
 
 
 async def held(redis: Redis, node: str) -> set[bytes]:
@@ -346,7 +347,7 @@ async def test_after_a_remote_replacement_the_old_members_publish_and_unbind_cha
     assert await gw1.unbind(old)
     # ...but the record in Redis is gw2's, and stays.
     assert fields(await gw3.resource(BALCONY)) == expected
-    assert await stored(redis, BALCONY) == Record("gw2", 2, False, available("dnd"))
+    assert await stored(redis, BALCONY) == Record("gw2", "", 2, False, available("dnd"))
     assert await held(redis, "gw1") == set()
     assert await held(redis, "gw2") == {str(BALCONY).encode()}
     gw1_view = await gw1.resource(BALCONY)
@@ -382,7 +383,7 @@ async def test_a_record_naming_this_node_that_it_does_not_hold_is_ignored_by_its
     gw1: ClusterDirectory, gw2: ClusterDirectory, redis: Redis
 ) -> None:
     # A record of gw2 whose unbind never reached Redis (gw2 holds nothing in memory).
-    stale = Record("gw2", 3, True, available()).encode()
+    stale = Record("gw2", "old", 3, True, available()).encode()
     await redis.hset(f"{PREFIX}res:{JULIET}", {"balcony": stale})
     assert await gw2.resource(BALCONY) is None
     assert list(await gw2.resources(JULIET)) == []
@@ -417,7 +418,9 @@ async def test_a_relayed_close_releases_the_local_member_and_closes_it(
     peer, other = Peer(), Peer()
     await bind(gw1, peer, JULIET, "balcony")
     await bind(gw1, other, JULIET, "garden")
-    await gw1.deliver(Close(BALCONY, StreamErrorCondition.CONFLICT, "Replaced"))
+    session = gw1.session_of(BALCONY)
+    assert session is not None
+    await gw1.deliver(Close(BALCONY, StreamErrorCondition.CONFLICT, "Replaced", session))
     assert peer.closed == [(StreamErrorCondition.CONFLICT, "Replaced", False)]
     assert await gw1.local.resource(BALCONY) is None
     assert [r.handle for r in await gw1.local.resources(JULIET)] == [other]
@@ -437,12 +440,6 @@ async def test_a_relayed_close_for_a_resource_not_held_here_does_nothing(
     assert record is not None and record.handle is peer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a relayed Close names only the full JID: ClusterDirectory.deliver closes "
-    "whichever local member holds it now, so a close meant for a session replaced "
-    "meanwhile ends the newer session bound on this node to the same JID",
-)
 async def test_a_close_relayed_for_a_replaced_session_spares_a_newer_one_with_the_same_jid(
     gw1: ClusterDirectory, gw2: ClusterDirectory
 ) -> None:
@@ -450,10 +447,13 @@ async def test_a_close_relayed_for_a_replaced_session_spares_a_newer_one_with_th
     await bind(gw1, first, JULIET, "balcony")
     taken = await bind(gw2, Peer(), JULIET, "balcony")
     assert taken.replaced is not None  # gw2 posts the close for `first` to gw1...
+    handle = taken.replaced.handle
+    assert isinstance(handle, RemoteHandle)
     newest = Peer()
     await bind(gw1, newest, JULIET, "balcony")  # ...which binds again before it arrives
-    await gw1.deliver(Close(BALCONY, StreamErrorCondition.CONFLICT, "Replaced"))
+    await gw1.deliver(Close(BALCONY, StreamErrorCondition.CONFLICT, "Replaced", handle.session))
     assert newest.closed == []
+    assert first.closed == []  # (released by gw1's own replacement: nothing to close)
 
 
 Call = tuple[Element, JID, Handle | None]
@@ -572,12 +572,6 @@ async def test_with_redis_unreachable_publish_and_unbind_are_logged_not_raised(
     assert logged(logs, "directory_unbind_failed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ClusterDirectory.bind: LocalDirectory.bind has already overwritten the old "
-    "holder when the Redis script fails; local.release(full, member) then deletes the "
-    "entry, so the older member (still connected) is no longer in the directory",
-)
 async def test_a_bind_refused_for_redis_keeps_the_member_it_would_have_replaced(
     dead: ClusterDirectory,
 ) -> None:
@@ -742,12 +736,6 @@ async def refuse_heartbeats(redis: Redis) -> None:
     await redis.set(f"{PREFIX}nodes", b"not a set")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ClusterDirectory._register_again HSETs every local record unconditionally: a "
-    "full JID another node took while this one could not reach Redis is taken back in "
-    "Redis (the ownership rule the publish/unbind scripts keep is broken)",
-)
 async def test_writing_records_again_after_an_outage_keeps_a_resource_another_node_took(
     gw1: ClusterDirectory, gw2: ClusterDirectory, gw3: ClusterDirectory, redis: Redis
 ) -> None:
@@ -767,13 +755,6 @@ async def test_writing_records_again_after_an_outage_keeps_a_resource_another_no
     assert record is not None and record.node == "gw2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the module docstring says unbinds that failed while Redis was away are "
-    "'retried by run_heartbeat's re-registration', but _register_again only writes the "
-    "records of resources still held: the record of one unbound meanwhile stays in Redis "
-    "for good (other nodes keep listing it, with its last presence)",
-)
 async def test_an_unbind_that_failed_during_an_outage_leaves_no_record_after_it(
     gw1: ClusterDirectory, gw3: ClusterDirectory, redis: Redis
 ) -> None:
@@ -796,12 +777,6 @@ async def test_an_unbind_that_failed_during_an_outage_leaves_no_record_after_it(
     assert await gw3.resource(BALCONY) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_heartbeat writes the records again only after one of its own commands "
-    "failed: records Redis lost without a failed heartbeat (FLUSHALL, a restart or "
-    "failover between two beats, eviction) are never written again",
-)
 async def test_records_lost_by_redis_between_two_heartbeats_are_written_again(
     gw1: ClusterDirectory, gw3: ClusterDirectory, redis: Redis
 ) -> None:

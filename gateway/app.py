@@ -49,6 +49,7 @@ from gateway.net.limits import ConnectionGate, connection_cap, raise_descriptor_
 from gateway.net.tcp import open_listeners, peer_of, unwrap_proxy
 from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
+from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.base import SmSessionTable, StaleHTable
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
@@ -230,6 +231,7 @@ async def _run_node(
     )
     sm_sessions: SmSessionTable
     stale_h: StaleHTable
+    adoptable = RedisAdoptableStore(redis, prefix=REDIS_PREFIX) if redis is not None else None
     if sm_cfg.backend == "redis" and redis is not None:
         sm_sessions = RedisSmSessionTable(redis, prefix=REDIS_PREFIX)
         stale_h = RedisStaleHTable(redis, prefix=REDIS_PREFIX)
@@ -247,6 +249,7 @@ async def _run_node(
             max_parked_per_user=sm_cfg.max_parked_per_user, max_parked=sm_cfg.max_parked
         ),
         sm_sessions=sm_sessions,
+        adoptable=adoptable,
         stale_h=stale_h,
         metrics=metrics,
         handoff=Handoff(handoff_store, run_blocking, metrics=metrics),
@@ -308,7 +311,10 @@ def _dispatcher(
         await ctx.handler_nursery.start(serve_revived, ctx, revivable)
         return revivable.snapshot.smid in ctx.resume.slots
 
-    ctx.migrations = migrations = Migrations(relay, ctx.node, ctx.resume, adopt)
+    assert ctx.adoptable is not None
+    ctx.migrations = migrations = Migrations(
+        relay, ctx.node, ctx.resume, adopt, adoptable=ctx.adoptable, alive=cluster.is_alive
+    )
 
     async def dispatch(item: Item) -> None:
         if isinstance(item, Deliver | Close):

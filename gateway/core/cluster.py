@@ -345,6 +345,15 @@ class ClusterDirectory:
 
     # -- liveness ---------------------------------------------------------------------------
 
+    async def is_alive(self, node: str) -> bool:
+        """Whether `node`'s heartbeat key is there (it beat within its last three
+        intervals); False when Redis cannot say."""
+        try:
+            count = await command(self.redis.exists([f"{self.prefix}node:{node}"]), "liveness")
+        except StorageError:
+            return False
+        return count > 0
+
     async def run_heartbeat(
         self,
         interval: float,

@@ -23,7 +23,7 @@ from gateway.core.resume import ResumeRegistry
 from gateway.core.router import Router
 from gateway.errors import StreamErrorCondition
 from gateway.net.limits import ConnectionGate
-from gateway.storage.base import SmSessionTable, StaleHTable
+from gateway.storage.base import AdoptableStore, SmSessionTable, StaleHTable
 from gateway.xmpp.sasl import ScramCredentials
 from gateway.xmpp.sasl_exchange import CheckPassword, LookupCredentials
 from gateway.xmpp.sm import SMState
@@ -90,6 +90,9 @@ class ServerContext:
     # Session moves between the nodes of a cluster (gateway.core.migration); None: one
     # node, a resume for a session held elsewhere fails.
     migrations: Migrations | None = None
+    # A cluster's store of sessions left by draining nodes (gateway.core.migration);
+    # with it, shutdown leaves resumable sessions there instead of the hand-off store.
+    adoptable: AdoptableStore | None = None
     # Temporary SASL refusal after repeated failures (auth.lockout); None: off.
     lockout: AuthThrottle | None = None
     # Counts the open client connections of every listener (general.max_connections).

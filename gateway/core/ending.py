@@ -90,7 +90,11 @@ async def end_session(conn: Owner) -> None:
 
 async def hand_off(conn: Owner) -> bool:
     """Shutdown: keep a resumable session for a resume after the restart (or on
-    another node) instead of ending it (`gateway.core.handoff`).
+    another node) instead of ending it (`gateway.core.handoff`). In a cluster the
+    snapshot goes to the node the client resumes on (`migrate_to`, asked by it), or,
+    when the node drains, to the cluster's adoptable store, for whichever node the
+    client reaches (`gateway.core.migration`); its `sm_session` record stays, naming
+    this node, so that node knows where to look.
 
     The snapshot is taken, the slot ended and the session told to refuse further
     stanzas in one step (they take the router's other paths: offline storage, flushed
@@ -102,6 +106,7 @@ async def hand_off(conn: Owner) -> bool:
     request = session.close_request if session is not None else None
     migrate_to = request.migrate_to if request is not None else None
     migrations = conn.ctx.migrations if migrate_to is not None else None
+    adoptable = conn.ctx.adoptable
     if request is not None:
         # Whatever happens below, the session takes no more stanzas: handed off, its
         # snapshot is taken now; ended instead, its buffer is rerouted as it is.
@@ -111,7 +116,7 @@ async def hand_off(conn: Owner) -> bool:
         session is None
         or request is None
         or slot is None
-        or (handoff is None and migrations is None)
+        or (handoff is None and migrations is None and adoptable is None)
         or sm is None
         or not sm.resumable
         or sm.smid is None
@@ -146,6 +151,15 @@ async def hand_off(conn: Owner) -> bool:
         if not migrations.send(sm.smid, data, migrate_to):
             return False
         log.info("session_moved", to_node=migrate_to, unacked=len(snapshot.buffer))
+        return True
+    if adoptable is not None:
+        try:
+            await adoptable.put(sm.smid, data, snapshot.expires_at)
+        except StorageError as exc:
+            log.warning("session_not_left_for_adoption", error=str(exc))
+            return False
+        await conn.ctx.router.directory.unbind(session)
+        log.info("session_left_for_adoption", unacked=len(snapshot.buffer))
         return True
     assert handoff is not None
     if not await handoff.write(snapshot, data):

@@ -34,6 +34,7 @@ import trio
 from gateway.core.relay import Moved, Relay, Surrender
 from gateway.core.resume import ResumeRegistry
 from gateway.errors import StreamErrorCondition
+from gateway.storage.base import AdoptableStore
 
 log = structlog.get_logger(module=__name__)
 
@@ -41,6 +42,7 @@ log = structlog.get_logger(module=__name__)
 MOVE_WAIT: Final = 6.0
 
 Adopt = Callable[[bytes], Awaitable[bool]]
+Alive = Callable[[str], Awaitable[bool]]
 
 
 class Migrations:
@@ -53,17 +55,37 @@ class Migrations:
         adopt: parks a moved session here from its snapshot; False when it cannot.
     """
 
-    def __init__(self, relay: Relay, node: str, registry: ResumeRegistry, adopt: Adopt) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        node: str,
+        registry: ResumeRegistry,
+        adopt: Adopt,
+        *,
+        adoptable: AdoptableStore,
+        alive: Alive,
+    ) -> None:
         self.relay = relay
         self.node = node
         self.registry = registry
         self.adopt = adopt
+        self.adoptable = adoptable
+        self.alive = alive
         self._waiting: dict[str, tuple[trio.Event, list[bool]]] = {}
 
     async def fetch(self, smid: str, owner: str) -> bool:
-        """Ask node `owner` for session `smid` and wait (at most `MOVE_WAIT`) until it is
-        parked here; False when it did not come (refused, or too slow)."""
-        if smid in self._waiting or not self.relay.post(owner, Surrender(smid, self.node)):
+        """Bring session `smid`, held by node `owner`, here: from the adoptable store
+        when `owner` drained, else by asking `owner` (if it lives) and waiting (at most
+        `MOVE_WAIT`). True once it is parked here; False when it did not come.
+
+        Raises:
+            StorageError: the adoptable store failed.
+        """
+        if await self._adopt_left(smid):
+            return True
+        if smid in self._waiting or not await self.alive(owner):
+            return False
+        if not self.relay.post(owner, Surrender(smid, self.node)):
             return False
         arrived, outcome = self._waiting[smid] = (trio.Event(), [])
         try:
@@ -71,7 +93,15 @@ class Migrations:
                 await arrived.wait()
         finally:
             del self._waiting[smid]
-        return bool(outcome) and outcome[0]
+        if outcome and outcome[0]:
+            return True
+        # The owner may have drained meanwhile, leaving it for adoption.
+        return await self._adopt_left(smid)
+
+    async def _adopt_left(self, smid: str) -> bool:
+        """Adopt the session a drained node left in the store, if it is there."""
+        data = await self.adoptable.take(smid)
+        return data is not None and await self.adopt(data)
 
     def send(self, smid: str, snapshot: bytes, to_node: str) -> bool:
         """Post a surrendered session's snapshot to the node that asked for it."""
@@ -81,6 +111,13 @@ class Migrations:
         """A surrender request from another node, or a session arriving from one."""
         if isinstance(item, Surrender):
             slot = self.registry.slots.get(item.smid)
+            request = slot.session.close_request if slot is not None else None
+            if slot is not None and request is not None and request.handoff:
+                # Already being handed off (its node drains): it goes to the asker
+                # instead, unless its snapshot was taken already (then the asker finds
+                # it in the adoptable store).
+                request.migrate_to = item.requester
+                return
             if slot is None:
                 log.info("sm_surrender_unknown", smid=item.smid, requester=item.requester)
                 self.send(item.smid, b"", item.requester)

@@ -11,7 +11,8 @@ resources (on any node) through their handles.
   sent to every entity that got directed presence from this resource (section 4.6.3).
 - Directed presence (`to` set): routed; available directed presence is remembered.
 
-Roster-based broadcast to contacts needs the subscription state machine (not yet here).
+Presence to contacts follows from the roster's subscriptions, which are not kept yet:
+only the account's own resources and directed-presence peers get it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Storage protocols: what the core needs from a backend, whatever the backend is.
 
-Every store is a `Protocol` here, with a memory and an SQLite implementation (a later
-issue adds Redis and PostgreSQL); each protocol has a contract suite that every
-implementation runs (`tests/storage/test_*_contract.py`). The core names only these
+Every store is a `Protocol` here, with a memory implementation and an SQLite or Redis
+one (the live state a cluster shares is in Redis); each protocol has a contract suite
+that every implementation runs (`tests/storage/test_*_contract.py`). The core names only these
 protocols; `app.py` picks the implementations.
 
 Two kinds of store live here:
@@ -13,7 +13,7 @@ Two kinds of store live here:
   must not assume that the same thread calls it twice. `close()` ends a store; any later
   call raises `StorageError`.
 * The stream management tables (`sm_session`, `stale_h`; DESIGN section 3, the seed's
-  MongooseIM tables) have async methods: the memory backend answers at once (each call is
+  MongooseIM tables) and a cluster's adoptable sessions have async methods: the memory backend answers at once (each call is
   still a trio checkpoint), the SQLite backend runs its blocking work through a
   `RunBlocking` runner, the redis backend for clusters does network I/O. They are called
   from trio tasks directly, never from threads. Like any trio I/O, a call made inside a
@@ -354,6 +354,36 @@ class StaleHTable(Protocol):
         Callers put entries with non-decreasing `at`; an entry put out of that order may
         be kept until the entries put before it are swept (the memory table does that).
         If cancelled, what was deleted before the cancellation stays deleted.
+        """
+        ...
+
+
+class AdoptableStore(Protocol):
+    """Encoded session snapshots left by a node that drained, each waiting for the node
+    its client resumes on (taken once, by smid), until it expires.
+
+    Unlike the tables above, expiry is in wall-clock time (UNIX seconds), because a
+    snapshot crosses processes: the store reads a clock of its own (or its server's).
+    Snapshots are opaque bytes (see `gateway.storage.snapshot`).
+    """
+
+    async def put(self, smid: str, snapshot: bytes, expires_at: float) -> None:
+        """Store the snapshot until `expires_at` (wall-clock UNIX seconds), replacing any
+        with the same smid. An `expires_at` already past stores nothing (and so leaves no
+        older snapshot of that smid behind either).
+
+        Raises:
+            StorageError: the backend failed; the put may or may not have happened.
+        """
+        ...
+
+    async def take(self, smid: str) -> bytes | None:
+        """Remove and return the snapshot of `smid` in one atomic step (two nodes never
+        both get it); None when there is none or it expired.
+
+        Raises:
+            StorageError: the backend failed; the snapshot may be gone all the same (a
+                network backend that lost the answer), and is then lost.
         """
         ...
 

@@ -29,8 +29,11 @@ import pytest
 
 from gateway.core.blocking import in_threads
 from gateway.storage.accounts_memory import MemoryAccountStore
+from gateway.storage.adoptable_memory import MemoryAdoptableStore
+from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.base import (
     AccountStore,
+    AdoptableStore,
     HandoffStore,
     OfflineStore,
     RosterStore,
@@ -219,3 +222,33 @@ def open_stale_h(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStaleH:
 async def stale_h(open_stale_h: OpenStaleH) -> AsyncIterator[StaleHTable]:
     async with open_stale_h() as table:
         yield table
+
+
+# -- sessions left for adoption (async, like the SM tables) ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _memory_adoptable(_: Scratch) -> AsyncIterator[AdoptableStore]:
+    yield MemoryAdoptableStore()
+
+
+@contextlib.asynccontextmanager
+async def _redis_adoptable(where: Scratch) -> AsyncIterator[AdoptableStore]:
+    async with _redis(where) as client:
+        yield RedisAdoptableStore(client, prefix=where.prefix)
+
+
+ADOPTABLE_STORES: Final[dict[str, AsyncOpener[AdoptableStore]]] = {
+    "memory": _memory_adoptable,
+    "redis": _redis_adoptable,
+}
+
+
+@pytest.fixture(params=params(ADOPTABLE_STORES))
+async def adoptable(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AdoptableStore]:
+    """A fresh store on the wall clock (`time.time`), as in production."""
+    opener: AsyncOpener[AdoptableStore] = request.param
+    async with opener(scratch(request, tmp_path, "adoptable")) as store:
+        yield store

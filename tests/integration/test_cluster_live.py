@@ -1,0 +1,129 @@
+"""Two gateway processes as nodes of one cluster (a real redis-server, one SQLite file
+shared by both, as the worker processes of one machine do): a node that is drained with
+SIGTERM leaves its resumable sessions to the cluster, and their clients resume on the
+other node with nothing lost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from tests.helpers.client import RawClient
+from tests.helpers.live import LiveGateway, live_gateway
+from tests.helpers.sm import RESUMABLE, Peer
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "cluster-secret"
+#: Seconds a stanza may take to cross nodes, and a node to drain.
+CROSSING = 10.0
+
+
+def node_config(node: str, redis_url: str, database: Path) -> str:
+    return (
+        "general: {hosts: [localhost], shutdown_grace: 0.5}\n"
+        "listen:\n"
+        "  c2s: [{ip: 127.0.0.1, port: $c2s, tls: none}]\n"
+        f"auth: {{database: {database}}}\n"
+        "modules:\n"
+        "  mod_stream_management: {backend: redis, resume_timeout: 300}\n"
+        f"cluster: {{redis: '{redis_url}', node: {node}, heartbeat: 0.5}}\n"
+        "logging: {level: info, format: json}\n"
+    )
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, redis_url: str) -> Iterator[tuple[LiveGateway, LiveGateway]]:
+    database = tmp_path / "shared.sqlite"
+    (tmp_path / "gw1").mkdir()
+    (tmp_path / "gw2").mkdir()
+    with (
+        live_gateway(
+            tmp_path / "gw1",
+            node_config("gw1", redis_url, database),
+            password=PASSWORD,
+            users=("alice", "bob"),
+        ) as one,
+        live_gateway(
+            tmp_path / "gw2", node_config("gw2", redis_url, database), password=PASSWORD, users=()
+        ) as two,
+    ):
+        yield one, two
+
+
+async def login(node: LiveGateway, user: str, resource: str, *, sm: bool = False) -> Peer:
+    raw = RawClient(await trio.open_tcp_stream("127.0.0.1", node.port))
+    await raw.login(user, PASSWORD, resource=resource, mechanism="PLAIN")
+    peer = Peer(raw)
+    if sm:
+        assert (await peer.enable(RESUMABLE)).tag == (ns.SM, "enabled")
+    await peer.send("<presence/>")
+    return peer
+
+
+async def until(peer: Peer, wanted: Callable[[Element], bool]) -> Element:
+    with trio.fail_after(CROSSING):
+        while not wanted(element := await peer.receive()):
+            pass
+    return element
+
+
+def body(element: Element) -> str | None:
+    return element.find_text(ns.CLIENT, "body") if element.name == "message" else None
+
+
+def chat(to: str, text: str) -> str:
+    return f"<message to='{to}' type='chat' id='{text}'><body>{text}</body></message>"
+
+
+async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_node(
+    nodes: tuple[LiveGateway, LiveGateway],
+) -> None:
+    one, two = nodes
+    alice = await login(two, "alice", "desk")
+    bob = await login(one, "bob", "phone", sm=True)
+    smid = bob.smid
+    await until(bob, lambda e: e.name == "presence")  # its own, reflected
+    await alice.send(chat("bob@localhost/phone", "m1"))
+    await alice.send(chat("bob@localhost/phone", "m2"))
+    await until(bob, lambda e: body(e) == "m2")
+    handled = bob.h
+    await bob.ack(handled - 1)  # m1 acknowledged; m2 handled, not acknowledged
+
+    one.terminate()  # SIGTERM: gw1 drains
+    error = await until(bob, lambda e: e.tag == (ns.STREAM, "error"))
+    assert error.find(ns.STREAMS_ERRORS, "system-shutdown") is not None
+    with trio.fail_after(CROSSING):
+        while one.proc.poll() is None:
+            await trio.sleep(0.05)
+    assert one.proc.returncode == 0
+    left = [e for e in one.log_events() if e.get("event") == "session_left_for_adoption"]
+    assert len(left) == 1
+    # While bob is between nodes, alice writes again: it waits offline for him.
+    await alice.send(chat("bob@localhost/phone", "m3"))
+
+    raw = RawClient(await trio.open_tcp_stream("127.0.0.1", two.port))
+    await raw.open()
+    assert (await raw.auth("bob", PASSWORD, "PLAIN")).name == "success"
+    raw.parser.reset()
+    await raw.open()
+    again = Peer(raw)
+    await again.send(f"<resume xmlns='{ns.SM}' previd='{smid}' h='{handled - 1}'/>")
+    answer = await until(again, lambda e: e.namespace == ns.SM)
+    assert answer.tag == (ns.SM, "resumed"), answer
+    assert answer.get("h") == "1"  # the server had handled his one stanza (presence)
+    seen: list[str] = []
+    with trio.fail_after(CROSSING):
+        while len(seen) < 2:
+            element = await again.receive()
+            if element.name == "message":
+                seen.append(body(element) or "")
+    assert seen == ["m2", "m3"]  # resent, then flushed from offline storage
+    # And the session lives on gw2 now.
+    await alice.send(chat("bob@localhost/phone", "m4"))
+    assert body(await until(again, lambda e: e.name == "message")) == "m4"

@@ -37,6 +37,7 @@ from gateway.core.handoff import Handoff, read_snapshot
 from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.migration import Migrations
 from gateway.core.offline import OfflineService
+from gateway.core.reaper import run_reaper
 from gateway.core.relay import Close, Deliver, Item, Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.core.revive import serve_revived
@@ -272,6 +273,13 @@ async def _run_node(
                     )
                     await service_nursery.start(
                         cluster.run_heartbeat, config.cluster.heartbeat, ctx.set_health
+                    )
+                    assert cluster.unavailable is not None
+                    # Accounts for nodes that died (gateway.core.reaper), supervised.
+                    await service_nursery.start(
+                        supervise,
+                        "reaper",
+                        partial(run_reaper, cluster, config.cluster.heartbeat, cluster.unavailable),
                     )
                 if sm_cfg.stale_h.enabled:
                     # The stale_h GC is supervised: restarted (and logged) if it ever fails.

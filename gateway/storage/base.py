@@ -13,12 +13,13 @@ Two kinds of store live here:
   must not assume that the same thread calls it twice. `close()` ends a store; any later
   call raises `StorageError`.
 * The stream management tables (`sm_session`, `stale_h`; DESIGN section 3, the seed's
-  MongooseIM tables) and a cluster's adoptable sessions have async methods: the memory backend answers at once (each call is
-  still a trio checkpoint), the SQLite backend runs its blocking work through a
-  `RunBlocking` runner, the redis backend for clusters does network I/O. They are called
-  from trio tasks directly, never from threads. Like any trio I/O, a call made inside a
-  cancelled scope raises `trio.Cancelled`, so cleanup in a `finally` (removing the
-  `sm_session` record, writing `stale_h` when a session ends) must run shielded (STYLE C5).
+  MongooseIM tables) and a cluster's adoptable sessions have async methods: the memory
+  backend answers at once (each call is still a trio checkpoint), the SQLite backend
+  runs its blocking work through a `RunBlocking` runner, the redis backend for clusters
+  does network I/O. They are called from trio tasks directly, never from threads. Like
+  any trio I/O, a call made inside a cancelled scope raises `trio.Cancelled`, so
+  cleanup in a `finally` (removing the `sm_session` record, writing `stale_h` when a
+  session ends) must run shielded (STYLE C5).
 
 "Not found" is `None` (or `False`), never an exception; a backend that fails raises
 `StorageError` from any method (the docstrings below list only the other exceptions, and

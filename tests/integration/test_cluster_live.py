@@ -13,7 +13,7 @@ import trio
 
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
-from tests.helpers.client import RawClient
+from tests.helpers.client import RawClient, read_to_end
 from tests.helpers.live import LiveGateway, live_gateway
 from tests.helpers.sm import RESUMABLE, Peer
 
@@ -127,3 +127,48 @@ async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_n
     # And the session lives on gw2 now.
     await alice.send(chat("bob@localhost/phone", "m4"))
     assert body(await until(again, lambda e: e.name == "message")) == "m4"
+
+
+async def test_a_killed_node_is_accounted_for_and_nothing_relayed_to_it_is_lost(
+    nodes: tuple[LiveGateway, LiveGateway],
+) -> None:
+    one, two = nodes
+    desk = await login(two, "alice", "desk")
+    phone = await login(one, "alice", "phone")  # (kept: its session lives until the kill)
+    await until(desk, lambda e: e.name == "presence" and e.get("from") == "alice@localhost/phone")
+    bob = await login(one, "bob", "phone")
+    await until(bob, lambda e: e.name == "presence")
+
+    one.proc.kill()  # SIGKILL: no drain, no goodbye
+    one.proc.wait()
+    # Sent at once: the directory still names gw1, so it goes into gw1's stream, where
+    # nobody reads it any more.
+    await desk.send(chat("bob@localhost/phone", "while dead"))
+
+    # Within three heartbeats (0.5 s each) and a reaper round, gw2 accounts for gw1:
+    # alice's desk hears that her phone is gone...
+    gone = await until(
+        desk,
+        lambda e: (
+            e.name == "presence"
+            and e.get("from") == "alice@localhost/phone"
+            and e.get("type") == "unavailable"
+        ),
+    )
+    assert gone is not None
+    # ...and the stanza relayed to the dead node was rerouted: bob has no other
+    # resource, so it waits offline and reaches his next session.
+    with trio.fail_after(CROSSING):
+        while not (reaped := [e for e in two.log_events() if e.get("event") == "node_reaped"]):
+            await trio.sleep(0.05)
+    laptop = await login(two, "bob", "laptop")
+    message = await until(laptop, lambda e: e.name == "message")
+    assert body(message) == "while dead"
+    assert message.find(ns.DELAY, "delay") is not None  # from offline storage
+    assert len(reaped) == 1
+    assert reaped[0]["node"] == "gw1" and reaped[0]["resources"] == 2
+    assert reaped[0]["stanzas"] == 1
+    # The dead node's own clients saw their connections end.
+    for client in (phone, bob):
+        with trio.fail_after(CROSSING):
+            await read_to_end(client.raw)

@@ -1,0 +1,154 @@
+"""Accounting for a node of the cluster that died (SIGKILL, power loss) (DESIGN section 6).
+
+Theory of operation
+-------------------
+Every node beats (`ClusterDirectory.run_heartbeat`: a key that expires after three missed
+intervals) and lists itself in `{prefix}nodes`. `run_reaper` looks, every interval, for
+listed nodes whose key has expired. The first live node to take the dead one's reaping
+lock (`SET NX` with an expiry, so a reaper that dies too is replaced) accounts for it:
+
+1. Its resources: each record that still names the dead node is deleted from its
+   account's hash, and the account's other available resources (on any node) get its
+   unavailable presence, as they would have from a session that ended.
+2. What other nodes had relayed to it and it never acknowledged (its stream): every
+   stanza takes the router's rules for an unavailable full JID (another resource of the
+   account, offline storage, or an error to its sender); close requests are moot.
+3. Its listing (`nodes`, `held:NODE`, the stream) is removed.
+
+Guarantee: nothing another node handed over for delivery to the dead node is lost. What
+the dead node's own clients had not acknowledged (its SM buffers) died with it; their
+SM ids answer `<failed/>` (item-not-found) on any node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import structlog
+import trio
+from coredis.tokens import PureToken
+
+from gateway.core.cluster import ClusterDirectory, Record
+from gateway.core.relay import Deliver, decode_batch, stream_key
+from gateway.errors import StorageError
+from gateway.storage.redis_client import command
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
+from gateway.xmpp.jid import JID
+
+log = structlog.get_logger(module=__name__)
+
+#: Seconds a reaper holds a dead node's lock (another takes over if it dies meanwhile).
+REAP_LOCK: Final = 60.0
+#: Stream entries read per round while accounting for a dead node's backlog.
+REAP_BATCH: Final = 100
+
+Unavailable = Callable[[Element, JID, None], Awaitable[None]]
+
+
+async def run_reaper(
+    cluster: ClusterDirectory,
+    interval: float,
+    unavailable: Unavailable,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every `interval` seconds, account for the nodes that stopped beating; never
+    returns. Redis failures are logged and the round tried again later."""
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        try:
+            for node in await dead_nodes(cluster):
+                await reap(cluster, node, unavailable)
+        except StorageError as exc:
+            log.warning("reaper_failed", error=str(exc))
+
+
+async def dead_nodes(cluster: ClusterDirectory) -> list[str]:
+    """The listed nodes (other than this one) whose heartbeat key has expired."""
+    listed = await command(cluster.redis.smembers(f"{cluster.prefix}nodes"), "reaper nodes")
+    dead = []
+    for raw in listed:
+        node = raw.decode()
+        if node != cluster.node and not await cluster.is_alive(node):
+            dead.append(node)
+    return dead
+
+
+async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -> bool:
+    """Account for dead `node` (module docstring) unless another reaper holds its lock;
+    True when this one did it."""
+    redis, prefix = cluster.redis, cluster.prefix
+    lock = f"{prefix}reap:{node}"
+    taken = await command(
+        redis.set(lock, cluster.node.encode(), px=int(REAP_LOCK * 1000), condition=PureToken.NX),
+        "reaper lock",
+    )
+    if not taken:
+        return False
+    log.warning("node_dead", node=node)
+    resources = await _drop_resources(cluster, node)
+    stanzas = await _reroute_stream(cluster, node, unavailable)
+    await command(redis.srem(f"{prefix}nodes", [node]), "reaper forget")
+    await command(redis.delete([cluster.held_key(node), stream_key(prefix, node)]), "reaper forget")
+    log.info("node_reaped", node=node, resources=resources, stanzas=stanzas)
+    return True
+
+
+async def _drop_resources(cluster: ClusterDirectory, node: str) -> int:
+    """Delete the dead node's records and announce each available one gone."""
+    redis, prefix = cluster.redis, cluster.prefix
+    held = await command(redis.smembers(cluster.held_key(node)), "reaper held")
+    dropped = 0
+    for raw in held:
+        try:
+            full = JID.parse(raw.decode())
+        except (UnicodeDecodeError, ValueError):
+            continue
+        key = f"{prefix}res:{full.bare()}"
+        data = await command(redis.hget(key, full.resource or ""), "reaper record")
+        if data is None:
+            continue
+        try:
+            record = Record.decode(data)
+        except StorageError:
+            continue
+        if record.node != node:
+            continue  # another node took the JID since
+        await command(redis.hdel(key, [full.resource or ""]), "reaper drop")
+        dropped += 1
+        if record.presence is not None:
+            gone = Element(ns.CLIENT, "presence", {"type": "unavailable", "from": str(full)})
+            for other in await cluster.resources(full.bare()):
+                if other.is_available:
+                    other.handle.send(gone)
+    return dropped
+
+
+async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -> int:
+    """Every stanza waiting in the dead node's stream takes the fallbacks of an
+    unavailable full JID (another resource, offline storage, an error to its sender)."""
+    key = stream_key(cluster.prefix, node)
+    start = "-"
+    rerouted = 0
+    while True:
+        entries = await command(
+            cluster.redis.xrange(key, start=start, end="+", count=REAP_BATCH), "reaper stream"
+        )
+        for entry in entries:
+            data = entry.field_values.get(b"b") if entry.field_values else None
+            try:
+                items = decode_batch(data) if isinstance(data, bytes) else []
+            except StorageError:
+                log.exception("relay_entry_damaged", entry=str(entry.identifier))
+                items = []
+            for item in items:
+                if isinstance(item, Deliver):
+                    await unavailable(item.stanza, item.to, None)
+                    rerouted += 1
+        if len(entries) < REAP_BATCH:
+            return rerouted
+        last = entries[-1].identifier
+        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))

@@ -37,7 +37,7 @@ from gateway.core.handoff import Handoff, read_snapshot
 from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.migration import Migrations
 from gateway.core.offline import OfflineService
-from gateway.core.reaper import run_reaper
+from gateway.core.reaper import forget_previous_run, run_reaper
 from gateway.core.relay import Close, Deliver, Item, Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.core.revive import serve_revived
@@ -60,6 +60,7 @@ from gateway.storage.roster_sqlite import SqliteRosterStore
 from gateway.storage.sm_redis import RedisSmSessionTable, RedisStaleHTable
 from gateway.storage.sqlite import SqliteAccountStore
 from gateway.supervision import run_stale_h_gc, supervise
+from gateway.workers import run_workers
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 from gateway.xmpp.sasl import ScramCredentials, check_plain
@@ -119,7 +120,12 @@ async def serve_c2s(
 ) -> None:
     """Accept TCP connections on one c2s listener until cancelled."""
     listeners = await open_listeners(
-        listener.ip, listener.port, task_status, kind="c2s", tls=listener.tls.value
+        listener.ip,
+        listener.port,
+        task_status,
+        reuse_port=ctx.config.general.workers > 1,
+        kind="c2s",
+        tls=listener.tls.value,
     )
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -154,6 +160,7 @@ async def run_server(
     config: GatewayConfig,
     *,
     inline_storage: bool = False,
+    worker: int | None = None,
     task_status: trio.TaskStatus[ServerContext] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until SIGINT/SIGTERM (or cancellation), then shut down gracefully.
@@ -164,16 +171,20 @@ async def run_server(
     With `cluster.redis`, the node joins the cluster: its directory, relay and heartbeat
     (and with `backend: redis` its SM tables) use that Redis.
     """
+    node = config.cluster.node or f"{socket.gethostname()}-{os.getpid()}"
+    if worker is not None and config.cluster.node is not None:
+        node = f"{node}-{worker}"  # (without cluster.node, the pid tells workers apart)
     if config.cluster.redis is None:
-        await _run_node(config, None, inline_storage=inline_storage, task_status=task_status)
+        await _run_node(config, None, node, inline_storage=inline_storage, task_status=task_status)
         return
     async with open_redis(config.cluster.redis) as redis:
-        await _run_node(config, redis, inline_storage=inline_storage, task_status=task_status)
+        await _run_node(config, redis, node, inline_storage=inline_storage, task_status=task_status)
 
 
 async def _run_node(
     config: GatewayConfig,
     redis: Redis | None,
+    node: str,
     *,
     inline_storage: bool,
     task_status: trio.TaskStatus[ServerContext],
@@ -209,7 +220,6 @@ async def _run_node(
     handoff_store = SqliteHandoffStore(config.auth.database)
     # The one registry of counters (STYLE P5: made here, passed down, never global).
     metrics = Metrics()
-    node = config.cluster.node or f"{socket.gethostname()}-{os.getpid()}"
     relay = cluster = None
     directory: Directory = LocalDirectory(node)
     if redis is not None:
@@ -267,6 +277,7 @@ async def _run_node(
         try:
             async with trio.open_nursery() as service_nursery:
                 if relay is not None and cluster is not None:
+                    await forget_previous_run(cluster)
                     await service_nursery.start(relay.run_sender)
                     await service_nursery.start(
                         relay.run_receiver, _dispatcher(ctx, relay, cluster)
@@ -516,9 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_user_command(args, config)
         configure_logging(config.logging)
         make_ssl_context(config)
+        worker: int | None = getattr(args, "worker", None)
+        if config.general.workers > 1 and worker is None:
+            return trio.run(run_workers, args.config, config.general.workers)
         tune_collector()
         try:
-            trio.run(partial(run_server, config))
+            trio.run(partial(run_server, config, worker=worker))
         except ExceptionGroup as group:
             # e.g. a listener could not bind: report the first OSError as one line.
             matched, _rest = group.split(OSError)

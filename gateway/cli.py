@@ -28,6 +28,8 @@ def command_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    # Set by the worker supervisor (general.workers) for each child it starts.
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     check = sub.add_parser("check-config", help="validate the config file and exit")
     check.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     user = sub.add_parser("user", help="manage accounts")

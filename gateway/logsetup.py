@@ -54,6 +54,9 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(level, logging.INFO))
+    # coredis logs each retry of a Lua script Redis had not cached yet (normal after a
+    # start or a Redis restart) at info: only its warnings are the operator's business.
+    logging.getLogger("coredis").setLevel(max(level, logging.WARNING))
 
 
 def bind_connection(conn_id: str, peer: str, transport: str) -> None:

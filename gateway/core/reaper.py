@@ -152,3 +152,18 @@ async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Una
             return rerouted
         last = entries[-1].identifier
         start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+async def forget_previous_run(cluster: ClusterDirectory) -> None:
+    """At start: drop what a previous process with this node id left in Redis (a worker
+    restarted by its supervisor keeps its id), announcing its resources gone. What other
+    nodes relayed to that process and it never acknowledged is read again by this one's
+    relay (its backlog first) and takes the fallbacks of an unavailable full JID."""
+    try:
+        dropped = await _drop_resources(cluster, cluster.node)
+        await command(cluster.redis.delete([cluster.held_key(cluster.node)]), "reaper forget")
+    except StorageError as exc:
+        log.warning("previous_run_not_forgotten", error=str(exc))
+        return
+    if dropped:
+        log.info("previous_run_forgotten", resources=dropped)

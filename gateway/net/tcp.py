@@ -22,6 +22,9 @@ from gateway.xmpp.proxy_protocol import ProxyHeaderError, ProxyHeaderParser, is_
 log = structlog.get_logger(module=__name__)
 
 PROXY_HEADER_TIMEOUT: Final = 5.0
+#: Pending connections per listening socket (what trio's own listeners use: the most
+#: the kernel allows, capped by net.core.somaxconn).
+LISTEN_BACKLOG: Final = 65535
 
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
@@ -48,12 +51,48 @@ async def open_listeners(
     ip: str,
     port: int,
     task_status: trio.TaskStatus[list[trio.SocketListener]],
+    *,
+    reuse_port: bool = False,
     **fields: object,
 ) -> list[trio.SocketListener]:
-    """Bind a listener, report it started (nursery.start), and log one `listening` line."""
-    listeners = await trio.open_tcp_listeners(port, host=ip)
+    """Bind a listener, report it started (nursery.start), and log one `listening` line.
+
+    With `reuse_port` (several worker processes on the same port) the socket sets
+    SO_REUSEPORT: the kernel spreads new connections over every process listening.
+    """
+    if not reuse_port:
+        listeners = await trio.open_tcp_listeners(port, host=ip)
+    else:
+        listeners = await _open_shared_listeners(ip, port)
     task_status.started(listeners)
     log.info("listening", address=addresses(listeners), **fields)
+    return listeners
+
+
+async def _open_shared_listeners(ip: str, port: int) -> list[trio.SocketListener]:
+    """`trio.open_tcp_listeners` with SO_REUSEPORT on each socket."""
+    infos = await trio.socket.getaddrinfo(
+        ip, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners = []
+    try:
+        for family, kind, proto, _name, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
     return listeners
 
 

@@ -147,6 +147,7 @@ async def serve_websocket(
         listener.ip,
         listener.port,
         task_status,
+        reuse_port=ctx.config.general.workers > 1,
         kind="websocket",
         path=listener.path,
         tls=listener.tls.value,

@@ -5,6 +5,8 @@ other node with nothing lost."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.helpers.client import RawClient, read_to_end
 from tests.helpers.live import LiveGateway, live_gateway
+from tests.helpers.redis import RedisServer
 from tests.helpers.sm import RESUMABLE, Peer
 
 pytestmark = pytest.mark.integration
@@ -172,3 +175,66 @@ async def test_a_killed_node_is_accounted_for_and_nothing_relayed_to_it_is_lost(
     for client in (phone, bob):
         with trio.fail_after(CROSSING):
             await read_to_end(client.raw)
+
+
+def workers_config(redis_url: str) -> str:
+    return (
+        "general: {hosts: [localhost], shutdown_grace: 0.5, workers: 2}\n"
+        "listen:\n"
+        "  c2s: [{ip: 127.0.0.1, port: $c2s, tls: none}]\n"
+        "auth: {database: data/accounts.sqlite}\n"
+        "modules:\n"
+        "  mod_stream_management: {backend: redis}\n"
+        f"cluster: {{redis: '{redis_url}', node: gw, heartbeat: 0.5}}\n"
+        "logging: {level: info, format: json}\n"
+    )
+
+
+async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(
+    tmp_path: Path, redis_url: str, redis_server: RedisServer
+) -> None:
+    users = tuple(f"user{i}" for i in range(12))
+    with live_gateway(
+        tmp_path, workers_config(redis_url), password=PASSWORD, users=users, assert_clean_exit=True
+    ) as supervisor:
+        # The port answers once one worker listens; wait for both.
+        with trio.fail_after(CROSSING):
+            while sum(e.get("event") == "listening" for e in supervisor.log_events()) < 2:
+                await trio.sleep(0.05)
+        peers = [await login(supervisor, user, "r") for user in users]
+        with trio.fail_after(CROSSING):
+            while not (
+                redis_server.cli("scard", "xg:held:gw-0") not in ("", "0")
+                and redis_server.cli("scard", "xg:held:gw-1") not in ("", "0")
+            ):
+                await trio.sleep(0.05)
+        # Both workers took connections (the kernel spreads them: SO_REUSEPORT), and
+        # users on different workers chat through the cluster.
+        held_by_0 = redis_server.cli("smembers", "xg:held:gw-0").split()
+        held_by_1 = redis_server.cli("smembers", "xg:held:gw-1").split()
+        assert len(held_by_0) + len(held_by_1) == len(users)
+        first = next(
+            p for p, u in zip(peers, users, strict=True) if f"{u}@localhost/r" in held_by_0
+        )
+        second_user = next(u for u in users if f"{u}@localhost/r" in held_by_1)
+        second = peers[users.index(second_user)]
+        await first.send(chat(f"{second_user}@localhost/r", "across workers"))
+        assert body(await until(second, lambda e: e.name == "message")) == "across workers"
+
+        # SIGKILL worker 0: the supervisor starts it again; worker 1 keeps serving.
+        started = [e for e in supervisor.log_events() if e.get("event") == "worker_started"]
+        victim = next(e["pid"] for e in started if e["worker"] == 0)
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(CROSSING):
+            while not any(
+                e.get("event") == "worker_started" and e["worker"] == 0 and e["pid"] != victim
+                for e in supervisor.log_events()
+            ):
+                await trio.sleep(0.05)
+        assert any(e.get("event") == "worker_died" for e in supervisor.log_events())
+        await second.send(chat(f"{second_user}@localhost/r", "still serving"))
+        assert body(await until(second, lambda e: e.name == "message")) == "still serving"
+        # New logins work, on whichever worker the kernel picks.
+        again = await login(supervisor, users[0], "again")
+        await again.send(chat(f"{second_user}@localhost/r", "after the restart"))
+        assert body(await until(second, lambda e: e.name == "message")) == "after the restart"

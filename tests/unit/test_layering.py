@@ -31,6 +31,7 @@ LAYER = {
     "net": 5,
     "core": 6,
     "app": 7,
+    "workers": 6,
 }
 #: Third-party packages `gateway.xmpp` must not import (it is sans-I/O).
 IMPURE = {"trio", "trio_websocket", "structlog", "asyncio", "socket", "ssl", "time"}

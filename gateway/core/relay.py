@@ -218,35 +218,61 @@ class Relay:
             # What is posted while this round is written goes in the next one.
             rounds, self._pending = self._pending, {}
             try:
-                await self._write(rounds)
+                failed = await self._write(rounds)
+                error = "refused by redis"
             except StorageError as exc:
-                log.warning("relay_write_failed", error=str(exc), retry_in=backoff)
-                # Back in front of what came meanwhile, order kept per destination.
-                for node, items in self._pending.items():
-                    rounds.setdefault(node, []).extend(items)
-                self._pending = rounds
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            backoff = FIRST_BACKOFF
-            written = sum(len(items) for items in rounds.values())
+                # (Whether any destination was written is unknown: all are written
+                # again, and a receiver may get an entry twice: at least once.)
+                failed, error = set(rounds), str(exc)
+            written = sum(len(items) for node, items in rounds.items() if node not in failed)
             self._count -= written
             self.sent += written
+            if not failed:
+                backoff = FIRST_BACKOFF
+                continue
+            log.warning("relay_write_failed", error=error, nodes=sorted(failed), retry_in=backoff)
+            # Back in front of what came meanwhile, order kept per destination.
+            again = {node: rounds[node] for node in rounds if node in failed}
+            for node, items in self._pending.items():
+                again.setdefault(node, []).extend(items)
+            self._pending = again
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _write(self, rounds: dict[str, list[Item]]) -> None:
+    async def _write(self, rounds: dict[str, list[Item]]) -> set[str]:
+        """Write one entry per destination, pipelined; the destinations Redis refused
+        (written again later).
+
+        Raises:
+            StorageError: Redis could not be reached (nothing known of what was written).
+        """
         entries: list[tuple[str, bytes]] = []
         for node, items in rounds.items():
-            try:
-                entries.append((stream_key(self.prefix, node), encode_batch(items)))
-            except ValueError:
-                # Cannot happen for stanzas the gateway parsed itself; logged, not fatal.
-                log.exception("relay_encode_failed", to_node=node, items=len(items))
+            entries.append((node, b"".join(self._encoded(node, items))))
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, data in entries:
-                    pipe.xadd(key, {b"b": data})
+            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+                for node, data in entries:
+                    pipe.xadd(stream_key(self.prefix, node), {b"b": data})
         except REDIS_ERRORS as exc:
             raise StorageError(f"redis relay xadd: {exc}") from exc
+        results = pipe.results or ()
+        return {
+            node
+            for (node, _data), result in zip(entries, results, strict=False)
+            if isinstance(result, BaseException)
+        }
+
+    @staticmethod
+    def _encoded(node: str, items: list[Item]) -> list[bytes]:
+        """Each item's bytes; one that cannot be encoded (a character XML cannot carry,
+        which the parser never lets in) is logged and left out, not the whole batch."""
+        parts = []
+        for item in items:
+            try:
+                parts.append(encode_batch([item]))
+            except ValueError:
+                log.exception("relay_encode_failed", to_node=node)
+        return parts
 
     async def run_receiver(
         self,

@@ -257,3 +257,30 @@ async def health_becomes(ctx: ServerContext, unhealthy: str | None) -> None:
     with trio.fail_after(CROSSING):
         while ctx.unhealthy != unhealthy:
             await trio.sleep(0.05)
+
+
+async def test_an_ended_session_answers_failed_with_its_h_on_any_node(
+    nursery: trio.Nursery, tmp_path: Path, cert_files: tuple[Path, Path], redis_url: str
+) -> None:
+    clients: list[RawClient] = []
+    nodes = []
+    for node in ("gw1", "gw2"):
+        directory = tmp_path / node
+        directory.mkdir()
+        config = make_config(
+            directory,
+            cert_files,
+            cluster={"redis": redis_url, "node": node, "heartbeat": 1},
+            modules={"mod_stream_management": {"backend": "redis", "stale_h": {"enabled": True}}},
+        )
+        add_accounts(config)
+        nodes.append(await start_connectable(nursery, config, clients))
+    (_one, connect_one), (_two, connect_two) = nodes
+    bob = await online(connect_one, "bob", "phone", sm=RESUMABLE)
+    await bob.send(chat("bob@localhost", "to myself"))  # the server's h: 2 (presence, this)
+    await until(bob, lambda e: body(e) == "to myself")
+    await bob.close()  # ends the session: its h goes to stale_h, in Redis
+    _peer, answer = await resume(connect_two, "bob", bob.smid, 0)
+    assert answer.tag == (ns.SM, "failed"), answer
+    assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None
+    assert answer.get("h") == "2"  # XEP-0198 section 5: what gw1 had handled

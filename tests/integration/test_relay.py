@@ -509,12 +509,6 @@ async def test_a_batch_refused_by_redis_is_written_again_in_order_with_what_came
     assert gw1.sent == len(before) + len(after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Relay._write pipelines every destination and, when one XADD fails, run_sender "
-    "puts the whole round back: the destinations already written get their batch again "
-    "at every retry (duplicates for as long as the other stream refuses)",
-)
 async def test_a_destination_refusing_writes_does_not_duplicate_the_batches_of_the_others(
     gw1: Relay, redis1: Redis, redis2: Redis
 ) -> None:

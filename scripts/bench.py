@@ -225,8 +225,12 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def read_rss_kib(pid: int) -> int | None:
-    """VmRSS of `pid` in KiB from /proc, or None if it cannot be read."""
+def read_rss_kib(pid: int, extra: tuple[int, ...] = ()) -> int | None:
+    """VmRSS of `pid` (plus the `extra` processes) in KiB from /proc, or None if one
+    cannot be read."""
+    if extra:
+        parts = [read_rss_kib(p) for p in (pid, *extra)]
+        return None if None in parts else sum(p for p in parts if p is not None)
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
@@ -237,8 +241,12 @@ def read_rss_kib(pid: int) -> int | None:
     return None
 
 
-def read_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of `pid` from /proc/PID/stat, or None."""
+def read_cpu_seconds(pid: int, extra: tuple[int, ...] = ()) -> float | None:
+    """User + system CPU seconds of `pid` (plus the `extra` processes) from
+    /proc/PID/stat, or None if one cannot be read."""
+    if extra:
+        parts = [read_cpu_seconds(p) for p in (pid, *extra)]
+        return None if None in parts else sum(p for p in parts if p is not None)
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -293,6 +301,9 @@ class Config:
     resume_parked: int
     resume_concurrency: int
     ssl_context: ssl.SSLContext
+    # More processes whose CPU and memory count as the server's (the workers of a
+    # cluster, its Redis).
+    extra_pids: tuple[int, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -316,6 +327,7 @@ class Config:
             idle_seconds=args.idle_seconds,
             require_tls=not args.no_require_tls,
             server_pid=args.server_pid,
+            extra_pids=tuple(args.extra_pid or ()),
             label=args.label,
             warmup=args.warmup,
             no_sm=args.no_sm,
@@ -895,7 +907,7 @@ async def scenario_logins(cfg: Config, nursery: trio.Nursery, report: Reporter) 
             session.start_reader(nursery)
 
     cpu0 = time.process_time()
-    server_cpu0 = read_cpu_seconds(cfg.server_pid) if cfg.server_pid else None
+    server_cpu0 = read_cpu_seconds(cfg.server_pid, cfg.extra_pids) if cfg.server_pid else None
     start = time.perf_counter()
     async with trio.open_nursery() as logins:
         for index in range(cfg.clients):
@@ -939,7 +951,7 @@ async def scenario_logins(cfg: Config, nursery: trio.Nursery, report: Reporter) 
 def _server_cpu_since(cfg: Config, before: float | None) -> float | None:
     if cfg.server_pid is None or before is None:
         return None
-    after = read_cpu_seconds(cfg.server_pid)
+    after = read_cpu_seconds(cfg.server_pid, cfg.extra_pids)
     return None if after is None else round(after - before, 2)
 
 
@@ -973,7 +985,7 @@ async def scenario_idle_memory(
         report.line(f"idle memory: skipped (cannot read /proc/{cfg.server_pid}/status)")
         return
     await trio.sleep(cfg.idle_seconds)
-    rss_after = read_rss_kib(cfg.server_pid)
+    rss_after = read_rss_kib(cfg.server_pid, cfg.extra_pids)
     if rss_after is None or sessions == 0:
         reason = "server process gone" if rss_after is None else "no session logged in"
         report.figures["idle_memory"] = {"skipped": reason}
@@ -1021,7 +1033,7 @@ async def scenario_messages(cfg: Config, report: Reporter, sessions: list[Sessio
     duration = total / cfg.rate if cfg.rate > 0 else 0.0
 
     cpu0 = time.process_time()
-    server_cpu0 = read_cpu_seconds(cfg.server_pid) if cfg.server_pid else None
+    server_cpu0 = read_cpu_seconds(cfg.server_pid, cfg.extra_pids) if cfg.server_pid else None
     timed_out = False
     with trio.move_on_after(cfg.phase_timeout + duration) as phase:
         t0 = trio.current_time() + 0.05
@@ -1218,7 +1230,7 @@ async def scenario_resume(
     )
     # 5. Reconnect all at once (bounded) and resume.
     cpu0 = time.process_time()
-    server_cpu0 = read_cpu_seconds(cfg.server_pid) if cfg.server_pid else None
+    server_cpu0 = read_cpu_seconds(cfg.server_pid, cfg.extra_pids) if cfg.server_pid else None
     start = time.perf_counter()
     run = await _reconnect_all(cfg, targets, nursery)
     wall = time.perf_counter() - start
@@ -1431,7 +1443,7 @@ async def run(cfg: Config, report: Reporter) -> int:
         f"{cfg.pairs} pairs x {cfg.messages} messages, rate {cfg.rate or 'max'}"
         + (f", resume {cfg.resume}" if cfg.resume else "")
     )
-    rss_before = read_rss_kib(cfg.server_pid) if cfg.server_pid else None
+    rss_before = read_rss_kib(cfg.server_pid, cfg.extra_pids) if cfg.server_pid else None
     status = 0
     if cfg.warmup:
         # Returning clients: log everyone in once (filling the key caches), then measure.
@@ -1521,6 +1533,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--idle-seconds", type=float, default=2.0, help="idle settle time before RSS (2)")
     add("--no-require-tls", action="store_true", help="accept a server without STARTTLS")
     add("--server-pid", type=int, default=None, help="server PID for RSS and CPU figures")
+    add(
+        "--extra-pid",
+        type=int,
+        action="append",
+        help="another process counted as the server (a cluster's workers, Redis); repeatable",
+    )
     add("--label", default="server", help="name of the server in the output")
     add(
         "--no-sm",

@@ -48,6 +48,14 @@ log = structlog.get_logger(module=__name__)
 
 #: Heartbeats a node may miss before the others treat it as dead.
 MISSED_HEARTBEATS: Final = 3
+#: Seconds a remote resource found by its full JID is used without asking Redis again.
+#: A chat sends many stanzas to one full JID: asking Redis for each cost more CPU than
+#: the rest of their routing. Within this time a resource that moved or ended is
+#: still tried where it was; that node hands the stanza on by the rules for an
+#: unavailable full JID (another resource, offline storage), so nothing is lost.
+SEEN_FOR: Final = 1.0
+#: Remote resources remembered at most (the table is emptied when it is full).
+SEEN_MAX: Final = 100_000
 
 # KEYS: the account's hash, this node's held set. ARGV: resource, full JID, record.
 # Returns the record that held the field before (any node), or false.
@@ -163,9 +171,12 @@ class ClusterDirectory:
         relay: this node's relay (remote handles post to it).
         node: this node's id.
         prefix: the cluster's key prefix.
+        seen_for: seconds a remote resource found by full JID is reused (SEEN_FOR).
     """
 
-    def __init__(self, redis: Redis, relay: Relay, node: str, *, prefix: str) -> None:
+    def __init__(
+        self, redis: Redis, relay: Relay, node: str, *, prefix: str, seen_for: float = SEEN_FOR
+    ) -> None:
         self.node = node
         self.redis = redis
         self.relay = relay
@@ -180,6 +191,9 @@ class ClusterDirectory:
         self._sessions: dict[JID, str] = {}
         #: Resources unbound here while Redis refused the unbind: removed when it is back.
         self._unbind_later: set[JID] = set()
+        #: Remote resources found by full JID lately, until when (see SEEN_FOR).
+        self._seen: dict[JID, tuple[float, Resource]] = {}
+        self._seen_for = seen_for
         #: Where a relayed stanza goes when its resource has gone (the router's rules for
         #: an unavailable full JID); set by the app once the router exists.
         self.unavailable: Unavailable | None = None
@@ -215,6 +229,7 @@ class ClusterDirectory:
             "directory bind",
         )
         self._unbind_later.discard(full)
+        self._seen.pop(full, None)
         bound = await self.local.bind(member, bare, full.resource)
         self._sessions[full] = session
         if not isinstance(old, bytes):
@@ -296,6 +311,10 @@ class ClusterDirectory:
         local = await self.local.resource(full)
         if local is not None:
             return local
+        now = trio.current_time()
+        cached = self._seen.get(full)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             data = await command(
                 self.redis.hget(self._account_key(full.bare()), full.resource or ""),
@@ -312,7 +331,12 @@ class ClusterDirectory:
             return None
         if record.node == self.node:
             return None
-        return self._remote(full, record)
+        remote = self._remote(full, record)
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        if self._seen_for > 0:
+            self._seen[full] = (now + self._seen_for, remote)
+        return remote
 
     def _remote(self, full: JID, record: Record) -> Resource:
         return Resource(

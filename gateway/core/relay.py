@@ -35,7 +35,7 @@ import structlog
 import trio
 
 from gateway.errors import JIDError, StorageError, StreamErrorCondition
-from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.storage.codec import decode_stanza, decode_stanzas, encode_stanza
 from gateway.storage.redis_client import REDIS_ERRORS, Redis, command
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -57,6 +57,8 @@ _CLOSE: Final = b"c"
 _SURRENDER: Final = b"s"
 _MOVED: Final = b"m"
 _HEAD: Final = struct.Struct("!cHI")  # operation, JID length, payload length
+#: Stands for a stanza while a batch is read (all its stanzas are parsed together).
+_PENDING: Final = Element("", "pending")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ def decode_batch(data: bytes) -> list[Item]:
     Raises:
         StorageError: the entry is damaged (nothing of it is returned).
     """
-    items: list[Item] = []
+    items: list[Item | bytes] = []
     offset = 0
     try:
         while offset < len(data):
@@ -141,7 +143,9 @@ def decode_batch(data: bytes) -> list[Item]:
             payload = data[offset + jid_length : end]
             offset = end
             if op == _DELIVER:
-                items.append(Deliver(JID.parse(target), decode_stanza(payload)))
+                # (The stanza is parsed below, with the batch's others.)
+                items.append(Deliver(JID.parse(target), _PENDING))
+                items.append(payload)
             elif op == _CLOSE:
                 condition, session, text = payload.decode().split("\n", 2)
                 items.append(
@@ -160,7 +164,16 @@ def decode_batch(data: bytes) -> list[Item]:
                 raise StorageError(f"relay batch: unknown operation {op!r}")
     except (struct.error, UnicodeDecodeError, ValueError, JIDError) as exc:
         raise StorageError(f"relay batch: {exc}") from exc
-    return items
+    payloads = [part for part in items if isinstance(part, bytes)]
+    try:
+        stanzas = iter(decode_stanzas(payloads))
+    except StorageError:
+        stanzas = iter([decode_stanza(p) for p in payloads])  # raises for the damaged one
+    return [
+        Deliver(part.to, next(stanzas)) if isinstance(part, Deliver) else part
+        for part in items
+        if not isinstance(part, bytes)
+    ]
 
 
 def stream_key(prefix: str, node: str) -> str:
@@ -328,8 +341,11 @@ class Relay:
             for item in items:
                 await deliver(item)
             self.received += len(items)
-            await command(self.redis.xack(key, GROUP, [entry.identifier]), "relay xack")
-            await command(self.redis.xdel(key, [entry.identifier]), "relay xdel")
+        if entries:
+            # Every entry of the round at once, after all were delivered.
+            done = [entry.identifier for entry in entries]
+            await command(self.redis.xack(key, GROUP, done), "relay xack")
+            await command(self.redis.xdel(key, done), "relay xdel")
         return backlog
 
     async def _create_group(self, key: str) -> None:

@@ -133,10 +133,14 @@ def remote_to(resource: Resource | None, node: str, full: JID, relay: Relay) -> 
     )
 
 
-def make_node(redis: Redis, node: str, *, max_pending: int = 100) -> ClusterDirectory:
-    """The cluster directory of `node` over `redis`, with a relay of its own."""
+def make_node(
+    redis: Redis, node: str, *, max_pending: int = 100, seen_for: float = 0.0
+) -> ClusterDirectory:
+    """The cluster directory of `node` over `redis`, with a relay of its own; remote
+    resources found by full JID are not reused (`seen_for` 0) unless a test says so, so
+    that every lookup shows what Redis holds."""
     relay = Relay(redis, node, prefix=PREFIX, max_pending=max_pending)
-    return ClusterDirectory(redis, relay, node, prefix=PREFIX)
+    return ClusterDirectory(redis, relay, node, prefix=PREFIX, seen_for=seen_for)
 
 
 @pytest.fixture
@@ -790,3 +794,22 @@ async def test_records_lost_by_redis_between_two_heartbeats_are_written_again(
 
 async def has_resource(directory: ClusterDirectory, full: JID) -> bool:
     return await directory.resource(full) is not None
+
+
+async def test_a_remote_resource_found_by_full_jid_is_reused_for_a_while(
+    redis: Redis,
+) -> None:
+    """Routing a chat asks Redis once per SEEN_FOR, not once per stanza; a change on
+    the other node shows after that (the other node's fallbacks cover the gap)."""
+    gw1, gw2 = make_node(redis, "gw1"), make_node(redis, "gw2", seen_for=0.3)
+    peer = Peer()
+    await bind(gw1, peer, JULIET, "balcony")
+    first = await gw2.resource(BALCONY)
+    assert first is not None and first.node == "gw1"
+    assert await gw1.unbind(peer)
+    assert await gw2.resource(BALCONY) is first  # reused, no round trip
+    await trio.sleep(0.35)
+    assert await gw2.resource(BALCONY) is None
+    # A bare JID lookup always asks Redis (presence and bare-JID delivery need it fresh).
+    await bind(gw1, Peer(), JULIET, "garden")
+    assert [r.full_jid for r in await gw2.resources(JULIET)] == [GARDEN]

@@ -342,10 +342,14 @@ class Relay:
                 await deliver(item)
             self.received += len(items)
         if entries:
-            # Every entry of the round at once, after all were delivered.
+            # Every entry of the round at once, after all were delivered: one round trip.
             done = [entry.identifier for entry in entries]
-            await command(self.redis.xack(key, GROUP, done), "relay xack")
-            await command(self.redis.xdel(key, done), "relay xdel")
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xack(key, GROUP, done)
+                    pipe.xdel(key, done)
+            except REDIS_ERRORS as exc:
+                raise StorageError(f"redis relay xack: {exc}") from exc
         return backlog
 
     async def _create_group(self, key: str) -> None:

@@ -97,7 +97,10 @@ done
 sleep 2  # (imports and listeners of the last one started)
 EXTRA=()
 for pid in "${WORKER_PIDS[@]:1}" "$SUPERVISOR" "$REDIS_PID"; do EXTRA+=(--extra-pid "$pid"); done
+cpu_of() { "$PYTHON" -c 'import os, sys; f = open(f"/proc/{sys.argv[1]}/stat").read().rpartition(")")[2].split(); print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$1"; }
+redis_before=$(cpu_of "$REDIS_PID")
 run_bench "$WORKERS workers" "$WORK/cluster.json" --server-pid "${WORKER_PIDS[0]}" "${EXTRA[@]}"
+echo "cluster_bench: redis-server used $("$PYTHON" -c "print(round($(cpu_of "$REDIS_PID") - $redis_before, 2))") CPU-s of the cluster run (all phases)"
 
 "$PYTHON" - "$WORK/single.json" "$WORK/cluster.json" "$WORKERS" <<'PY'
 import json, sys

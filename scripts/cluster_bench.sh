@@ -114,11 +114,20 @@ rows = [
     ("messages lost", ("messages", "lost")),
     ("logins/s", ("logins", "logins_per_s")),
     ("KiB per idle session", ("idle_memory", "kib_per_session")),
+    # With --resume K: the reconnections land on any worker (about half on another node
+    # than the one holding the session, which then moves).
+    ("sessions resumed", ("resume", "resumed")),
+    ("resume failures", ("resume", "failures")),
+    ("resume p99 ms", ("resume", "p99_ms")),
+    ("resume msgs lost", ("resume", "lost")),
+    ("resume msgs duplicated", ("resume", "duplicates")),
 ]
 print(f"{'':24} {'one process':>12} {workers + ' workers':>12} {'ratio':>7}")
 for name, (section, key) in rows:
     a = single.get(section, {}).get(key)
     b = cluster.get(section, {}).get(key)
+    if a is None and b is None:
+        continue
     ratio = f"{b / a:7.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "      -"
     print(f"{name:24} {a!s:>12} {b!s:>12} {ratio}")
 PY

@@ -331,6 +331,11 @@ class Relay:
         entries = [entry for stream in (answer or {}).values() for entry in stream]
         if backlog and not entries:
             return False
+        # Stanzas and closes in order, one after the other (their order is the order a
+        # client sees); session moves each on their own, so a burst of resumptions from
+        # another node is not served one at a time. All are done before the round is
+        # acknowledged.
+        moves: list[Item] = []
         for entry in entries:
             data = entry.field_values.get(b"b") if entry.field_values else None
             try:
@@ -339,8 +344,15 @@ class Relay:
                 log.exception("relay_entry_damaged", entry=str(entry.identifier))
                 items = []
             for item in items:
-                await deliver(item)
+                if isinstance(item, Surrender | Moved):
+                    moves.append(item)
+                else:
+                    await deliver(item)
             self.received += len(items)
+        if moves:
+            async with trio.open_nursery() as nursery:
+                for item in moves:
+                    nursery.start_soon(_deliver_move, deliver, item)
         if entries:
             # Every entry of the round at once, after all were delivered: one round trip.
             done = [entry.identifier for entry in entries]
@@ -361,3 +373,12 @@ class Relay:
         except StorageError as exc:
             if "BUSYGROUP" not in str(exc):
                 log.warning("relay_group_failed", error=str(exc))
+
+
+async def _deliver_move(deliver: Callable[[Item], Awaitable[None]], item: Item) -> None:
+    """Deliver a session move; a store failure there is logged (the resume it serves
+    fails, the client tries again), not a reason to stop reading the stream."""
+    try:
+        await deliver(item)
+    except StorageError as exc:
+        log.warning("relay_move_failed", error=str(exc))

@@ -522,6 +522,19 @@ def parse_config(
     )
     cl.done()
     _check_cluster(file, general, sm, cluster)
+    if general.workers > 1:
+        # Workers share each listener's port (SO_REUSEPORT); port 0 would give each its
+        # own random port, so clients would reach only some of them.
+        ports = [("c2s", i, item.port) for i, item in enumerate(c2s)]
+        ports += [("websocket", i, item.port) for i, item in enumerate(websocket)]
+        for kind, index, port in ports:
+            if port == 0:
+                raise ConfigError(
+                    file,
+                    f"listen.{kind}[{index}].port",
+                    f"must be a fixed port with general.workers: {general.workers} "
+                    "(the workers share it; 0 would give each worker another port)",
+                )
 
     lg = root.section("logging")
     level = lg.string("level", "info").lower()

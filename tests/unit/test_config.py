@@ -1016,3 +1016,14 @@ def test_redis_with_per_node_sm_tables_is_refused(tmp_path: Path, modules: dict[
     assert "item-not-found" in exc.message
     assert exc.message.endswith("set modules.mod_stream_management.backend: redis")
     assert PASSWORD not in str(exc)
+
+
+def test_several_workers_need_fixed_ports(tmp_path: Path) -> None:
+    data = _doc(
+        general={"workers": 2},
+        cluster={"redis": REDIS_URL, "node": "gw1"},
+        modules=REDIS_SM,
+        listen={"c2s": [{"port": 5222, "tls": "none"}, {"port": 0, "tls": "none"}]},
+    )
+    exc = _refusal(tmp_path, data, "listen.c2s[1].port")
+    assert exc.message.startswith("must be a fixed port with general.workers: 2")

@@ -36,6 +36,7 @@ from gateway.core.directory import Directory, Handle, LocalDirectory
 from gateway.core.handoff import Handoff, read_snapshot
 from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.migration import Migrations
+from gateway.core.mirror import run_h_mirror
 from gateway.core.offline import OfflineService
 from gateway.core.reaper import forget_previous_run, run_reaper
 from gateway.core.relay import Close, Deliver, Item, Relay
@@ -285,6 +286,13 @@ async def _run_node(
                     await service_nursery.start(
                         cluster.run_heartbeat, config.cluster.heartbeat, ctx.set_health
                     )
+                    if sm_cfg.stale_h.enabled:
+                        # The h of this node's sessions, for the others if it dies.
+                        await service_nursery.start(
+                            supervise,
+                            "h_mirror",
+                            partial(run_h_mirror, ctx, config.cluster.heartbeat),
+                        )
                     assert cluster.unavailable is not None
                     # Accounts for nodes that died (gateway.core.reaper), supervised.
                     await service_nursery.start(

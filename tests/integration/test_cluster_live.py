@@ -34,7 +34,8 @@ def node_config(node: str, redis_url: str, database: Path) -> str:
         "  c2s: [{ip: 127.0.0.1, port: $c2s, tls: none}]\n"
         f"auth: {{database: {database}}}\n"
         "modules:\n"
-        "  mod_stream_management: {backend: redis, resume_timeout: 300}\n"
+        "  mod_stream_management: {backend: redis, resume_timeout: 300,"
+        " stale_h: {enabled: true}}\n"
         f"cluster: {{redis: '{redis_url}', node: {node}, heartbeat: 0.5}}\n"
         "logging: {level: info, format: json}\n"
     )
@@ -238,3 +239,30 @@ async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(
         again = await login(supervisor, users[0], "again")
         await again.send(chat(f"{second_user}@localhost/r", "after the restart"))
         assert body(await until(second, lambda e: e.name == "message")) == "after the restart"
+
+
+async def test_a_killed_nodes_sessions_answer_failed_with_the_h_redis_knew(
+    nodes: tuple[LiveGateway, LiveGateway], redis_server: RedisServer
+) -> None:
+    one, two = nodes
+    bob = await login(one, "bob", "phone", sm=True)  # its presence: the server's h is 1
+    await bob.send(chat("bob@localhost/phone", "one more"))  # h 2
+    await until(bob, lambda e: body(e) == "one more")
+    # The node mirrors its sessions' h into Redis every heartbeat (0.5 s).
+    with trio.fail_after(CROSSING):
+        while redis_server.cli("hget", f"xg:stale_h:{bob.smid}", "h") != "2":
+            await trio.sleep(0.05)
+    one.proc.kill()
+    one.proc.wait()
+
+    raw = RawClient(await trio.open_tcp_stream("127.0.0.1", two.port))
+    await raw.open()
+    assert (await raw.auth("bob", PASSWORD, "PLAIN")).name == "success"
+    raw.parser.reset()
+    await raw.open()
+    await raw.send(f"<resume xmlns='{ns.SM}' previd='{bob.smid}' h='0'/>")
+    with trio.fail_after(CROSSING):
+        answer = await raw.receive()
+    assert answer.tag == (ns.SM, "failed"), answer
+    assert answer.find(ns.STANZAS_ERRORS, "item-not-found") is not None
+    assert answer.get("h") == "2"  # XEP-0198 section 5: what the dead node had handled

@@ -315,6 +315,13 @@ async def _run_node(
                         ),
                     )
                 await _serve_until_signal(ctx, config, signals, task_status)
+                if relay is not None:
+                    # What the ending sessions handed to other nodes (stanzas, moved
+                    # sessions) leaves before the sender stops; bounded.
+                    with trio.move_on_after(CLOSE_DEADLINE / 2):
+                        await relay.wait_flushed()
+                    if relay.pending:
+                        log.warning("relay_not_flushed", pending=relay.pending)
                 service_nursery.cancel_scope.cancel()
         finally:
             accounts.close()
@@ -333,10 +340,21 @@ def _dispatcher(
 
     async def adopt(data: bytes) -> bool:
         revivable = read_snapshot(data)
-        if revivable is None or ctx.handler_nursery is None:
+        if revivable is None:
+            return False
+        smid = revivable.snapshot.smid
+        if smid in ctx.resume.slots:
+            # Delivered twice (the relay is at least once): this node has it already.
+            log.info("sm_move_duplicate", smid=smid)
+            return True
+        if ctx.handler_nursery is None or ctx.draining:
+            # Not serving (starting, or stopping): left for whichever node the client
+            # reaches, not dropped.
+            assert ctx.adoptable is not None
+            await ctx.adoptable.put(smid, data, revivable.snapshot.expires_at)
             return False
         await ctx.handler_nursery.start(serve_revived, ctx, revivable)
-        return revivable.snapshot.smid in ctx.resume.slots
+        return smid in ctx.resume.slots
 
     assert ctx.adoptable is not None
     ctx.migrations = migrations = Migrations(

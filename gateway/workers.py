@@ -59,6 +59,8 @@ class Workers:
             started = trio.current_time()
             process = await trio.lowlevel.open_process(self.command(index))
             self.children[index] = process
+            if self.stopping.is_set():
+                process.send_signal(signal.SIGTERM)  # (SIGTERM came while it started)
             log.info("worker_started", worker=index, pid=process.pid)
             with trio.CancelScope(shield=True):
                 # Shielded: a child is always waited for (no zombie), also at shutdown.

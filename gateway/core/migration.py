@@ -99,9 +99,13 @@ class Migrations:
         return await self._adopt_left(smid)
 
     async def _adopt_left(self, smid: str) -> bool:
-        """Adopt the session a drained node left in the store, if it is there."""
-        data = await self.adoptable.take(smid)
-        return data is not None and await self.adopt(data)
+        """Adopt the session a drained node left in the store, if it is there. Taking it
+        and parking it are one shielded, bounded step: a lender cancelled in between
+        must not make a taken snapshot vanish."""
+        with trio.CancelScope(shield=True), trio.move_on_after(MOVE_WAIT):
+            data = await self.adoptable.take(smid)
+            return data is not None and await self.adopt(data)
+        return False
 
     def send(self, smid: str, snapshot: bytes, to_node: str) -> bool:
         """Post a surrendered session's snapshot to the node that asked for it."""

@@ -72,9 +72,15 @@ async def dead_nodes(cluster: ClusterDirectory) -> list[str]:
     dead = []
     for raw in listed:
         node = raw.decode()
-        if node != cluster.node and not await cluster.is_alive(node):
+        if node != cluster.node and not await _beats(cluster, node):
             dead.append(node)
     return dead
+
+
+async def _beats(cluster: ClusterDirectory, node: str) -> bool:
+    """Whether `node`'s heartbeat key is there; a Redis failure raises (never "dead")."""
+    key = f"{cluster.prefix}node:{node}"
+    return await command(cluster.redis.exists([key]), "reaper liveness") > 0
 
 
 async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -> bool:
@@ -87,6 +93,10 @@ async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -
         "reaper lock",
     )
     if not taken:
+        return False
+    if await _beats(cluster, node):
+        # It beat again meanwhile (a slow node, or one restarted under its id): alive.
+        await command(redis.delete([lock]), "reaper unlock")
         return False
     log.warning("node_dead", node=node)
     resources = await _drop_resources(cluster, node)

@@ -199,6 +199,7 @@ class Relay:
         self._pending: dict[str, list[Item]] = {}
         self._count = 0
         self._wakeup = trio.Event()
+        self._written = trio.Event()
         #: Items written to Redis and items delivered from it (for the metrics and tests).
         self.sent = 0
         self.received = 0
@@ -206,6 +207,13 @@ class Relay:
     @property
     def pending(self) -> int:
         return self._count
+
+    async def wait_flushed(self) -> None:
+        """Wait until nothing posted is waiting to be written (at shutdown, before the
+        sender stops: what other nodes must get is not left behind)."""
+        while self._count:
+            self._written = trio.Event()
+            await self._written.wait()
 
     def post(self, node: str, item: Item) -> bool:
         """Queue `item` for `node` without waiting; False (the caller keeps the stanza)
@@ -240,6 +248,7 @@ class Relay:
             written = sum(len(items) for node, items in rounds.items() if node not in failed)
             self._count -= written
             self.sent += written
+            self._written.set()
             if not failed:
                 backoff = FIRST_BACKOFF
                 continue

@@ -172,7 +172,8 @@ class ResumeRegistry:
             return loan
         self._unpark(slot)
         slot.state = SlotState.ENDED
-        self.slots.pop(slot.smid, None)
+        if self.slots.get(slot.smid) is slot:
+            del self.slots[slot.smid]
         return None
 
     def _unpark(self, slot: ResumeSlot) -> None:

@@ -16,8 +16,10 @@ import trio
 from gateway.config import TlsMode
 from gateway.core.connection import Connection
 from gateway.core.context import ServerContext
+from gateway.core.ending import reroute
 from gateway.core.handoff import Revivable, session_from
 from gateway.core.session import Session
+from gateway.errors import StorageError
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import DetachedWire
@@ -52,7 +54,23 @@ async def serve_revived(
     started = False
     try:
         session = session_from(revivable, conn.conn_id, cfg)
-        session.bound(await ctx.router.bind(session, full.bare(), full.resource))
+        try:
+            with trio.CancelScope(shield=True):
+                # (Shielded: once taken, the snapshot exists nowhere else.)
+                session.bound(await ctx.router.bind(session, full.bare(), full.resource))
+        except StorageError as exc:
+            # Cannot be made known to the cluster now: it ends here, its stanzas handed
+            # back like any ending session's (another resource, offline, the sender).
+            log.warning("session_not_revived", error=str(exc))
+            session.bound(full)
+            assert session.sm is not None
+            with trio.CancelScope(shield=True):
+                await reroute(ctx.router, session, session.sm.unacked())
+            reason = "storage_unavailable"
+            if not started:
+                started = True
+                task_status.started()
+            return
         wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else ctx.wall_clock()
         conn.revived(
             session,

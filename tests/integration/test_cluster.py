@@ -17,6 +17,9 @@ import pytest
 import trio
 
 from gateway.core.context import ServerContext
+from gateway.core.handoff import snapshot_of
+from gateway.core.relay import Moved
+from gateway.storage.snapshot import encode_snapshot
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.helpers.accounts import PASSWORD
@@ -179,6 +182,13 @@ async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lo
     # The session lives on gw2 now: what is sent to it arrives there.
     await alice.send(chat("bob@localhost/phone", "m4"))
     assert body(await until(again, lambda e: e.name == "message")) == "m4"
+    # The relay is at least once: the same snapshot arriving again changes nothing.
+    assert two.migrations is not None
+    copy = encode_snapshot(snapshot_of(moved, expires_at=2e9, epoch=9, peer="copy"))
+    await two.migrations.receive(Moved(smid or "", copy))
+    assert await local_session(two, "bob@localhost/phone") is moved
+    await alice.send(chat("bob@localhost/phone", "m5"))
+    assert body(await until(again, lambda e: e.name in ("message", "error"))) == "m5"
 
 
 async def test_a_resume_on_another_node_by_another_user_is_item_not_found(

@@ -360,7 +360,14 @@ class ClusterDirectory:
                 # on (as a local replacement does), so stanzas for it find the new holder
                 # and the ending session does not announce itself gone a second time.
                 self.local.release(item.to, local.handle)
+                self._sessions.pop(item.to, None)
                 local.handle.close(item.condition, item.text)
+                try:
+                    await command(
+                        self.redis.srem(self.held_key(self.node), [str(item.to)]), "directory"
+                    )
+                except StorageError as exc:
+                    log.warning("directory_release_failed", error=str(exc))
             return
         if local is not None and local.handle.send(item.stanza):
             return

@@ -122,7 +122,10 @@ class Migrations:
                 # it in the adoptable store).
                 request.migrate_to = item.requester
                 return
-            if slot is None:
+            sm = slot.session.sm if slot is not None else None
+            if slot is None or sm is None or not sm.resumable:
+                # Unknown here, or no longer resumable (its buffer overflowed): the
+                # asker answers <failed/> at once instead of waiting.
                 log.info("sm_surrender_unknown", smid=item.smid, requester=item.requester)
                 self.send(item.smid, b"", item.requester)
                 return

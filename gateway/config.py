@@ -13,12 +13,12 @@ import dataclasses
 import enum
 import ipaddress
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from gateway.errors import ConfigError
+from gateway.redis_url import check_redis_url
 from gateway.xmpp.jid import JID
 from gateway.yaml_reader import Reader, read_yaml
 
@@ -215,10 +215,6 @@ class GatewayConfig:
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-_REDIS_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
-_REDIS_DB = re.compile(r"[0-9]{1,9}")
-_REDIS_URL_FORMS = "redis://[:password@]host[:port][/db], rediss://... or unix://[:password@]/path"
 
 
 def _parse_general(r: Reader) -> GeneralConfig:
@@ -350,74 +346,6 @@ def _parse_lockout(r: Reader) -> LockoutConfig:
     return lockout
 
 
-def _check_redis_url(r: Reader, name: str) -> str | None:
-    """The Redis URL at `name`, checked for what the Redis client needs.
-
-    No message quotes any part of the value: it may hold a password, and a password with an
-    unescaped `/`, `?` or `#` lands in whatever part of the URL follows it.
-    """
-    value = r.raw(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise r.error(name, f"must be a Redis URL ({_REDIS_URL_FORMS}), got {_type_of(value)}")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise r.error(name, "must not contain spaces or control characters")
-    scheme, sep, _ = value.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in REDIS_SCHEMES:
-        raise r.error(name, f"must start with redis://, rediss:// or unix:// ({_REDIS_URL_FORMS})")
-    try:
-        url = urllib.parse.urlsplit(value)
-    except ValueError as exc:  # unbalanced [ ]
-        raise r.error(name, f"is not a valid URL ({_REDIS_URL_FORMS})") from exc
-    hostport = url.netloc.rpartition("@")[2]
-    if url.fragment or (url.query and scheme != "unix"):
-        raise r.error(
-            name,
-            "must not have a ?query or #fragment (the db number goes in the path: "
-            "redis://host:6379/0; a password cannot hold / ? or #)",
-        )
-    if scheme == "unix":
-        if hostport:
-            raise r.error(name, "unix:// takes no host or port, only a path: unix:///path/to.sock")
-        if not url.path.startswith("/") or url.path.endswith("/"):
-            raise r.error(name, "must name the socket file by its absolute path: unix:///path")
-        db = url.query.removeprefix("db=")
-        if url.query and (db == url.query or not _REDIS_DB.fullmatch(db)):
-            raise r.error(name, "may only have ?db=N after the socket path (N a number)")
-        return value
-    if hostport.startswith("["):  # an IPv6 address: [::1]:6379
-        host, bracket, rest = hostport.partition("]")
-        host += bracket
-        colon, port = rest[:1], rest[1:]
-        if rest and colon != ":":
-            raise r.error(name, "has an invalid host")
-    else:
-        host, colon, port = hostport.partition(":")
-    if not host:
-        raise r.error(
-            name, "has no host (redis://[:password@]host[:port][/db]; a password cannot hold / ? #)"
-        )
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError as exc:
-            raise r.error(name, "has an invalid IPv6 address between [ ]") from exc
-    elif not _REDIS_HOST.fullmatch(host):
-        raise r.error(name, "has an invalid host name")
-    if colon and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
-        raise r.error(name, "has an invalid port (must be between 1 and 65535)")
-    if url.path not in ("", "/") and not _REDIS_DB.fullmatch(url.path[1:]):
-        raise r.error(name, "may only have a db number as its path (redis://host:6379/0)")
-    return value
-
-
-def _type_of(value: object) -> str:
-    """The YAML type of `value`, never its text (see `_check_redis_url`)."""
-    return "an empty string" if value == "" else type(value).__name__
-
-
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a config file.
 
@@ -516,7 +444,7 @@ def parse_config(
     if node is not None and (not isinstance(node, str) or not _NODE_ID.fullmatch(node)):
         raise cl.error("node", "must be 1 to 64 letters, digits, '.', '_' or '-'")
     cluster = ClusterConfig(
-        redis=_check_redis_url(cl, "redis"),
+        redis=check_redis_url(cl, "redis"),
         node=node,
         heartbeat=cl.seconds("heartbeat", dc.heartbeat, 0.1, 60),
     )

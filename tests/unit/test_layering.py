@@ -19,19 +19,20 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 #: The layer of each top-level part of `gateway`, and the layers it may import.
 LAYER = {
     "__init__": 0,
-    "__main__": 9,
+    "__main__": 10,
     "errors": 0,
     "xmpp": 1,
     "yaml_reader": 1,
-    "config": 2,
-    "storage": 2,
-    "logsetup": 3,
-    "cli": 3,
-    "supervision": 4,
-    "net": 5,
-    "core": 6,
-    "app": 7,
-    "workers": 6,
+    "redis_url": 2,
+    "config": 3,
+    "storage": 3,
+    "logsetup": 4,
+    "cli": 4,
+    "supervision": 5,
+    "net": 6,
+    "core": 7,
+    "workers": 7,
+    "app": 8,
 }
 #: Third-party packages `gateway.xmpp` must not import (it is sans-I/O).
 IMPURE = {"trio", "trio_websocket", "structlog", "asyncio", "socket", "ssl", "time"}

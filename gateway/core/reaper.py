@@ -30,7 +30,7 @@ import trio
 from coredis.tokens import PureToken
 
 from gateway.core.cluster import ClusterDirectory, Record
-from gateway.core.relay import Deliver, decode_batch, stream_key
+from gateway.core.relay import Deliver, entry_items, stream_key
 from gateway.errors import StorageError
 from gateway.storage.redis_client import command
 from gateway.xmpp import namespaces as ns
@@ -148,12 +148,7 @@ async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Una
             cluster.redis.xrange(key, start=start, end="+", count=REAP_BATCH), "reaper stream"
         )
         for entry in entries:
-            data = entry.field_values.get(b"b") if entry.field_values else None
-            try:
-                items = decode_batch(data) if isinstance(data, bytes) else []
-            except StorageError:
-                log.exception("relay_entry_damaged", entry=str(entry.identifier))
-                items = []
+            items = entry_items(entry)
             for item in items:
                 if isinstance(item, Deliver):
                     await unavailable(item.stanza, item.to, None)

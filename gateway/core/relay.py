@@ -33,6 +33,7 @@ from typing import Final
 
 import structlog
 import trio
+from coredis.response.types import StreamEntry
 
 from gateway.errors import JIDError, StorageError, StreamErrorCondition
 from gateway.storage.codec import decode_stanza, decode_stanzas, encode_stanza
@@ -174,6 +175,17 @@ def decode_batch(data: bytes) -> list[Item]:
         for part in items
         if not isinstance(part, bytes)
     ]
+
+
+def entry_items(entry: StreamEntry) -> list[Item]:
+    """The items of one stream entry; a damaged entry is logged and yields none (the
+    receiver acknowledges it: reading it again would not repair it)."""
+    data = entry.field_values.get(b"b") if entry.field_values else None
+    try:
+        return decode_batch(data) if isinstance(data, bytes) else []
+    except StorageError as exc:
+        log.warning("relay_entry_damaged", entry=str(entry.identifier), error=str(exc))
+        return []
 
 
 def stream_key(prefix: str, node: str) -> str:
@@ -346,12 +358,7 @@ class Relay:
         # acknowledged.
         moves: list[Item] = []
         for entry in entries:
-            data = entry.field_values.get(b"b") if entry.field_values else None
-            try:
-                items = decode_batch(data) if isinstance(data, bytes) else []
-            except StorageError:
-                log.exception("relay_entry_damaged", entry=str(entry.identifier))
-                items = []
+            items = entry_items(entry)
             for item in items:
                 if isinstance(item, Surrender | Moved):
                     moves.append(item)

@@ -146,6 +146,20 @@ def _wait_listening(proc: subprocess.Popen[bytes], log: Path, ports: Sequence[in
                 time.sleep(0.05)
 
 
+def make_certs(out: Path) -> Path:
+    """`scripts/make_cert.py --out OUT` (as an operator sets up TLS): the certificate of
+    localhost (`OUT/localhost.pem`, its key beside it)."""
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    return out / "localhost.pem"
+
+
 @contextlib.contextmanager
 def live_gateway(
     tmp_path: Path,
@@ -170,21 +184,7 @@ def live_gateway(
     STOP_TIMEOUT) or SIGKILL (`stop="kill"`); with `assert_clean_exit` its exit status
     after SIGTERM must be 0 and a timeout is re-raised after the kill.
     """
-    cert: Path | None = None
-    if certs:
-        made = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "make_cert.py"),
-                "--out",
-                str(tmp_path / "certs"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert made.returncode == 0, made.stderr
-        cert = tmp_path / "certs" / "localhost.pem"
+    cert = make_certs(tmp_path / "certs") if certs else None
     port_numbers = {name: free_port() for name in ports}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(string.Template(config).substitute(port_numbers))

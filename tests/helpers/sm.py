@@ -48,6 +48,11 @@ def message(to: str, body: str) -> str:
     return f"<message to='{to}' type='chat' id='{body}'><body>{body}</body></message>"
 
 
+def body(element: Element) -> str | None:
+    """The body of a message element (None for anything else, or no body)."""
+    return element.find_text(ns.CLIENT, "body") if element.tag == (ns.CLIENT, "message") else None
+
+
 def bodies(elements: Iterable[Element]) -> list[str]:
     """The body of each message among `elements`, in order ("" for none)."""
     return [
@@ -216,3 +221,13 @@ def offline_delivery(elements: Iterable[Element]) -> list[tuple[str, str | None]
             )
         )
     return found
+
+
+async def first(peer: Peer, wanted: Callable[[Element], bool], seconds: float) -> Element:
+    """The first element `wanted` accepts, read within `seconds` (real time: for
+    deliveries that cross real sockets, where waiting for all tasks to block proves
+    nothing)."""
+    with trio.fail_after(seconds):
+        while not wanted(element := await peer.receive()):
+            pass
+    return element

@@ -32,7 +32,7 @@ from tests.helpers.inprocess import (
     start_connectable,
 )
 from tests.helpers.redis import run_redis
-from tests.helpers.sm import RESUMABLE, Peer, online, resume
+from tests.helpers.sm import RESUMABLE, Peer, body, first, message, online, resume
 
 #: Seconds a stanza may take to cross (real sockets to Redis and back).
 CROSSING = 5.0
@@ -63,18 +63,7 @@ async def start_node(
 
 async def until(peer: Peer, wanted: Callable[[Element], bool]) -> Element:
     """The first element `wanted` accepts, within CROSSING seconds."""
-    with trio.fail_after(CROSSING):
-        while not wanted(element := await peer.receive()):
-            pass
-    return element
-
-
-def body(element: Element) -> str | None:
-    return element.find_text(ns.CLIENT, "body") if element.name == "message" else None
-
-
-def chat(to: str, text: str) -> str:
-    return f"<message to='{to}' type='chat' id='{text}'><body>{text}</body></message>"
+    return await first(peer, wanted, CROSSING)
 
 
 async def test_a_message_to_a_full_jid_on_another_node_arrives_and_the_answer_comes_back(
@@ -84,10 +73,10 @@ async def test_a_message_to_a_full_jid_on_another_node_arrives_and_the_answer_co
     _two, connect_two = await start_node("gw2")
     alice = await online(connect_one, "alice", "desk")
     bob = await online(connect_two, "bob", "phone")
-    await alice.send(chat("bob@localhost/phone", "hello"))
+    await alice.send(message("bob@localhost/phone", "hello"))
     got = await until(bob, lambda e: body(e) == "hello")
     assert got.get("from") == "alice@localhost/desk"
-    await bob.send(chat("alice@localhost/desk", "hi back"))
+    await bob.send(message("alice@localhost/desk", "hi back"))
     back = await until(alice, lambda e: body(e) == "hi back")
     assert back.get("from") == "bob@localhost/phone"
 
@@ -100,11 +89,11 @@ async def test_a_message_to_a_bare_jid_goes_to_the_top_priority_resource_on_any_
     alice = await online(connect_one, "alice", "desk")
     bob_desk = await online(connect_one, "bob", "desk", priority=1)
     bob_phone = await online(connect_two, "bob", "phone", priority=5)
-    await alice.send(chat("bob@localhost", "to the phone"))
+    await alice.send(message("bob@localhost", "to the phone"))
     got = await until(bob_phone, lambda e: body(e) == "to the phone")
     assert got.get("to") == "bob@localhost"
     # The desk (lower priority, other node) did not get it: its next message is this one.
-    await alice.send(chat("bob@localhost/desk", "to the desk"))
+    await alice.send(message("bob@localhost/desk", "to the desk"))
     first = await until(bob_desk, lambda e: e.name == "message")
     assert body(first) == "to the desk"
 
@@ -148,7 +137,7 @@ async def test_binding_a_resource_held_on_another_node_ends_the_older_session_wi
     )
     assert gone.get("from") == "alice@localhost/desk"
     # And the new holder of the JID gets what is sent to it, from either node.
-    await watcher.send(chat("alice@localhost/desk", "to the new desk"))
+    await watcher.send(message("alice@localhost/desk", "to the new desk"))
     assert body(await until(new, lambda e: e.name == "message")) == "to the new desk"
 
 
@@ -160,12 +149,12 @@ async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lo
     alice = await online(connect_two, "alice", "desk")
     bob = await online(connect_one, "bob", "phone", sm=RESUMABLE)
     smid = bob.smid
-    await alice.send(chat("bob@localhost/phone", "m1"))
-    await alice.send(chat("bob@localhost/phone", "m2"))
+    await alice.send(message("bob@localhost/phone", "m1"))
+    await alice.send(message("bob@localhost/phone", "m2"))
     await until(bob, lambda e: body(e) == "m2")
     await bob.ack(bob.h - 1)  # m1 acknowledged, m2 handled but not acknowledged
     await bob.cut()
-    await alice.send(chat("bob@localhost/phone", "m3"))  # for the parked session on gw1
+    await alice.send(message("bob@localhost/phone", "m3"))  # for the parked session on gw1
     with trio.fail_after(CROSSING):
         while (parked := await local_session(one, "bob@localhost/phone")) is None or (
             parked.sm is None or parked.sm.buffer_size < 2
@@ -180,14 +169,14 @@ async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lo
     moved = await local_session(two, "bob@localhost/phone")
     assert moved is not None and moved.sm is not None and moved.sm.smid == smid
     # The session lives on gw2 now: what is sent to it arrives there.
-    await alice.send(chat("bob@localhost/phone", "m4"))
+    await alice.send(message("bob@localhost/phone", "m4"))
     assert body(await until(again, lambda e: e.name == "message")) == "m4"
     # The relay is at least once: the same snapshot arriving again changes nothing.
     assert two.migrations is not None
     copy = encode_snapshot(snapshot_of(moved, expires_at=2e9, epoch=9, peer="copy"))
     await two.migrations.receive(Moved(smid or "", copy))
     assert await local_session(two, "bob@localhost/phone") is moved
-    await alice.send(chat("bob@localhost/phone", "m5"))
+    await alice.send(message("bob@localhost/phone", "m5"))
     assert body(await until(again, lambda e: e.name in ("message", "error"))) == "m5"
 
 
@@ -236,7 +225,7 @@ async def test_with_redis_gone_a_node_serves_its_sessions_refuses_new_ones_and_r
     redis.process.wait()
     await health_becomes(ctx, "redis unreachable")
     # Sessions of this node keep chatting.
-    await alice.send(chat("bob@localhost/phone", "still here"))
+    await alice.send(message("bob@localhost/phone", "still here"))
     assert body(await until(bob, lambda e: e.name == "message")) == "still here"
     # A new session cannot be made known to the cluster: refused, clearly.
     late = await connect(2, memory=True)
@@ -254,7 +243,7 @@ async def test_with_redis_gone_a_node_serves_its_sessions_refuses_new_ones_and_r
         await health_becomes(ctx, None)
         assert "desk" in redis.cli("hkeys", "xg:res:alice@localhost")
         carol = await online(connect, "carol", "laptop")
-        await carol.send(chat("alice@localhost/desk", "back"))
+        await carol.send(message("alice@localhost/desk", "back"))
         assert body(await until(alice, lambda e: e.name == "message")) == "back"
     finally:
         again.terminate()
@@ -287,7 +276,7 @@ async def test_an_ended_session_answers_failed_with_its_h_on_any_node(
         nodes.append(await start_connectable(nursery, config, clients))
     (_one, connect_one), (_two, connect_two) = nodes
     bob = await online(connect_one, "bob", "phone", sm=RESUMABLE)
-    await bob.send(chat("bob@localhost", "to myself"))  # the server's h: 2 (presence, this)
+    await bob.send(message("bob@localhost", "to myself"))  # the server's h: 2 (presence, this)
     await until(bob, lambda e: body(e) == "to myself")
     await bob.close()  # ends the session: its h goes to stale_h, in Redis
     _peer, answer = await resume(connect_two, "bob", bob.smid, 0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +35,7 @@ from gateway.storage.redis_client import Redis, open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
+from tests.helpers.members import RecordingMember as Peer
 from tests.helpers.redis import free_port
 
 PREFIX: Final = "xg:"
@@ -50,45 +50,6 @@ JULIET: Final = JID.parse("juliet@example.com")
 ROMEO: Final = JID.parse("romeo@example.com")
 BALCONY: Final = JULIET.with_resource("balcony")
 GARDEN: Final = JULIET.with_resource("garden")
-
-
-@dataclass(eq=False)
-class Peer:
-    """A member that records what it is given (identity equality, like a session);
-    `accepting=False` makes it refuse stanzas, like a session that is closing."""
-
-    full_jid: JID | None = None
-    priority: int = 0
-    presence: Element | None = None
-    interested: bool = False
-    accepting: bool = True
-    sent: list[Element] = field(default_factory=list)
-    closed: list[tuple[StreamErrorCondition | None, str | None, bool]] = field(default_factory=list)
-    changed: trio.Event = field(default_factory=trio.Event)
-
-    def send(self, stanza: Element) -> bool:
-        if not self.accepting:
-            return False
-        self.sent.append(stanza)
-        self.changed.set()
-        return True
-
-    def close(
-        self,
-        condition: StreamErrorCondition | None = None,
-        text: str | None = None,
-        *,
-        handoff: bool = False,
-    ) -> None:
-        self.closed.append((condition, text, handoff))
-        self.changed.set()
-
-    async def wait(self, done: Callable[[], bool]) -> None:
-        """Wait until `done()` holds (it reads `sent`/`closed`), at most CROSSING seconds."""
-        with trio.fail_after(CROSSING):
-            while not done():
-                self.changed = trio.Event()
-                await self.changed.wait()
 
 
 def available(show: str | None = None) -> Element:
@@ -502,7 +463,7 @@ async def test_a_relayed_stanza_refused_by_its_member_takes_the_unavailable_rule
     gw1: ClusterDirectory,
 ) -> None:
     calls = recording_unavailable(gw1)
-    closing = Peer(accepting=False)
+    closing = Peer(accepts=False)
     await bind(gw1, closing, JULIET, "balcony")
     stanza = chat(BALCONY, "while closing")
     await gw1.deliver(Deliver(BALCONY, stanza))

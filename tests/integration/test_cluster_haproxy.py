@@ -33,7 +33,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,10 +47,10 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.helpers.accounts import LIVE_PASSWORD
 from tests.helpers.client import RawClient
-from tests.helpers.live import ROOT, LiveGateway, free_port, live_gateway
+from tests.helpers.live import LiveGateway, free_port, live_gateway, make_certs
 from tests.helpers.logs import event_is, wait_for_log_line, wait_for_log_line_asyncio
 from tests.helpers.slixmpp_clients import starttls_client
-from tests.helpers.sm import RESUMABLE, Peer
+from tests.helpers.sm import RESUMABLE, Peer, body, first, message
 
 pytestmark = pytest.mark.integration
 
@@ -184,14 +183,7 @@ def cluster(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
     if haproxy is None:
         pytest.skip("haproxy is needed (apt-get install haproxy; scripts/test.sh installs it)")
     certs = tmp_path / "certs"
-    made = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(certs)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
+    make_certs(certs)
     database = tmp_path / "shared.sqlite"
     (tmp_path / "gw1").mkdir()
     (tmp_path / "gw2").mkdir()
@@ -294,7 +286,7 @@ class Chatter:
         await self.until("disconnected", lambda: self.events["disconnected"] >= 1)
 
 
-def test_slixmpp_clients_through_haproxy_land_on_both_nodes_and_chat(cluster: Cluster) -> None:
+def test_slixmpp_clients_through_haproxy_land_on_both_nodes_andmessage(cluster: Cluster) -> None:
     alice_jid, bob_jid = "alice@localhost/desk", "bob@localhost/phone"
 
     async def scenario() -> tuple[Chatter, Chatter]:
@@ -389,24 +381,13 @@ async def _bodies_until(peer: Peer, last: Callable[[Element], bool]) -> list[str
         while True:
             element = await peer.receive()
             if element.name == "message":
-                bodies.append(_body(element) or "")
+                bodies.append(body(element) or "")
             if last(element):
                 return bodies
 
 
 async def _until(peer: Peer, wanted: Callable[[Element], bool]) -> Element:
-    with trio.fail_after(WAIT):
-        while not wanted(element := await peer.receive()):
-            pass
-    return element
-
-
-def _body(element: Element) -> str | None:
-    return element.find_text(ns.CLIENT, "body") if element.name == "message" else None
-
-
-def _chat(to: str, text: str) -> str:
-    return f"<message to='{to}' type='chat' id='{text}'><body>{text}</body></message>"
+    return await first(peer, wanted, WAIT)
 
 
 async def test_a_cut_client_resumes_through_haproxy_on_the_other_node(cluster: Cluster) -> None:
@@ -422,8 +403,8 @@ async def test_a_cut_client_resumes_through_haproxy_on_the_other_node(cluster: C
         await alice.send("<presence/>")
         await _until(alice, lambda e: e.name == "presence")
 
-        await alice.send(_chat(bob_jid, "m1"))
-        await _until(bob, lambda e: _body(e) == "m1")
+        await alice.send(message(bob_jid, "m1"))
+        await _until(bob, lambda e: body(e) == "m1")
         handled = bob.h  # his presence, then m1: he acknowledges the presence only
         assert handled == 2
 
@@ -461,9 +442,9 @@ async def test_a_cut_client_resumes_through_haproxy_on_the_other_node(cluster: C
 
         # m1 comes again (unacknowledged); then a message sent after the resume arrives.
         resent = await _until(again, lambda e: e.name == "message")
-        assert _body(resent) == "m1", resent
-        await alice.send(_chat(bob_jid, "m2"))
-        after = await _bodies_until(again, lambda e: _body(e) == "m2")
+        assert body(resent) == "m1", resent
+        await alice.send(message(bob_jid, "m2"))
+        after = await _bodies_until(again, lambda e: body(e) == "m2")
         # Nothing else was queued for him: an <r/> is answered after whatever was.
         await again.send(f"<r xmlns='{ns.SM}'/>")
         after += await _bodies_until(again, lambda e: e.tag == (ns.SM, "a"))

@@ -18,7 +18,7 @@ from gateway.xmpp.element import Element
 from tests.helpers.client import RawClient, read_to_end
 from tests.helpers.live import LiveGateway, live_gateway
 from tests.helpers.redis import RedisServer
-from tests.helpers.sm import RESUMABLE, Peer
+from tests.helpers.sm import RESUMABLE, Peer, body, first, message
 
 pytestmark = pytest.mark.integration
 
@@ -71,18 +71,8 @@ async def login(node: LiveGateway, user: str, resource: str, *, sm: bool = False
 
 
 async def until(peer: Peer, wanted: Callable[[Element], bool]) -> Element:
-    with trio.fail_after(CROSSING):
-        while not wanted(element := await peer.receive()):
-            pass
-    return element
-
-
-def body(element: Element) -> str | None:
-    return element.find_text(ns.CLIENT, "body") if element.name == "message" else None
-
-
-def chat(to: str, text: str) -> str:
-    return f"<message to='{to}' type='chat' id='{text}'><body>{text}</body></message>"
+    """The first element `wanted` accepts, within CROSSING seconds."""
+    return await first(peer, wanted, CROSSING)
 
 
 async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_node(
@@ -93,8 +83,8 @@ async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_n
     bob = await login(one, "bob", "phone", sm=True)
     smid = bob.smid
     await until(bob, lambda e: e.name == "presence")  # its own, reflected
-    await alice.send(chat("bob@localhost/phone", "m1"))
-    await alice.send(chat("bob@localhost/phone", "m2"))
+    await alice.send(message("bob@localhost/phone", "m1"))
+    await alice.send(message("bob@localhost/phone", "m2"))
     await until(bob, lambda e: body(e) == "m2")
     handled = bob.h
     await bob.ack(handled - 1)  # m1 acknowledged; m2 handled, not acknowledged
@@ -109,7 +99,7 @@ async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_n
     left = [e for e in one.log_events() if e.get("event") == "session_left_for_adoption"]
     assert len(left) == 1
     # While bob is between nodes, alice writes again: it waits offline for him.
-    await alice.send(chat("bob@localhost/phone", "m3"))
+    await alice.send(message("bob@localhost/phone", "m3"))
 
     raw = RawClient(await trio.open_tcp_stream("127.0.0.1", two.port))
     await raw.open()
@@ -129,7 +119,7 @@ async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_n
                 seen.append(body(element) or "")
     assert seen == ["m2", "m3"]  # resent, then flushed from offline storage
     # And the session lives on gw2 now.
-    await alice.send(chat("bob@localhost/phone", "m4"))
+    await alice.send(message("bob@localhost/phone", "m4"))
     assert body(await until(again, lambda e: e.name == "message")) == "m4"
 
 
@@ -147,7 +137,7 @@ async def test_a_killed_node_is_accounted_for_and_nothing_relayed_to_it_is_lost(
     one.proc.wait()
     # Sent at once: the directory still names gw1, so it goes into gw1's stream, where
     # nobody reads it any more.
-    await desk.send(chat("bob@localhost/phone", "while dead"))
+    await desk.send(message("bob@localhost/phone", "while dead"))
 
     # Within three heartbeats (0.5 s each) and a reaper round, gw2 accounts for gw1:
     # alice's desk hears that her phone is gone...
@@ -166,9 +156,9 @@ async def test_a_killed_node_is_accounted_for_and_nothing_relayed_to_it_is_lost(
         while not (reaped := [e for e in two.log_events() if e.get("event") == "node_reaped"]):
             await trio.sleep(0.05)
     laptop = await login(two, "bob", "laptop")
-    message = await until(laptop, lambda e: e.name == "message")
-    assert body(message) == "while dead"
-    assert message.find(ns.DELAY, "delay") is not None  # from offline storage
+    stored = await until(laptop, lambda e: e.name == "message")
+    assert body(stored) == "while dead"
+    assert stored.find(ns.DELAY, "delay") is not None  # from offline storage
     assert len(reaped) == 1
     assert reaped[0]["node"] == "gw1" and reaped[0]["resources"] == 2
     assert reaped[0]["stanzas"] == 1
@@ -219,7 +209,7 @@ async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(
         )
         second_user = next(u for u in users if f"{u}@localhost/r" in held_by_1)
         second = peers[users.index(second_user)]
-        await first.send(chat(f"{second_user}@localhost/r", "across workers"))
+        await first.send(message(f"{second_user}@localhost/r", "across workers"))
         assert body(await until(second, lambda e: e.name == "message")) == "across workers"
 
         # SIGKILL worker 0: the supervisor starts it again; worker 1 keeps serving.
@@ -233,11 +223,11 @@ async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(
             ):
                 await trio.sleep(0.05)
         assert any(e.get("event") == "worker_died" for e in supervisor.log_events())
-        await second.send(chat(f"{second_user}@localhost/r", "still serving"))
+        await second.send(message(f"{second_user}@localhost/r", "still serving"))
         assert body(await until(second, lambda e: e.name == "message")) == "still serving"
         # New logins work, on whichever worker the kernel picks.
         again = await login(supervisor, users[0], "again")
-        await again.send(chat(f"{second_user}@localhost/r", "after the restart"))
+        await again.send(message(f"{second_user}@localhost/r", "after the restart"))
         assert body(await until(second, lambda e: e.name == "message")) == "after the restart"
 
 
@@ -246,7 +236,7 @@ async def test_a_killed_nodes_sessions_answer_failed_with_the_h_redis_knew(
 ) -> None:
     one, two = nodes
     bob = await login(one, "bob", "phone", sm=True)  # its presence: the server's h is 1
-    await bob.send(chat("bob@localhost/phone", "one more"))  # h 2
+    await bob.send(message("bob@localhost/phone", "one more"))  # h 2
     await until(bob, lambda e: body(e) == "one more")
     # The node mirrors its sessions' h into Redis every heartbeat (0.5 s).
     with trio.fail_after(CROSSING):

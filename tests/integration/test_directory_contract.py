@@ -18,7 +18,6 @@ import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pytest
@@ -26,11 +25,11 @@ import pytest
 from gateway.core.cluster import ClusterDirectory
 from gateway.core.directory import Bound, Directory, LocalDirectory, Member, Resource
 from gateway.core.relay import Relay
-from gateway.errors import StreamErrorCondition
 from gateway.storage.redis_client import open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
+from tests.helpers.members import RecordingMember as Peer
 
 #: The node name every directory under test is opened with.
 NODE: Final = "gw1"
@@ -65,31 +64,6 @@ async def directory(request: pytest.FixtureRequest) -> AsyncIterator[Directory]:
     opener: DirectoryOpener = request.param
     async with opener(NODE, request) as opened:
         yield opened
-
-
-@dataclass(eq=False)
-class Peer:
-    """A member that records what it is given (identity equality, like a session)."""
-
-    full_jid: JID | None = None
-    priority: int = 0
-    presence: Element | None = None
-    interested: bool = False
-    sent: list[Element] = field(default_factory=list)
-    closed: list[tuple[StreamErrorCondition | None, str | None, bool]] = field(default_factory=list)
-
-    def send(self, stanza: Element) -> bool:
-        self.sent.append(stanza)
-        return True
-
-    def close(
-        self,
-        condition: StreamErrorCondition | None = None,
-        text: str | None = None,
-        *,
-        handoff: bool = False,
-    ) -> None:
-        self.closed.append((condition, text, handoff))
 
 
 def available(show: str | None = None) -> Element:

@@ -41,7 +41,7 @@ from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from tests.helpers.accounts import PASSWORD
 from tests.helpers.client import RawClient, StreamEnd, mechanisms
-from tests.helpers.live import ROOT, free_port, import_users
+from tests.helpers.live import ROOT, free_port, import_users, make_certs
 from tests.helpers.logs import LogLine, event_is, named, parse_json_lines, wait_for_log_line
 from tests.helpers.websocket import FRAMING, WsClient
 
@@ -203,14 +203,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
     tmp = tmp_path_factory.mktemp("proxies")
     certs = tmp / "certs"
-    made = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_cert.py"), "--out", str(certs)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
+    make_certs(certs)
     cert, key = certs / "localhost.pem", certs / "localhost.key"
     # HAProxy's `crt`: the chain followed by the key, in one file.
     bundle = certs / "haproxy.pem"

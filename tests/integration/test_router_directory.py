@@ -11,7 +11,6 @@ take is answered with `service-unavailable`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import pytest
@@ -23,47 +22,14 @@ from gateway.errors import StanzaErrorCondition, StreamErrorCondition
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
+from tests.helpers.members import RecordingHandle as Remote
+from tests.helpers.members import RecordingMember as Peer
 
 HOST: Final = "example.com"
 LOCAL_NODE: Final = "gw1"
 REMOTE_NODE: Final = "gw2"
 JULIET: Final = JID.parse("juliet@example.com")
 ROMEO: Final = JID.parse("romeo@example.com")
-
-Closed = tuple[StreamErrorCondition | None, str | None, bool]
-
-
-@dataclass(eq=False)
-class Remote:
-    """The handle of a resource on another node: records what it is given; `accepts`
-    False makes `send` refuse (the session there is closing)."""
-
-    accepts: bool = True
-    sent: list[Element] = field(default_factory=list)
-    closed: list[Closed] = field(default_factory=list)
-
-    def send(self, stanza: Element) -> bool:
-        self.sent.append(stanza)
-        return self.accepts
-
-    def close(
-        self,
-        condition: StreamErrorCondition | None = None,
-        text: str | None = None,
-        *,
-        handoff: bool = False,
-    ) -> None:
-        self.closed.append((condition, text, handoff))
-
-
-@dataclass(eq=False)
-class Peer(Remote):
-    """A session of this node: a member of the directory."""
-
-    full_jid: JID | None = None
-    priority: int = 0
-    presence: Element | None = None
-    interested: bool = False
 
 
 class TwoNodes:

@@ -39,7 +39,7 @@ from gateway.core.migration import Migrations
 from gateway.core.mirror import run_h_mirror
 from gateway.core.offline import OfflineService
 from gateway.core.reaper import forget_previous_run, run_reaper
-from gateway.core.relay import Close, Deliver, Item, Relay
+from gateway.core.relay import Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.core.revive import serve_revived
 from gateway.core.roster import RosterService
@@ -53,6 +53,7 @@ from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
 from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.base import SmSessionTable, StaleHTable
+from gateway.storage.cluster_codec import Close, Deliver, Item
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import structlog
 import trio
 
 from gateway.core.directory import Bound, Handle, LocalDirectory, Member, Resource
-from gateway.core.relay import Close, Deliver, Relay
+from gateway.core.relay import Relay
 from gateway.errors import StorageError, StreamErrorCondition
-from gateway.storage.codec import decode_stanza, encode_stanza
+from gateway.storage.cluster_codec import Close, Deliver, Record, node_prefix
 from gateway.storage.redis_client import Redis, command
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -95,44 +94,6 @@ if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
 end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A resource as stored in Redis; `session` tells one binding of a full JID from the
-    next (a close meant for a replaced session spares its successor)."""
-
-    node: str
-    session: str
-    priority: int
-    interested: bool
-    presence: Element | None
-
-    def encode(self) -> bytes:
-        flags = "i" if self.interested else "-"
-        presence = encode_stanza(self.presence) if self.presence is not None else b""
-        head = f"{self.node}\0{self.session}\0{self.priority}\0{flags}\0"
-        return head.encode() + presence
-
-    @classmethod
-    def decode(cls, data: bytes) -> Record:
-        """Raises StorageError for a damaged record."""
-        try:
-            node, session, priority, flags, presence = data.split(b"\0", 4)
-            return cls(
-                node.decode(),
-                session.decode(),
-                int(priority),
-                flags == b"i",
-                decode_stanza(presence) if presence else None,
-            )
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise StorageError(f"directory record: {exc}") from exc
-
-
-def node_prefix(node: str) -> bytes:
-    """The start of every record `node` holds (how the scripts recognise its own)."""
-    return f"{node}\0".encode()
 
 
 class RemoteHandle:

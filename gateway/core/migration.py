@@ -31,10 +31,11 @@ from typing import Final
 import structlog
 import trio
 
-from gateway.core.relay import Moved, Relay, Surrender
+from gateway.core.relay import Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.errors import StreamErrorCondition
 from gateway.storage.base import AdoptableStore
+from gateway.storage.cluster_codec import Moved, Surrender
 
 log = structlog.get_logger(module=__name__)
 

@@ -29,9 +29,10 @@ import structlog
 import trio
 from coredis.tokens import PureToken
 
-from gateway.core.cluster import ClusterDirectory, Record
-from gateway.core.relay import Deliver, entry_items, stream_key
+from gateway.core.cluster import ClusterDirectory
+from gateway.core.relay import entry_items, stream_key
 from gateway.errors import StorageError
+from gateway.storage.cluster_codec import Deliver, Record
 from gateway.storage.redis_client import command
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element

@@ -18,7 +18,7 @@ import trio
 
 from gateway.core.context import ServerContext
 from gateway.core.handoff import snapshot_of
-from gateway.core.relay import Moved
+from gateway.storage.cluster_codec import Moved
 from gateway.storage.snapshot import encode_snapshot
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element

@@ -27,10 +27,11 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from gateway.core.cluster import MISSED_HEARTBEATS, ClusterDirectory, Record, RemoteHandle
+from gateway.core.cluster import MISSED_HEARTBEATS, ClusterDirectory, RemoteHandle
 from gateway.core.directory import Bound, Handle, Member, Resource
-from gateway.core.relay import Close, Deliver, Relay
+from gateway.core.relay import Relay
 from gateway.errors import StorageError, StreamErrorCondition
+from gateway.storage.cluster_codec import Close, Deliver, Record
 from gateway.storage.redis_client import Redis, open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element

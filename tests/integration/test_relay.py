@@ -22,19 +22,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gateway.core.relay import (
-    GROUP,
+from gateway.core.relay import GROUP, Relay
+from gateway.core.relay import stream_key as relay_stream_key
+from gateway.errors import StorageError, StreamErrorCondition
+from gateway.storage.cluster_codec import (
     Close,
     Deliver,
     Item,
     Moved,
-    Relay,
     Surrender,
     decode_batch,
     encode_batch,
 )
-from gateway.core.relay import stream_key as relay_stream_key
-from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.redis_client import Redis, open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import XML_LANG, Element

@@ -275,7 +275,8 @@ async def _run_node(
     log.info("connection_cap", max_connections=ctx.gate.cap)
     # The signal receiver stays open until the stores are closed: a late second signal
     # must not kill the process (default action) after the hand-off was written.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
+        signals = _stop_signals(received)
         try:
             async with trio.open_nursery() as service_nursery:
                 if relay is not None and cluster is not None:
@@ -493,6 +494,16 @@ async def revive_sessions(ctx: ServerContext, handler_nursery: trio.Nursery) -> 
         await handler_nursery.start(serve_revived, ctx, item)
     if revivable:
         log.info("sessions_revived", sessions=len(revivable))
+
+
+async def _stop_signals(received: AsyncIterator[int]) -> AsyncIterator[int]:
+    """SIGINT and SIGTERM. SIGHUP (configuration reload, not supported yet) is logged and
+    skipped: caught, because its default action would end the process."""
+    async for signum in received:
+        if signum == signal.SIGHUP:
+            log.warning("sighup_ignored", reason="reload is not supported yet")
+            continue
+        yield signum
 
 
 async def drain(ctx: ServerContext, signals: AsyncIterator[int]) -> None:

@@ -9,7 +9,7 @@ the child's pid). The supervisor restarts a child that exits when it should not 
 backoff that grows while children keep dying quickly, logged each time), and on SIGTERM
 or SIGINT asks every child to drain (their sessions
 move to the nodes still up, or to the cluster's adoptable store) and exits once all have
-exited: 0 when every child exited cleanly.
+exited: 0 when every child exited cleanly. SIGHUP is passed on to every child.
 """
 
 from __future__ import annotations
@@ -94,9 +94,8 @@ async def run_workers(config_path: str, count: int) -> int:
             log.info("workers_started", workers=count)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    # A gateway has no reload yet, and SIGHUP's default action would
-                    # end every child: not passed on.
-                    log.warning("sighup_ignored", reason="reload is not supported yet")
+                    # Each worker reads its configuration itself.
+                    workers.signal_all(signal.SIGHUP)
                     continue
                 log.info("shutdown_requested", signal=signal.Signals(signum).name)
                 workers.stopping.set()

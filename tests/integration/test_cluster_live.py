@@ -212,6 +212,14 @@ async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(
         await first.send(message(f"{second_user}@localhost/r", "across workers"))
         assert body(await until(second, lambda e: e.name == "message")) == "across workers"
 
+        # SIGHUP reaches both workers (which log it and go on serving).
+        supervisor.proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(CROSSING):
+            while sum(e.get("event") == "sighup_ignored" for e in supervisor.log_events()) < 2:
+                await trio.sleep(0.05)
+        await first.send(message(f"{second_user}@localhost/r", "after SIGHUP"))
+        assert body(await until(second, lambda e: e.name == "message")) == "after SIGHUP"
+
         # SIGKILL worker 0: the supervisor starts it again; worker 1 keeps serving.
         started = [e for e in supervisor.log_events() if e.get("event") == "worker_started"]
         victim = next(e["pid"] for e in started if e["worker"] == 0)

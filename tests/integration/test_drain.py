@@ -1,5 +1,5 @@
-"""SIGTERM drains (issue 4): /healthz 503 and new streams refused during the grace, open
-streams served until it ends, then closed with system-shutdown; exit 0."""
+"""SIGTERM drains: /healthz 503 and new streams refused during the grace, open
+streams served until it ends, then closed with system-shutdown; exit 0. SIGHUP changes nothing."""
 
 from __future__ import annotations
 
@@ -51,8 +51,16 @@ async def test_sigterm_drains_then_closes_with_system_shutdown_and_exits_zero(
             assert await _health(ws) == b"200"
             alice = RawClient(await trio.open_tcp_stream("127.0.0.1", c2s))
             await alice.login("alice", PASSWORD, mechanism="PLAIN", resource="open")
+            # SIGHUP (no reload yet) is logged and changes nothing, before the drain...
+            proc.send_signal(signal.SIGHUP)
+            while b'"sighup_ignored"' not in log.read_bytes():
+                await trio.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             while b'"draining"' not in log.read_bytes():
+                await trio.sleep(0.02)
+            # ...and during it: it does not hurry the grace as a second SIGTERM would.
+            proc.send_signal(signal.SIGHUP)
+            while log.read_bytes().count(b'"sighup_ignored"') < 2:
                 await trio.sleep(0.02)
             assert await _health(ws) == b"503"
             newcomer = RawClient(await trio.open_tcp_stream("127.0.0.1", c2s))

@@ -35,7 +35,7 @@ from gateway.core.context import ServerContext
 from gateway.core.directory import Directory, Handle, LocalDirectory
 from gateway.core.handoff import Handoff, read_snapshot
 from gateway.core.metrics import HandoffResult, Metrics
-from gateway.core.migration import Migrations
+from gateway.core.migration import Migrations, run_adoptable_sweep
 from gateway.core.mirror import run_h_mirror
 from gateway.core.offline import OfflineService
 from gateway.core.reaper import forget_previous_run, run_reaper
@@ -301,6 +301,13 @@ async def _run_node(
                         supervise,
                         "reaper",
                         partial(run_reaper, cluster, config.cluster.heartbeat, cluster.unavailable),
+                    )
+                    assert ctx.migrations is not None
+                    # Ends the sessions drained nodes left that no client came back for.
+                    await service_nursery.start(
+                        supervise,
+                        "adoptable_sweep",
+                        partial(run_adoptable_sweep, ctx.migrations, config.cluster.heartbeat),
                     )
                 if sm_cfg.stale_h.enabled:
                     # The stale_h GC is supervised: restarted (and logged) if it ever fails.

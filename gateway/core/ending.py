@@ -52,9 +52,13 @@ async def end_session(conn: Owner) -> None:
     router = conn.ctx.router
     session.mark_ending()
     assert session.close_request is not None
-    if session.close_request.handoff and await hand_off(conn):
-        return
-    held = await router.directory.unbind(session)
+    held: bool | None = None
+    if session.close_request.handoff:
+        handed, held = await hand_off(conn)
+        if handed:
+            return
+    if held is None:
+        held = await router.directory.unbind(session)
     slot = conn.slot
     sm = session.sm
     try:
@@ -88,7 +92,7 @@ async def end_session(conn: Owner) -> None:
     await reroute(router, session, leftovers)
 
 
-async def hand_off(conn: Owner) -> bool:
+async def hand_off(conn: Owner) -> tuple[bool, bool | None]:
     """Shutdown: keep a resumable session for a resume after the restart (or on
     another node) instead of ending it (`gateway.core.handoff`). In a cluster the
     snapshot goes to the node the client resumes on (`migrate_to`, asked by it), or,
@@ -98,14 +102,15 @@ async def hand_off(conn: Owner) -> bool:
 
     The snapshot is taken, the slot ended and the session told to refuse further
     stanzas in one step (they take the router's other paths: offline storage, flushed
-    after the resume); then the snapshot is written. Returns False when the session
-    cannot be handed off or the write failed: the caller then ends it normally, and
-    its buffer, untouched, is rerouted. Runs shielded (from `finish`).
+    after the resume); then the snapshot is written. Runs shielded (from `finish`).
+
+    Returns (handed off, held): when not handed off (it cannot be, or the write failed)
+    the caller ends the session normally, and its buffer, untouched, is rerouted; `held`
+    is what the directory answered if the session left it already (else None).
     """
     session, slot, handoff = conn.session, conn.slot, conn.ctx.handoff
     request = session.close_request if session is not None else None
-    migrate_to = request.migrate_to if request is not None else None
-    migrations = conn.ctx.migrations if migrate_to is not None else None
+    migrations = conn.ctx.migrations
     adoptable = conn.ctx.adoptable
     if request is not None:
         # Whatever happens below, the session takes no more stanzas: handed off, its
@@ -116,13 +121,35 @@ async def hand_off(conn: Owner) -> bool:
         session is None
         or request is None
         or slot is None
-        or (handoff is None and migrations is None and adoptable is None)
+        or (
+            handoff is None and adoptable is None and (migrations is None or not request.migrate_to)
+        )
         or sm is None
         or not sm.resumable
         or sm.smid is None
         or session.full_jid is None
     ):
-        return False
+        return False, None
+    smid = sm.smid
+    if migrations is not None:
+        # From its slot's end until it is stored or sent, a surrender asked for it is
+        # answered only afterwards (`Migrations.receive`), so the asker finds it.
+        migrations.leaving[smid] = []
+    try:
+        return await _hand_off(conn, session, slot, request.migrate_to)
+    finally:
+        if migrations is not None:
+            for requester in migrations.leaving.pop(smid, ()):
+                migrations.send(smid, b"", requester)
+
+
+async def _hand_off(
+    conn: Owner, session: Session, slot: ResumeSlot, migrate_to: str | None
+) -> tuple[bool, bool | None]:
+    """`hand_off` once it is known the session can be handed off."""
+    sm, handoff, migrations = session.sm, conn.ctx.handoff, conn.ctx.migrations
+    adoptable = conn.ctx.adoptable
+    assert sm is not None and sm.smid is not None
     now = trio.current_time()
     # A parked session keeps its deadline; a live one gets its whole max from now.
     remaining = (
@@ -139,42 +166,45 @@ async def hand_off(conn: Owner) -> bool:
     )
     data = encode_for_move(snapshot, conn.ctx.metrics)
     if data is None:
-        return False
+        return False, None
     # Only a connection open before the shutdown can have claimed the slot now; it is
     # refused like any claim that races the end.
     end_slot(conn, slot)
+    directory = conn.ctx.router.directory
     if migrations is not None and migrate_to is not None:
         # To another node: this node lets go of every record first, so the new owner's
         # bind and registration cannot race removals from here.
-        await conn.ctx.router.directory.unbind(session)
+        held = await directory.unbind(session)
         try:
             await conn.ctx.sm_sessions.remove(sm.smid)
         except StorageError as exc:
             # (The new owner's registration replaces the record anyway.)
             log.warning("sm_session_not_removed", error=str(exc))
         if not migrations.send(sm.smid, data, migrate_to):
-            return False
+            return False, held
         log.info("session_moved", to_node=migrate_to, unacked=len(snapshot.buffer))
-        return True
+        return True, held
     if adoptable is not None:
+        # Out of the directory first, as above: a node adopting it at once binds its
+        # resource as its own, not as a conflict with this one.
+        held = await directory.unbind(session)
         try:
             await adoptable.put(sm.smid, data, snapshot.expires_at)
         except StorageError as exc:
             log.warning("session_not_left_for_adoption", error=str(exc))
-            return False
-        await conn.ctx.router.directory.unbind(session)
+            return False, held
         log.info("session_left_for_adoption", unacked=len(snapshot.buffer))
-        return True
+        return True, held
     assert handoff is not None
     if not await handoff.write(snapshot, data):
-        return False
-    await conn.ctx.router.directory.unbind(session)
+        return False, None
+    held = await directory.unbind(session)
     await conn.ctx.sm_sessions.remove(sm.smid)
     if session.outgoing is not None:
         session.outgoing.close()
         session.outgoing = None
     log.info("session_handed_off", unacked=len(snapshot.buffer), remaining=round(remaining, 3))
-    return True
+    return True, held
 
 
 async def record_stale_h(conn: Owner) -> None:

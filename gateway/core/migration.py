@@ -42,6 +42,9 @@ log = structlog.get_logger(module=__name__)
 #: Seconds a lender waits for a session to arrive from its owner node.
 MOVE_WAIT: Final = 6.0
 
+#: Expired adoptable sessions taken per store call by `Migrations.sweep`.
+SWEEP_BATCH: Final = 100
+
 Adopt = Callable[[bytes], Awaitable[bool]]
 Alive = Callable[[str], Awaitable[bool]]
 
@@ -73,6 +76,10 @@ class Migrations:
         self.adoptable = adoptable
         self.alive = alive
         self._waiting: dict[str, tuple[trio.Event, list[bool]]] = {}
+        #: Sessions being handed off here (slot ended, not yet stored or sent), with the
+        #: nodes that asked for them meanwhile: answered once the hand-off is done
+        #: (`gateway.core.ending.hand_off`), when the store has it or it is gone.
+        self.leaving: dict[str, list[str]] = {}
 
     async def fetch(self, smid: str, owner: str) -> bool:
         """Bring session `smid`, held by node `owner`, here: from the adoptable store
@@ -108,6 +115,26 @@ class Migrations:
             return data is not None and await self.adopt(data)
         return False
 
+    async def sweep(self) -> int:
+        """End the sessions left for adoption whose time ran out and that no node took:
+        each is adopted here and ends at once the way a parked session does, so its
+        unacknowledged messages go to another resource or offline storage and its
+        unavailable presence is sent (`gateway.core.revive`). Returns how many.
+
+        Raises:
+            StorageError: the adoptable store failed.
+        """
+        swept = 0
+        while True:
+            # (Shielded: a taken snapshot exists nowhere else until it is parked.)
+            with trio.CancelScope(shield=True):
+                taken = await self.adoptable.take_expired(SWEEP_BATCH)
+                for _, data in taken:
+                    await self.adopt(data)
+            swept += len(taken)
+            if len(taken) < SWEEP_BATCH:
+                return swept
+
     def send(self, smid: str, snapshot: bytes, to_node: str) -> bool:
         """Post a surrendered session's snapshot to the node that asked for it."""
         return self.relay.post(to_node, Moved(smid, snapshot))
@@ -115,6 +142,9 @@ class Migrations:
     async def receive(self, item: Surrender | Moved) -> None:
         """A surrender request from another node, or a session arriving from one."""
         if isinstance(item, Surrender):
+            if item.smid in self.leaving:
+                self.leaving[item.smid].append(item.requester)
+                return
             slot = self.registry.slots.get(item.smid)
             request = slot.session.close_request if slot is not None else None
             if slot is not None and request is not None and request.handoff:
@@ -144,3 +174,13 @@ class Migrations:
             arrived, outcome = waiting
             outcome.append(adopted)
             arrived.set()
+
+
+async def run_adoptable_sweep(migrations: Migrations, interval: float) -> None:
+    """Every `interval` seconds, end the adoptable sessions that expired unclaimed
+    (`Migrations.sweep`); every node runs it, each snapshot is taken by one."""
+    while True:
+        await trio.sleep(interval)
+        swept = await migrations.sweep()
+        if swept:
+            log.info("adoptable_swept", sessions=swept)

@@ -91,7 +91,11 @@ async def serve_revived(
         assert conn.resume_deadline is not None
         remaining = round(max(conn.resume_deadline - trio.current_time(), 0.0), 3)
         log.info("session_revived", unacked=len(snapshot.buffer), remaining=remaining)
-        unwanted = await _why_not_resumable(ctx, session)
+        unwanted = (
+            "expired"  # (swept from the adoptable store: it ends here, rerouting its buffer)
+            if snapshot.expires_at <= wall_now
+            else await _why_not_resumable(ctx, session)
+        )
         if unwanted is not None:
             # It cannot be resumed here: it ends at once through the normal end path, so
             # its messages are rerouted or bounced, never dropped with the snapshot.

@@ -6,11 +6,11 @@ thread: every method is a checkpoint first (so a cancelled call has done nothing
 runs without awaiting, so no other task sees a half-done operation and two takers never
 both get a snapshot.
 
-Expired snapshots are dropped lazily: `take` never returns one, and `put` drops every
-snapshot that has expired, so memory stays bounded by the live snapshots. To find them
+An expired snapshot stays until `take_expired` takes it (`take` leaves it). To find those
 without scanning, `put` keeps a heap of `(expires_at, sequence, smid)`; an item whose
-snapshot was taken or replaced stays in the heap until its time passes (it is then skipped),
-and the heap is rebuilt from the live snapshots when such items make up most of it.
+snapshot was taken or replaced stays in the heap until its time passes (it is then
+skipped), and the heap is rebuilt from the stored snapshots when such items make up most
+of it.
 """
 
 from __future__ import annotations
@@ -56,15 +56,9 @@ class MemoryAdoptableStore:
         return len(self._entries)
 
     async def put(self, smid: str, snapshot: bytes, expires_at: float) -> None:
-        """Store the snapshot until `expires_at`, replacing any with the same smid, after
-        dropping every expired snapshot; an `expires_at` already past stores nothing and
-        removes the smid's older snapshot."""
+        """Store the snapshot, replacing any with the same smid; kept past `expires_at`
+        until `take_expired`."""
         await trio.lowlevel.checkpoint()
-        now = self._clock()
-        self._drop_expired(now)
-        if expires_at <= now:
-            self._entries.pop(smid, None)
-            return
         sequence = next(self._sequence)
         self._entries[smid] = _Entry(sequence, expires_at, bytes(snapshot))
         heapq.heappush(self._heap, (expires_at, sequence, smid))
@@ -73,19 +67,25 @@ class MemoryAdoptableStore:
             heapq.heapify(self._heap)
 
     async def take(self, smid: str) -> bytes | None:
-        """Remove and return the snapshot of `smid`; None when there is none or it expired
-        (an expired one is dropped)."""
+        """Remove and return the snapshot of `smid`; None when there is none or it
+        expired (an expired one stays, for `take_expired`)."""
         await trio.lowlevel.checkpoint()
-        entry = self._entries.pop(smid, None)
+        entry = self._entries.get(smid)
         if entry is None or entry.expires_at <= self._clock():
             return None
+        del self._entries[smid]
         return entry.snapshot
 
-    def _drop_expired(self, now: float) -> None:
-        """Remove every snapshot with `expires_at <= now`, and the heap items before it."""
-        heap, entries = self._heap, self._entries
-        while heap and heap[0][0] <= now:
+    async def take_expired(self, limit: int) -> list[tuple[str, bytes]]:
+        """Remove and return up to `limit` expired snapshots (smid, snapshot), soonest
+        expired first."""
+        await trio.lowlevel.checkpoint()
+        heap, entries, now = self._heap, self._entries, self._clock()
+        taken: list[tuple[str, bytes]] = []
+        while heap and heap[0][0] <= now and len(taken) < limit:
             _, sequence, smid = heapq.heappop(heap)
             entry = entries.get(smid)
             if entry is not None and entry.sequence == sequence:
                 del entries[smid]
+                taken.append((smid, entry.snapshot))
+        return taken

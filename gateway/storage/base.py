@@ -361,17 +361,17 @@ class StaleHTable(Protocol):
 
 class AdoptableStore(Protocol):
     """Encoded session snapshots left by a node that drained, each waiting for the node
-    its client resumes on (taken once, by smid), until it expires.
+    its client resumes on (taken once, by smid) until it expires, and then for the sweep
+    that ends it properly (`take_expired`: its messages are rerouted, not lost with it).
 
     Unlike the tables above, expiry is in wall-clock time (UNIX seconds), because a
-    snapshot crosses processes: the store reads a clock of its own (or its server's).
+    snapshot crosses processes: the store reads a clock of its own.
     Snapshots are opaque bytes (see `gateway.storage.snapshot`).
     """
 
     async def put(self, smid: str, snapshot: bytes, expires_at: float) -> None:
-        """Store the snapshot until `expires_at` (wall-clock UNIX seconds), replacing any
-        with the same smid. An `expires_at` already past stores nothing (and so leaves no
-        older snapshot of that smid behind either).
+        """Store the snapshot until `expires_at` (wall-clock UNIX seconds) and past it
+        until `take_expired` takes it, replacing any with the same smid.
 
         Raises:
             StorageError: the backend failed; the put may or may not have happened.
@@ -380,11 +380,20 @@ class AdoptableStore(Protocol):
 
     async def take(self, smid: str) -> bytes | None:
         """Remove and return the snapshot of `smid` in one atomic step (two nodes never
-        both get it); None when there is none or it expired.
+        both get it); None when there is none or it expired (then it stays).
 
         Raises:
             StorageError: the backend failed; the snapshot may be gone all the same (a
                 network backend that lost the answer), and is then lost.
+        """
+        ...
+
+    async def take_expired(self, limit: int) -> list[tuple[str, bytes]]:
+        """Remove and return up to `limit` expired snapshots as (smid, snapshot), each in
+        one atomic step (two callers never both get one).
+
+        Raises:
+            StorageError: as `take`.
         """
         ...
 

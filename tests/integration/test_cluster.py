@@ -18,6 +18,7 @@ import trio
 
 from gateway.core.context import ServerContext
 from gateway.core.handoff import snapshot_of
+from gateway.errors import StreamErrorCondition
 from gateway.storage.cluster_codec import Moved
 from gateway.storage.snapshot import encode_snapshot
 from gateway.xmpp import namespaces as ns
@@ -37,7 +38,7 @@ from tests.helpers.sm import RESUMABLE, Peer, body, first, message, online, resu
 #: Seconds a stanza may take to cross (real sockets to Redis and back).
 CROSSING = 5.0
 
-Start = Callable[[str], Awaitable[tuple[ServerContext, Connect]]]
+Start = Callable[..., Awaitable[tuple[ServerContext, Connect]]]
 
 
 @pytest.fixture
@@ -46,14 +47,14 @@ async def start_node(
 ) -> Start:
     clients: list[RawClient] = []
 
-    async def start(node: str) -> tuple[ServerContext, Connect]:
+    async def start(node: str, **sm: object) -> tuple[ServerContext, Connect]:
         directory = tmp_path / node
         directory.mkdir()
         config = make_config(
             directory,
             cert_files,
             cluster={"redis": redis_url, "node": node, "heartbeat": 1},
-            modules={"mod_stream_management": {"backend": "redis"}},
+            modules={"mod_stream_management": {"backend": "redis", **sm}},
         )
         add_accounts(config)
         return await start_connectable(nursery, config, clients)
@@ -178,6 +179,43 @@ async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lo
     assert await local_session(two, "bob@localhost/phone") is moved
     await alice.send(message("bob@localhost/phone", "m5"))
     assert body(await until(again, lambda e: e.name in ("message", "error"))) == "m5"
+
+
+async def test_a_session_left_for_adoption_that_nobody_takes_ends_with_nothing_lost(
+    start_node: Start,
+) -> None:
+    sm = {"resume_timeout": 3, "stale_h": {"enabled": True}}
+    one, connect_one = await start_node("gw1", **sm)
+    _two, connect_two = await start_node("gw2", **sm)
+    desk = await online(connect_two, "bob", "desk")
+    alice = await online(connect_two, "alice", "desk")
+    phone = await online(connect_one, "bob", "phone", sm=RESUMABLE)
+    await until(desk, lambda e: e.name == "presence" and e.get("from") == "bob@localhost/phone")
+    await alice.send(message("bob@localhost/phone", "m1"))
+    await alice.send(message("bob@localhost/phone", "m2"))
+    await until(phone, lambda e: body(e) == "m2")
+    await phone.cut()  # nothing acknowledged
+    with trio.fail_after(CROSSING):
+        while (parked := await local_session(one, "bob@localhost/phone")) is None or (
+            parked.sm is None or parked.sm.buffer_size < 2
+        ):
+            await trio.sleep(0.01)
+    # gw1 drains: the parked session goes to the adoptable store (as at SIGTERM)...
+    parked.close(StreamErrorCondition.SYSTEM_SHUTDOWN, "draining", handoff=True)
+    with trio.fail_after(CROSSING):
+        while await local_session(one, "bob@localhost/phone") is not None:
+            await trio.sleep(0.01)
+    # ...and no client comes back for it: when its time is up, a node's sweep ends it
+    # as a parked session ends. Its messages reach bob's other resource, its
+    # unavailable presence goes out, and its h is remembered cluster-wide.
+    seen = await collect(desk, 3)
+    assert [body(e) for e in seen if e.name == "message"] == ["m1", "m2"]
+    assert [(e.get("from"), e.get("type")) for e in seen if e.name == "presence"] == [
+        ("bob@localhost/phone", "unavailable")
+    ]
+    _peer, answer = await resume(connect_two, "bob", phone.smid, 0)
+    assert answer.tag == (ns.SM, "failed"), answer
+    assert answer.get("h") == "1"  # the initial presence it sent
 
 
 async def test_a_resume_on_another_node_by_another_user_is_item_not_found(

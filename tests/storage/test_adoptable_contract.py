@@ -1,7 +1,8 @@
 """The `AdoptableStore` contract, run by every implementation: a snapshot taken once,
-replacement, expiry, concurrent takers, large and binary snapshots, every call a
-checkpoint. Then what only one implementation shows: the memory store on a fake clock and
-its bound, the Redis store's keys, nodes sharing it, and Redis failures as `StorageError`."""
+replacement, expiry and the sweep's `take_expired`, concurrent takers, large and binary
+snapshots, every call a checkpoint. Then what only one implementation shows: the memory
+store on a fake clock and its bound, the Redis store's keys, nodes sharing it, and Redis
+failures as `StorageError`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import trio.testing
 
 from gateway.errors import StorageError
 from gateway.storage.adoptable_memory import MemoryAdoptableStore
-from gateway.storage.adoptable_redis import RedisAdoptableStore
+from gateway.storage.adoptable_redis import KEEP_AFTER, RedisAdoptableStore
 from gateway.storage.base import AdoptableStore
 from gateway.storage.redis_client import Redis, open_redis
 from tests.helpers.redis import free_port
@@ -51,22 +52,61 @@ async def test_putting_an_smid_again_replaces_its_snapshot(adoptable: AdoptableS
     assert await adoptable.take("b") == b"other"
 
 
-async def test_a_put_already_past_stores_nothing(adoptable: AdoptableStore) -> None:
+async def test_a_put_already_past_waits_for_take_expired(adoptable: AdoptableStore) -> None:
     await adoptable.put("a", SNAPSHOT, time.time() - 0.5)
+    assert await adoptable.take("a") is None  # too late to resume...
+    assert await adoptable.take_expired(10) == [("a", SNAPSHOT)]  # ...but not lost
+    assert await adoptable.take_expired(10) == []
     assert await adoptable.take("a") is None
-    # Nor does it leave an older snapshot of the smid behind.
-    await adoptable.put("b", b"old", later())
-    await adoptable.put("b", b"new", time.time() - 0.5)
-    assert await adoptable.take("b") is None
 
 
-async def test_an_expired_snapshot_is_not_taken(adoptable: AdoptableStore) -> None:
-    # Real time: the Redis server judges expiry by its own clock.
+async def test_an_expired_snapshot_is_left_to_take_expired(adoptable: AdoptableStore) -> None:
     await adoptable.put("short", SNAPSHOT, later(0.2))
     await adoptable.put("long", b"kept", later())
+    assert await adoptable.take_expired(10) == []
     await trio.sleep(0.4)
     assert await adoptable.take("short") is None
+    assert await adoptable.take_expired(10) == [("short", SNAPSHOT)]
     assert await adoptable.take("long") == b"kept"
+
+
+async def test_take_expired_takes_the_soonest_expired_first_up_to_its_limit(
+    adoptable: AdoptableStore,
+) -> None:
+    now = time.time()
+    for n in range(5):
+        await adoptable.put(f"s{n}", str(n).encode(), now - 10 + n)
+    await adoptable.put("live", b"live", later())
+    assert await adoptable.take_expired(2) == [("s0", b"0"), ("s1", b"1")]
+    assert await adoptable.take_expired(10) == [("s2", b"2"), ("s3", b"3"), ("s4", b"4")]
+    assert await adoptable.take("live") == b"live"
+
+
+async def test_a_snapshot_put_again_expires_by_its_new_time(adoptable: AdoptableStore) -> None:
+    await adoptable.put("a", b"old", time.time() - 1)
+    await adoptable.put("a", b"new", later())
+    await adoptable.put("b", b"live", later())
+    await adoptable.take("b")
+    await adoptable.put("b", b"gone", time.time() - 1)
+    assert await adoptable.take_expired(10) == [("b", b"gone")]
+    assert await adoptable.take("a") == b"new"
+
+
+async def test_of_concurrent_sweepers_each_expired_snapshot_goes_to_one(
+    adoptable: AdoptableStore,
+) -> None:
+    for n in range(30):
+        await adoptable.put(f"s{n}", str(n).encode(), time.time() - 1)
+    got: list[tuple[str, bytes]] = []
+
+    async def sweeper() -> None:
+        while taken := await adoptable.take_expired(3):
+            got.extend(taken)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(sweeper)
+    assert sorted(got) == sorted((f"s{n}", str(n).encode()) for n in range(30))
 
 
 async def test_of_many_concurrent_takers_exactly_one_gets_the_snapshot(
@@ -115,6 +155,12 @@ async def test_adoptable_calls_are_checkpoints_and_do_nothing_when_cancelled(
         await adoptable.put("b", SNAPSHOT, later())
     with trio.testing.assert_checkpoints():
         assert await adoptable.take("b") == SNAPSHOT
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await adoptable.put("c", SNAPSHOT, time.time() - 1)
+        await adoptable.take_expired(10)
+    with trio.testing.assert_checkpoints():
+        assert await adoptable.take_expired(10) == []
     assert await adoptable.take("a") is None
     assert await adoptable.take("kept") == SNAPSHOT
 
@@ -139,29 +185,12 @@ async def test_memory_snapshots_expire_by_the_injected_clock() -> None:
     await store.put("b", b"b", clock.now + 10)
     clock.now += 9.999
     assert await store.take("a") == b"a"
+    assert await store.take_expired(10) == []
     clock.now += 0.001  # at expires_at: expired
     assert await store.take("b") is None
-    assert len(store) == 0  # dropped by the take
-    await store.put("c", b"c", clock.now)
+    assert len(store) == 1  # kept, for the sweep
+    assert await store.take_expired(10) == [("b", b"b")]
     assert len(store) == 0
-    assert await store.take("c") is None
-
-
-async def test_memory_put_drops_expired_snapshots_so_memory_follows_the_live_ones() -> None:
-    clock = FakeClock()
-    store = MemoryAdoptableStore(clock)
-    for n in range(1000):
-        await store.put(f"old{n}", b"x", clock.now + 1 + n % 7)
-    assert len(store) == 1000
-    clock.now += 5
-    await store.put("new", b"y", clock.now + 100)
-    # Expired at +5: those put with 1 + n % 7 <= 5; live: n % 7 in (5, 6).
-    assert len(store) == 1 + sum(1 for n in range(1000) if n % 7 > 4)
-    clock.now += 3
-    await store.put("newer", b"z", clock.now + 100)
-    assert len(store) == 2
-    assert await store.take("new") == b"y"
-    assert await store.take("newer") == b"z"
 
 
 async def test_memory_heap_stays_bounded_when_snapshots_are_replaced_and_taken() -> None:
@@ -174,8 +203,8 @@ async def test_memory_heap_stays_bounded_when_snapshots_are_replaced_and_taken()
     assert len(store) == 0
     assert len(store._heap) <= 2 * 1 + 64  # rebuilt past twice the snapshots plus 64
     clock.now += 3600
-    await store.put("a", b"a", clock.now + 1)
-    assert len(store._heap) == 1
+    assert await store.take_expired(10) == []
+    assert store._heap == []
 
 
 # -- the Redis store -------------------------------------------------------------------------
@@ -194,27 +223,27 @@ async def other(redis_url: str) -> AsyncIterator[Redis]:
         yield client
 
 
-async def test_a_redis_snapshot_is_one_key_that_expires_at_expires_at(client: Redis) -> None:
+async def test_a_redis_snapshot_is_one_key_scored_by_its_expiry_and_kept_a_day_more(
+    client: Redis,
+) -> None:
     store = RedisAdoptableStore(client)
-    expires_at = later(600.0) + 0.0004  # PXAT rounds up: never before expires_at
+    expires_at = later(600.0) + 0.0004
     await store.put("abc", SNAPSHOT, expires_at)
-    assert await client.keys("*") == {b"xg:adopt:abc"}
+    assert await client.keys("*") == {b"xg:adopt:abc", b"xg:adoptable"}
     assert await client.get("xg:adopt:abc") == SNAPSHOT
+    assert await client.zscore("xg:adoptable", "abc") == expires_at
     expiry = await client.pexpiretime("xg:adopt:abc")  # coredis gives a datetime
-    assert round(expiry.timestamp() * 1000) == math.ceil(expires_at * 1000)
+    assert round(expiry.timestamp() * 1000) == math.ceil((expires_at + KEEP_AFTER) * 1000)
     assert await store.take("abc") == SNAPSHOT
     assert await client.keys("*") == set()
 
 
-async def test_redis_drops_a_put_past_by_its_clock_though_not_by_the_node_s(
-    client: Redis,
-) -> None:
-    # The node's clock runs a minute slow: its past check passes, Redis drops the key.
+async def test_redis_expiry_follows_the_node_s_clock(client: Redis) -> None:
+    # The node's clock runs a minute slow: for it, a snapshot past by real time is not.
     slow = RedisAdoptableStore(client, clock=lambda: time.time() - 60)
-    await slow.put("a", b"old", later())
     await slow.put("a", SNAPSHOT, time.time() - 1)
-    assert await slow.take("a") is None
-    assert await client.keys("*") == set()
+    assert await slow.take_expired(10) == []
+    assert await slow.take("a") == SNAPSHOT
 
 
 async def test_two_nodes_share_snapshots_and_only_one_takes_each(
@@ -243,7 +272,12 @@ async def test_redis_prefixes_keep_stores_apart(client: Redis) -> None:
     second = RedisAdoptableStore(client, prefix="two:")
     await first.put("a", b"1", later())
     await second.put("a", b"2", later())
-    assert await client.keys("*") == {b"one:adopt:a", b"two:adopt:a"}
+    assert await client.keys("*") == {
+        b"one:adopt:a",
+        b"one:adoptable",
+        b"two:adopt:a",
+        b"two:adoptable",
+    }
     assert await second.take("a") == b"2"
     assert await first.take("a") == b"1"
 
@@ -260,7 +294,7 @@ async def test_an_unreachable_redis_is_a_storage_error_from_every_call() -> None
             store = RedisAdoptableStore(client)
             with pytest.raises(StorageError, match=r"redis adoptable put: .*connection"):
                 await store.put("a", SNAPSHOT, later())
-            with pytest.raises(StorageError, match=r"redis adoptable put: .*connection"):
-                await store.put("a", SNAPSHOT, time.time() - 1)  # the DEL
+            with pytest.raises(StorageError, match=r"redis adoptable take_expired: .*connection"):
+                await store.take_expired(10)
             with pytest.raises(StorageError, match=r"redis adoptable take: .*connection"):
                 await store.take("a")

@@ -39,7 +39,10 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None) -> No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (print() writes the line and its newline separately, and
+        # stderr writes through): the worker processes share the supervisor's stderr, and
+        # two lines written at once must not interleave into one.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
 

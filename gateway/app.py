@@ -225,7 +225,10 @@ async def _run_node(
     relay = cluster = None
     directory: Directory = LocalDirectory(node)
     if redis is not None:
-        relay = Relay(redis, node, prefix=REDIS_PREFIX, max_pending=RELAY_MAX_PENDING)
+        assert config.cluster.redis is not None
+        relay = Relay(
+            config.cluster.redis, node, prefix=REDIS_PREFIX, max_pending=RELAY_MAX_PENDING
+        )
         directory = cluster = ClusterDirectory(redis, relay, node, prefix=REDIS_PREFIX)
     router = Router(config.general.hosts, account_exists, directory=directory, metrics=metrics)
     if cluster is not None:

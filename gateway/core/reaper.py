@@ -149,7 +149,12 @@ async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Una
             cluster.redis.xrange(key, start=start, end="+", count=REAP_BATCH), "reaper stream"
         )
         for entry in entries:
-            items = entry_items(entry)
+            data = entry.field_values.get(b"b") if entry.field_values else None
+            identifier = entry.identifier
+            items = entry_items(
+                identifier if isinstance(identifier, bytes) else identifier.encode(),
+                data if isinstance(data, bytes) else None,
+            )
             for item in items:
                 if isinstance(item, Deliver):
                     await unavailable(item.stanza, item.to, None)

@@ -20,7 +20,10 @@ entry again when it starts reading (its pending entries are read first), so deli
 between nodes is at least once; a stanza accepted by the sender's node is not lost in
 transit while Redis keeps its data.
 
-The batch format is ours and small (`gateway.storage.cluster_codec`).
+The batch format is ours and small (`gateway.storage.cluster_codec`). The relay talks to
+Redis over two connections of its own (`gateway.storage.resp`: the sender's, and the
+receiver's, which blocks in `XREADGROUP`); a round's acknowledgements go in the same
+write as the next read.
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ from typing import Final
 
 import structlog
 import trio
-from coredis.response.types import StreamEntry
 
 from gateway.errors import StorageError
 from gateway.storage.cluster_codec import Item, Moved, Surrender, decode_batch, encode_batch
-from gateway.storage.redis_client import REDIS_ERRORS, Redis, command
+from gateway.storage.resp import Arg, Command, ReplyError, RespConnection
 
 log = structlog.get_logger(module=__name__)
 
@@ -49,15 +51,39 @@ FIRST_BACKOFF: Final = 0.1
 MAX_BACKOFF: Final = 5.0
 
 
-def entry_items(entry: StreamEntry) -> list[Item]:
-    """The items of one stream entry; a damaged entry is logged and yields none (the
-    receiver acknowledges it: reading it again would not repair it)."""
-    data = entry.field_values.get(b"b") if entry.field_values else None
+def entry_items(identifier: bytes, data: bytes | None) -> list[Item]:
+    """The items of one stream entry (its `b` field); a damaged entry is logged and
+    yields none (the receiver acknowledges it: reading it again would not repair it)."""
     try:
-        return decode_batch(data) if isinstance(data, bytes) else []
+        return decode_batch(data) if data is not None else []
     except StorageError as exc:
-        log.warning("relay_entry_damaged", entry=str(entry.identifier), error=str(exc))
+        log.warning("relay_entry_damaged", entry=identifier.decode(), error=str(exc))
         return []
+
+
+def read_entries(answer: object) -> list[tuple[bytes, bytes | None]]:
+    """(id, `b` field) of each entry of an `XREADGROUP` answer (RESP2: nil, or
+    `[[stream, [[id, [field, value, ...]], ...]]]`); the field is None for an entry
+    deleted while pending.
+
+    Raises:
+        StorageError: the answer is not shaped as Redis answers `XREADGROUP`.
+    """
+    found: list[tuple[bytes, bytes | None]] = []
+    if answer is None:
+        return found
+    try:
+        for _stream, entries in answer:  # type: ignore[attr-defined]
+            for identifier, fields in entries:
+                if not isinstance(identifier, bytes):
+                    raise TypeError("an entry id that is not a string")
+                data = (
+                    dict(zip(fields[::2], fields[1::2], strict=True)).get(b"b") if fields else None
+                )
+                found.append((identifier, data if isinstance(data, bytes) else None))
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"redis relay: unexpected XREADGROUP answer: {exc}") from exc
+    return found
 
 
 def stream_key(prefix: str, node: str) -> str:
@@ -68,15 +94,15 @@ class Relay:
     """This node's outbox to the other nodes and its inbox from them (module docstring).
 
     Args:
-        redis: the cluster's client.
+        url: the cluster's Redis (`cluster.redis`).
         node: this node's id.
         prefix: the cluster's key prefix.
         max_pending: most items waiting to be written (all destinations); past it
             `post` refuses.
     """
 
-    def __init__(self, redis: Redis, node: str, *, prefix: str, max_pending: int) -> None:
-        self.redis = redis
+    def __init__(self, url: str, node: str, *, prefix: str, max_pending: int) -> None:
+        self.url = url
         self.node = node
         self.prefix = prefix
         self.max_pending = max_pending
@@ -113,7 +139,14 @@ class Relay:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Write what is posted, batched per destination; never returns."""
-        task_status.started()
+        connection = RespConnection(self.url)
+        try:
+            task_status.started()
+            await self._send(connection)
+        finally:
+            await connection.aclose()
+
+    async def _send(self, connection: RespConnection) -> None:
         backoff = FIRST_BACKOFF
         while True:
             if not self._pending:
@@ -123,7 +156,7 @@ class Relay:
             # What is posted while this round is written goes in the next one.
             rounds, self._pending = self._pending, {}
             try:
-                failed = await self._write(rounds)
+                failed = await self._write(connection, rounds)
                 error = "refused by redis"
             except StorageError as exc:
                 # (Whether any destination was written is unknown: all are written
@@ -145,27 +178,30 @@ class Relay:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _write(self, rounds: dict[str, list[Item]]) -> set[str]:
+    async def _write(self, connection: RespConnection, rounds: dict[str, list[Item]]) -> set[str]:
         """Write one entry per destination, pipelined; the destinations Redis refused
         (written again later).
 
         Raises:
             StorageError: Redis could not be reached (nothing known of what was written).
         """
-        entries: list[tuple[str, bytes]] = []
-        for node, items in rounds.items():
-            entries.append((node, b"".join(self._encoded(node, items))))
-        try:
-            async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for node, data in entries:
-                    pipe.xadd(stream_key(self.prefix, node), {b"b": data})
-        except REDIS_ERRORS as exc:
-            raise StorageError(f"redis relay xadd: {exc}") from exc
-        results = pipe.results or ()
+        nodes = list(rounds)
+        replies = await connection.pipeline(
+            [
+                (
+                    "XADD",
+                    stream_key(self.prefix, node),
+                    "*",
+                    "b",
+                    b"".join(self._encoded(node, rounds[node])),
+                )
+                for node in nodes
+            ]
+        )
         return {
             node
-            for (node, _data), result in zip(entries, results, strict=False)
-            if isinstance(result, BaseException)
+            for node, reply in zip(nodes, replies, strict=True)
+            if isinstance(reply, ReplyError)
         }
 
     @staticmethod
@@ -188,49 +224,67 @@ class Relay:
     ) -> None:
         """Read this node's stream and `deliver` every item, then acknowledge; never
         returns. Entries left unacknowledged by an earlier run are read first."""
-        key = stream_key(self.prefix, self.node)
-        await self._create_group(key)
-        task_status.started()
+        connection = RespConnection(self.url)
+        try:
+            key = stream_key(self.prefix, self.node)
+            await self._create_group(connection, key)
+            task_status.started()
+            await self._receive_all(connection, key, deliver)
+        finally:
+            await connection.aclose()
+
+    async def _receive_all(
+        self, connection: RespConnection, key: str, deliver: Callable[[Item], Awaitable[None]]
+    ) -> None:
         backlog = True  # our pending entries first ("0"), then new ones (">")
         backoff = FIRST_BACKOFF
+        done: list[bytes] = []  # delivered, acknowledged with the next read
         while True:
             try:
-                backlog = await self._receive(key, deliver, backlog=backlog)
+                entries = await self._read(connection, key, done, backlog=backlog)
             except StorageError as exc:
                 # (An entry delivered but not acknowledged comes again: at least once.)
                 log.warning("relay_read_failed", error=str(exc), retry_in=backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
-                await self._create_group(key)
-                backlog = True
+                await self._create_group(connection, key)
+                backlog, done = True, []
                 continue
             backoff = FIRST_BACKOFF
+            if backlog and not entries:
+                backlog = False
+            await self._deliver_round(entries, deliver)
+            done = [identifier for identifier, _ in entries]
 
-    async def _receive(
-        self, key: str, deliver: Callable[[Item], Awaitable[None]], *, backlog: bool
-    ) -> bool:
-        """Read, deliver and acknowledge one round of entries; whether the backlog is
-        still being read."""
-        answer = await command(
-            self.redis.xreadgroup(
-                GROUP,
-                self.node.encode(),
-                streams={key: "0" if backlog else ">"},
-                count=READ_COUNT,
-                block=None if backlog else READ_BLOCK_MS,
-            ),
-            "relay xreadgroup",
-        )
-        entries = [entry for stream in (answer or {}).values() for entry in stream]
-        if backlog and not entries:
-            return False
-        # Stanzas and closes in order, one after the other (their order is the order a
-        # client sees); session moves each on their own, so a burst of resumptions from
-        # another node is not served one at a time. All are done before the round is
-        # acknowledged.
+    async def _read(
+        self, connection: RespConnection, key: str, done: list[bytes], *, backlog: bool
+    ) -> list[tuple[bytes, bytes | None]]:
+        """Acknowledge (`XACK` + `XDEL`) the entries of the last round and read the next
+        ones, in one write."""
+        commands: list[Command] = []
+        if done:
+            commands.append(("XACK", key, GROUP, *done))
+            commands.append(("XDEL", key, *done))
+        read: list[Arg] = ["XREADGROUP", "GROUP", GROUP, self.node, "COUNT", READ_COUNT]
+        if not backlog:
+            read += ["BLOCK", READ_BLOCK_MS]
+        commands.append((*read, "STREAMS", key, "0" if backlog else ">"))
+        replies = await connection.pipeline(commands, block=READ_BLOCK_MS / 1000)
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise StorageError(f"redis relay read: {reply}")
+        return read_entries(replies[-1])
+
+    async def _deliver_round(
+        self, entries: list[tuple[bytes, bytes | None]], deliver: Callable[[Item], Awaitable[None]]
+    ) -> None:
+        """Deliver the items of a round. Stanzas and closes in order, one after the other
+        (their order is the order a client sees); session moves each on their own, so a
+        burst of resumptions from another node is not served one at a time. All are done
+        before the round is acknowledged."""
         moves: list[Item] = []
-        for entry in entries:
-            items = entry_items(entry)
+        for identifier, data in entries:
+            items = entry_items(identifier, data)
             for item in items:
                 if isinstance(item, Surrender | Moved):
                     moves.append(item)
@@ -241,23 +295,11 @@ class Relay:
             async with trio.open_nursery() as nursery:
                 for item in moves:
                     nursery.start_soon(_deliver_move, deliver, item)
-        if entries:
-            # Every entry of the round at once, after all were delivered: one round trip.
-            done = [entry.identifier for entry in entries]
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xack(key, GROUP, done)
-                    pipe.xdel(key, done)
-            except REDIS_ERRORS as exc:
-                raise StorageError(f"redis relay xack: {exc}") from exc
-        return backlog
 
-    async def _create_group(self, key: str) -> None:
+    async def _create_group(self, connection: RespConnection, key: str) -> None:
         """Create the stream and its group if missing (idempotent)."""
         try:
-            await command(
-                self.redis.xgroup_create(key, GROUP, "0", mkstream=True), "relay xgroup create"
-            )
+            await connection.execute("XGROUP", "CREATE", key, GROUP, "0", "MKSTREAM")
         except StorageError as exc:
             if "BUSYGROUP" not in str(exc):
                 log.warning("relay_group_failed", error=str(exc))

@@ -4,18 +4,28 @@ another through their streams (`gateway.core.relay`). Pure: no Redis, no clock.
 
 A record is `node NUL session NUL priority NUL flags NUL presence`; a batch is, per
 item, an operation byte, the target's length and the payload's length (`!cHI`), the
-target (a JID, or an SM id for session moves) and the payload (the stanza's stored
-form, a close condition, a requesting node, or a session snapshot).
+target (a JID, or an SM id for session moves) and the payload (a stanza, a close
+condition, a requesting node, or a session snapshot).
+
+A stanza crosses as its tree, `(namespace, name, attributes, children)` nested, in
+`marshal` format version 4 (stable across Python versions since 3.4), not as XML: a
+crossing message is then neither serialized nor parsed on its way between nodes, which
+made up half of what crossing cost (3.5 times cheaper each way, measured on a chat
+message). The tree is checked while it is rebuilt (types, depth), so damaged bytes are a
+`StorageError`, never a malformed element; the relay's entries are short-lived and come
+from the cluster's own nodes (whoever can write to its Redis can send stanzas anyway).
+What stays in Redis for long (directory records) or in databases is XML.
 """
 
 from __future__ import annotations
 
+import marshal
 import struct
 from dataclasses import dataclass
 from typing import Final
 
 from gateway.errors import JIDError, StorageError, StreamErrorCondition
-from gateway.storage.codec import decode_stanza, decode_stanzas, encode_stanza
+from gateway.storage.codec import decode_stanza, encode_stanza
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 
@@ -24,8 +34,48 @@ _CLOSE: Final = b"c"
 _SURRENDER: Final = b"s"
 _MOVED: Final = b"m"
 _HEAD: Final = struct.Struct("!cHI")  # operation, JID length, payload length
-#: Stands for a stanza while a batch is read (all its stanzas are parsed together).
-_PENDING: Final = Element("", "pending")
+#: `marshal`'s format for stanza trees (readable by every Python since 3.4).
+_MARSHAL_VERSION: Final = 4
+#: Deepest stanza tree accepted (the config's upper bound for `max_depth`).
+_MAX_DEPTH: Final = 256
+
+Tree = tuple[str, str, dict[str, str], tuple["Tree | str", ...]]
+
+
+def stanza_tree(element: Element) -> Tree:
+    """`element` as nested tuples, for `marshal`."""
+    return (
+        element.namespace,
+        element.name,
+        dict(element.attrs),
+        tuple(c if isinstance(c, str) else stanza_tree(c) for c in element.children),
+    )
+
+
+def element_of(tree: object, depth: int = 0) -> Element:
+    """The element a `stanza_tree` describes, every part checked.
+
+    Raises:
+        StorageError: `tree` is not a stanza tree (or nests deeper than `_MAX_DEPTH`).
+    """
+    if type(tree) is not tuple or len(tree) != 4 or depth > _MAX_DEPTH:
+        raise StorageError("relay batch: not a stanza tree")
+    namespace, name, attrs, children = tree
+    if (
+        type(namespace) is not str
+        or type(name) is not str
+        or not name
+        or type(attrs) is not dict
+        or type(children) is not tuple
+        or not all(type(k) is str and type(v) is str for k, v in attrs.items())
+    ):
+        raise StorageError("relay batch: not a stanza tree")
+    return Element(
+        namespace,
+        name,
+        attrs,
+        [c if type(c) is str else element_of(c, depth + 1) for c in children],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +126,8 @@ def encode_batch(items: list[Item]) -> bytes:
     parts: list[bytes] = []
     for item in items:
         if isinstance(item, Deliver):
-            jid, op, payload = str(item.to).encode(), _DELIVER, encode_stanza(item.stanza)
+            jid, op = str(item.to).encode(), _DELIVER
+            payload = marshal.dumps(stanza_tree(item.stanza), _MARSHAL_VERSION)
         elif isinstance(item, Close):
             condition = item.condition.value if item.condition is not None else ""
             jid, op = str(item.to).encode(), _CLOSE
@@ -97,7 +148,7 @@ def decode_batch(data: bytes) -> list[Item]:
     Raises:
         StorageError: the entry is damaged (nothing of it is returned).
     """
-    items: list[Item | bytes] = []
+    items: list[Item] = []
     offset = 0
     try:
         while offset < len(data):
@@ -110,9 +161,7 @@ def decode_batch(data: bytes) -> list[Item]:
             payload = data[offset + jid_length : end]
             offset = end
             if op == _DELIVER:
-                # (The stanza is parsed below, with the batch's others.)
-                items.append(Deliver(JID.parse(target), _PENDING))
-                items.append(payload)
+                items.append(Deliver(JID.parse(target), element_of(marshal.loads(payload))))  # noqa: S302 (see the module docstring)
             elif op == _CLOSE:
                 condition, session, text = payload.decode().split("\n", 2)
                 items.append(
@@ -129,18 +178,10 @@ def decode_batch(data: bytes) -> list[Item]:
                 items.append(Moved(target, payload))
             else:
                 raise StorageError(f"relay batch: unknown operation {op!r}")
-    except (struct.error, UnicodeDecodeError, ValueError, JIDError) as exc:
+    except (struct.error, UnicodeDecodeError, ValueError, EOFError, TypeError, JIDError) as exc:
+        # (marshal: ValueError, EOFError or TypeError for bytes it cannot read.)
         raise StorageError(f"relay batch: {exc}") from exc
-    payloads = [part for part in items if isinstance(part, bytes)]
-    try:
-        stanzas = iter(decode_stanzas(payloads))
-    except StorageError:
-        stanzas = iter([decode_stanza(p) for p in payloads])  # raises for the damaged one
-    return [
-        Deliver(part.to, next(stanzas)) if isinstance(part, Deliver) else part
-        for part in items
-        if not isinstance(part, bytes)
-    ]
+    return items
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,34 +78,3 @@ def decode_stanza(data: bytes) -> Element:
     ):
         raise StorageError("stored offline stanza is not exactly one element")
     return events[1].element
-
-
-def decode_stanzas(datas: list[bytes]) -> list[Element]:
-    """`decode_stanza` for many at once, with one parser (a batch from another node).
-
-    Raises:
-        StorageError: one of them is not exactly one well-formed element (the caller
-            may decode them one by one to find which).
-    """
-    if not datas:
-        return []
-    limit = _DECODE_SIZE_FACTOR * (len(_HEADER) + max(len(d) for d in datas) + 1)
-    parser = StreamParser(max_stanza_size=limit, max_depth=_MAX_DEPTH)
-    elements: list[Element] = []
-    try:
-        if len(parser.feed(_HEADER)) != 1:
-            raise StorageError("stored stanzas: no stream")
-        for data in datas:
-            events = parser.feed(data)
-            if (
-                len(events) != 1
-                or not isinstance(events[0], ElementReceived)
-                or parser.has_partial_data
-            ):
-                raise StorageError("a stored stanza is not exactly one element")
-            elements.append(events[0].element)
-    except RemoteProtocolError as exc:
-        raise StorageError(f"a stored stanza is damaged: {exc}") from exc
-    finally:
-        parser.close()
-    return elements

@@ -96,31 +96,31 @@ def remote_to(resource: Resource | None, node: str, full: JID, relay: Relay) -> 
 
 
 def make_node(
-    redis: Redis, node: str, *, max_pending: int = 100, seen_for: float = 0.0
+    redis: Redis, url: str, node: str, *, max_pending: int = 100, seen_for: float = 0.0
 ) -> ClusterDirectory:
     """The cluster directory of `node` over `redis`, with a relay of its own; remote
     resources found by full JID are not reused (`seen_for` 0) unless a test says so, so
     that every lookup shows what Redis holds."""
-    relay = Relay(redis, node, prefix=PREFIX, max_pending=max_pending)
+    relay = Relay(url, node, prefix=PREFIX, max_pending=max_pending)
     return ClusterDirectory(redis, relay, node, prefix=PREFIX, seen_for=seen_for)
 
 
 @pytest.fixture
 async def gw1(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, "gw1")
+        yield make_node(client, redis_url, "gw1")
 
 
 @pytest.fixture
 async def gw2(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, "gw2")
+        yield make_node(client, redis_url, "gw2")
 
 
 @pytest.fixture
 async def gw3(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, "gw3")
+        yield make_node(client, redis_url, "gw3")
 
 
 @pytest.fixture
@@ -244,9 +244,9 @@ async def test_an_unbind_on_one_node_removes_the_resource_for_the_other(
 
 
 async def test_a_remote_handle_posts_stanzas_and_closes_to_the_holding_nodes_relay(
-    gw1: ClusterDirectory, redis: Redis
+    gw1: ClusterDirectory, redis: Redis, redis_url: str
 ) -> None:
-    gw2 = make_node(redis, "gw2", max_pending=2)
+    gw2 = make_node(redis, redis_url, "gw2", max_pending=2)
     await bind(gw1, Peer(), JULIET, "balcony")
     seen = await gw2.resource(BALCONY)
     assert seen is not None
@@ -486,8 +486,9 @@ async def test_a_relayed_stanza_without_an_unavailable_callback_is_dropped_quiet
 @pytest.fixture
 async def dead() -> AsyncIterator[ClusterDirectory]:
     """gw1 over a client for a port where nothing listens."""
-    async with open_redis(f"redis://127.0.0.1:{free_port()}/0") as client:
-        yield make_node(client, "gw1")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with open_redis(url) as client:
+        yield make_node(client, url, "gw1")
 
 
 async def test_with_redis_unreachable_bind_raises_and_leaves_nothing_bound(
@@ -653,7 +654,11 @@ async def test_after_a_redis_outage_the_heartbeat_writes_the_nodes_records_again
     restartable: RestartableRedis,
 ) -> None:
     async with open_redis(restartable.url) as one, open_redis(restartable.url) as three:
-        await outage_and_return(restartable, make_node(one, "gw1"), make_node(three, "gw3"))
+        await outage_and_return(
+            restartable,
+            make_node(one, restartable.url, "gw1"),
+            make_node(three, restartable.url, "gw3"),
+        )
 
 
 async def outage_and_return(
@@ -759,11 +764,12 @@ async def has_resource(directory: ClusterDirectory, full: JID) -> bool:
 
 
 async def test_a_remote_resource_found_by_full_jid_is_reused_for_a_while(
-    redis: Redis,
+    redis: Redis, redis_url: str
 ) -> None:
     """Routing a chat asks Redis once per SEEN_FOR, not once per stanza; a change on
     the other node shows after that (the other node's fallbacks cover the gap)."""
-    gw1, gw2 = make_node(redis, "gw1"), make_node(redis, "gw2", seen_for=0.3)
+    gw1 = make_node(redis, redis_url, "gw1")
+    gw2 = make_node(redis, redis_url, "gw2", seen_for=0.3)
     peer = Peer()
     await bind(gw1, peer, JULIET, "balcony")
     first = await gw2.resource(BALCONY)

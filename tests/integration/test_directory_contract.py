@@ -49,7 +49,7 @@ async def _cluster(node: str, request: pytest.FixtureRequest) -> AsyncIterator[D
     # Only this parameter starts Redis (the redis_url fixture), when it runs.
     url: str = request.getfixturevalue("redis_url")
     async with open_redis(url) as redis:
-        relay = Relay(redis, node, prefix="xg:", max_pending=100)
+        relay = Relay(url, node, prefix="xg:", max_pending=100)
         yield ClusterDirectory(redis, relay, node, prefix="xg:")
 
 

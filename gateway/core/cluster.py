@@ -155,6 +155,8 @@ class ClusterDirectory:
         #: Remote resources found by full JID lately, until when (see SEEN_FOR).
         self._seen: dict[JID, tuple[float, Resource]] = {}
         self._seen_for = seen_for
+        #: Nodes found alive lately, until when (see `is_alive`).
+        self._alive: dict[str, float] = {}
         #: Where a relayed stanza goes when its resource has gone (the router's rules for
         #: an unavailable full JID); set by the app once the router exists.
         self.unavailable: Unavailable | None = None
@@ -339,11 +341,19 @@ class ClusterDirectory:
 
     async def is_alive(self, node: str) -> bool:
         """Whether `node`'s heartbeat key is there (it beat within its last three
-        intervals); False when Redis cannot say."""
+        intervals); False when Redis cannot say. A node found alive is taken to be for
+        `seen_for` seconds more (a reconnect storm's resumptions ask about the same
+        node hundreds of times a second; its death takes three heartbeats to show anyway).
+        """
+        now = trio.current_time()
+        if self._alive.get(node, 0.0) > now:
+            return True
         try:
             count = await command(self.redis.exists([f"{self.prefix}node:{node}"]), "liveness")
         except StorageError:
             return False
+        if count > 0 and self._seen_for > 0:
+            self._alive[node] = now + self._seen_for
         return count > 0
 
     async def run_heartbeat(

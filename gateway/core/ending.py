@@ -172,14 +172,10 @@ async def _hand_off(
     end_slot(conn, slot)
     directory = conn.ctx.router.directory
     if migrations is not None and migrate_to is not None:
-        # To another node: this node lets go of every record first, so the new owner's
-        # bind and registration cannot race removals from here.
+        # To another node: this node leaves the directory first, so the new owner's bind
+        # cannot race a removal from here. The `sm_session` record stays: the new
+        # owner's registration replaces it.
         held = await directory.unbind(session)
-        try:
-            await conn.ctx.sm_sessions.remove(sm.smid)
-        except StorageError as exc:
-            # (The new owner's registration replaces the record anyway.)
-            log.warning("sm_session_not_removed", error=str(exc))
         if not migrations.send(sm.smid, data, migrate_to):
             return False, held
         log.info("session_moved", to_node=migrate_to, unacked=len(snapshot.buffer))

@@ -4,8 +4,10 @@
 # same load, in one run. Clients land on the workers as the kernel spreads connections
 # (SO_REUSEPORT), so about (W-1)/W of the messages cross between nodes through Redis.
 # Prints both runs' figures and the ratio of messages per server CPU-second (the
-# cluster's server CPU = every worker + the supervisor + Redis): 1.0 means crossing
-# nodes costs nothing, the target is >= 0.8.
+# cluster's server CPU = every worker + the supervisor + Redis): the target is >= 0.8.
+# A control run, two separate processes with half the clients each and nothing crossing,
+# tells what splitting the load costs by itself: cluster / control is what crossing
+# nodes costs.
 #
 # usage: bash scripts/cluster_bench.sh [N clients] [P pairs] [M messages] [bench.py options]
 # Environment: WORKERS (2), PYTHON, KEEP_LOG=1.
@@ -83,6 +85,32 @@ wait_port "$SINGLE"
 run_bench "one process" "$WORK/single.json" --server-pid "$SINGLE"
 kill -TERM "$SINGLE"; wait "$SINGLE" || true
 
+# The control: two separate processes (not a cluster, nothing crosses), each serving half
+# the clients with its own bench client, at the same time. It shows what splitting the
+# load over two processes costs by itself, so that cluster / control is what crossing
+# nodes costs.
+HALF=$((N / 2)); HALF_PAIRS=$((P / 2))
+PORT_B=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+sed "s/port: $PORT,/port: $PORT_B,/" "$WORK/single.yaml" >"$WORK/single_b.yaml"
+"$PYTHON" -m gateway serve --config "$WORK/single.yaml" >"$WORK/control_a.log" 2>&1 &
+CONTROL_A=$!
+PIDS+=("$CONTROL_A")
+"$PYTHON" -m gateway serve --config "$WORK/single_b.yaml" >"$WORK/control_b.log" 2>&1 &
+CONTROL_B=$!
+PIDS+=("$CONTROL_B")
+wait_port "$CONTROL_A"
+PORT_A=$PORT; PORT=$PORT_B; wait_port "$CONTROL_B"; PORT=$PORT_A
+control_bench() {  # $1: port, $2: pid, $3: json out
+    "$PYTHON" "$ROOT/scripts/bench.py" --host 127.0.0.1 --port "$1" --domain "$DOMAIN" \
+        --users-prefix "$PREFIX" --password "$PASSWORD" --clients "$HALF" --pairs "$HALF_PAIRS" \
+        --messages "$M" --label "control" --warmup --json --server-pid "$2" "${BENCH_ARGS[@]}" >"$3"
+}
+control_bench "$PORT_A" "$CONTROL_A" "$WORK/control_a.json" &
+BENCH_A=$!
+control_bench "$PORT_B" "$CONTROL_B" "$WORK/control_b.json"
+wait "$BENCH_A"
+kill -TERM "$CONTROL_A" "$CONTROL_B"; wait "$CONTROL_A" "$CONTROL_B" || true
+
 # The cluster: the supervisor and its workers, all on the same port.
 "$PYTHON" -m gateway serve --config "$WORK/cluster.yaml" >"$WORK/cluster.log" 2>&1 &
 SUPERVISOR=$!
@@ -102,11 +130,12 @@ redis_before=$(cpu_of "$REDIS_PID")
 run_bench "$WORKERS workers" "$WORK/cluster.json" --server-pid "${WORKER_PIDS[0]}" "${EXTRA[@]}"
 echo "cluster_bench: redis-server used $("$PYTHON" -c "print(round($(cpu_of "$REDIS_PID") - $redis_before, 2))") CPU-s of the cluster run (all phases)"
 
-"$PYTHON" - "$WORK/single.json" "$WORK/cluster.json" "$WORKERS" <<'PY'
+"$PYTHON" - "$WORK/single.json" "$WORK/cluster.json" "$WORKERS" "$WORK/control_a.json" "$WORK/control_b.json" <<'PY'
 import json, sys
 
 single, cluster = (json.load(open(path)) for path in sys.argv[1:3])
 workers = sys.argv[3]
+halves = [json.load(open(path))["messages"] for path in sys.argv[4:6]]
 rows = [
     ("msgs/s delivered", ("messages", "msgs_per_s")),
     ("msgs per server CPU-s", ("messages", "msgs_per_server_cpu_s")),
@@ -130,4 +159,14 @@ for name, (section, key) in rows:
         continue
     ratio = f"{b / a:7.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "      -"
     print(f"{name:24} {a!s:>12} {b!s:>12} {ratio}")
+# The control's messages per server CPU-s: both halves' messages over both servers' CPU.
+delivered = sum(h["delivered"] for h in halves)
+cpu = sum(h["server_cpu_s"] for h in halves)
+control = delivered / cpu
+cluster_rate = cluster["messages"]["msgs_per_server_cpu_s"]
+print(
+    f"control: 2 separate processes, nothing crosses: {control:.1f} msgs per server CPU-s"
+    f" ({control / single['messages']['msgs_per_server_cpu_s']:.2f} of one process);"
+    f" the cluster / control = {cluster_rate / control:.2f} (what crossing nodes costs)"
+)
 PY

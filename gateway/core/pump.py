@@ -12,8 +12,9 @@ resume); `serve()` runs until something ends the serving and says what (`Outcome
   loan, shutdown) gives the write in progress `CLOSE_GRACE` to finish, because half a
   stanza followed by a stream error is unreadable; a write still unfinished then is cut,
   `write_cut` is set and nothing more may be written to this transport.
-* The ack timer: after the writer sent an `<r/>`, the reader's scope gets a deadline of
-  `ack_timeout`; an `<a/>` (`client_alive`) lifts it. A deadline that passes ends
+* The ack timer: when the writer sends an `<r/>`, the reader's scope gets a deadline of
+  `ack_timeout` (set before the write, which an answer may overtake); an `<a/>`
+  (`client_alive`) lifts it. A deadline that passes ends
   serving with `ACK_TIMEOUT` (the transport counts as lost).
 * Companions (the offline flush, the watch for a loan) are started by the
   connection on `nursery` while serving.
@@ -188,7 +189,16 @@ class Pump:
                     except trio.WouldBlock:
                         break
                 self.in_flight = batch
-                requested = any(e is ACK_REQUEST for e in batch)
+                scope = self._ack_scope
+                if (
+                    self.ack_timeout
+                    and scope is not None
+                    and scope.deadline == math.inf
+                    and any(e is ACK_REQUEST for e in batch)
+                ):
+                    # Armed before the write: a fast client's <a/> can be read (and lift
+                    # the deadline) before the write returns.
+                    scope.deadline = trio.current_time() + self.ack_timeout
                 with trio.CancelScope(shield=True) as write_scope:
                     self._write_scope = write_scope
                     await self.wire.write(batch)
@@ -199,10 +209,6 @@ class Pump:
                 self.in_flight = []
                 session.queued_bytes -= sum(e.size for e in batch)
                 self.on_written()
-                scope = self._ack_scope
-                timing = requested and self.ack_timeout and scope is not None
-                if timing and scope is not None and scope.deadline == math.inf:
-                    scope.deadline = trio.current_time() + self.ack_timeout
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.writer_lost = True
             if session.cancel_scope is not None:

@@ -819,6 +819,58 @@ async def test_ack_timeout_parks_a_client_that_stops_answering_r(
         assert bodies(await bob2.sync()) == ["m1"]
 
 
+async def test_an_r_answered_before_its_write_returned_keeps_the_connection(
+    gateway_factory: GatewayFactory, autojump_clock: trio.testing.MockClock
+) -> None:
+    """ack_timeout=30 and a client that answers every `<r/>` at once: its `<a/>` can be
+    read before the write that carried the `<r/>` returns (a slow TLS write, here a
+    memory stream whose writes return a second after the client has the data). It
+    counts all the same: the connection stays."""
+    with trio.fail_after(LIMIT * 100):
+        ctx, connect = await gateway_factory(modules=sm_options(ack_timeout=30))
+
+        async def slow_writes(index: int = 0, *, memory: bool = False) -> RawClient:
+            client_stream, server_stream = trio.testing.memory_stream_pair()
+            deliver = server_stream.send_stream.send_all_hook
+            assert deliver is not None
+
+            async def deliver_then_linger() -> None:
+                await deliver()
+                await trio.sleep(1)
+
+            server_stream.send_stream.send_all_hook = deliver_then_linger
+            transport = StreamTransport(server_stream, PeerInfo("192.0.2.9", 40002))
+            assert ctx.handler_nursery is not None
+            ctx.handler_nursery.start_soon(serve_connection, ctx, ctx.config.c2s[index], transport)
+            return RawClient(client_stream)
+
+        alice = await online(connect, "alice", "pc", priority=None)
+        bob = await online(slow_writes, "bob", "phone", sm=RESUMABLE, priority=None)
+        got: list[str] = []
+        ended: list[str] = []
+
+        async def answer_at_once() -> None:
+            h = 0
+            try:
+                while True:
+                    element = await bob.raw.receive()
+                    if element.namespace == ns.CLIENT:
+                        h += 1
+                        got.append(element.find_text(ns.CLIENT, "body") or "")
+                    elif element.tag == (ns.SM, "r"):
+                        await bob.raw.send(f"<a xmlns='{ns.SM}' h='{h}'/>")
+            except StreamEnd:
+                ended.append("stream ended")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_at_once)
+            for n in range(3):
+                await alice.send(message("bob@localhost/phone", f"m{n}"))
+                await trio.sleep(100)  # over three times ack_timeout each
+            nursery.cancel_scope.cancel()
+        assert (got, ended) == (["m0", "m1", "m2"], [])
+
+
 async def test_ack_timeout_also_covers_the_r_sent_after_a_resumption(
     gateway_factory: GatewayFactory, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -38,7 +38,7 @@ from gateway.core.metrics import HandoffResult, Metrics
 from gateway.core.migration import Migrations, run_adoptable_sweep
 from gateway.core.mirror import run_h_mirror
 from gateway.core.offline import OfflineService
-from gateway.core.reaper import forget_previous_run, run_reaper
+from gateway.core.reaper import forget_previous_run, leave, run_reaper
 from gateway.core.relay import Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.core.revive import serve_revived
@@ -335,6 +335,9 @@ async def _run_node(
                     if relay.pending:
                         log.warning("relay_not_flushed", pending=relay.pending)
                 service_nursery.cancel_scope.cancel()
+            if cluster is not None:
+                with trio.move_on_after(CLOSE_DEADLINE / 2):
+                    await leave(cluster)
         finally:
             accounts.close()
             roster_store.close()

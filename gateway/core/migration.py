@@ -82,17 +82,19 @@ class Migrations:
         self.leaving: dict[str, list[str]] = {}
 
     async def fetch(self, smid: str, owner: str) -> bool:
-        """Bring session `smid`, held by node `owner`, here: by asking `owner` (if it
-        lives) and waiting (at most `MOVE_WAIT`), or from the adoptable store when
-        `owner` drained (it answers that it has no such session, or it is gone). True
+        """Bring session `smid`, held by node `owner`, here: from the adoptable store
+        when `owner` drained, else by asking `owner` (if it lives) and waiting (at most
+        `MOVE_WAIT`; a drain under way answers once the session is in the store). True
         once it is parked here; False when it did not come.
 
         Raises:
             StorageError: the adoptable store failed.
         """
-        if not await self.alive(owner):
-            return await self._adopt_left(smid)
-        if smid in self._waiting:
+        # The store first: a drained owner may be gone (or about to go) with its
+        # heartbeat key still there; asking it would wait `MOVE_WAIT` for nothing.
+        if await self._adopt_left(smid):
+            return True
+        if smid in self._waiting or not await self.alive(owner):
             return False
         if not self.relay.post(owner, Surrender(smid, self.node)):
             return False

@@ -15,6 +15,9 @@ lock (`SET NX` with an expiry, so a reaper that dies too is replaced) accounts f
    account, offline storage, or an error to its sender); close requests are moot.
 3. Its listing (`nodes`, `held:NODE`, the stream) is removed.
 
+A node that stops on purpose (drained) deletes its heartbeat key as it goes (`leave`),
+marked as left: it is reaped at once the same way, reported as left, not dead.
+
 Guarantee: nothing another node handed over for delivery to the dead node is lost. What
 the dead node's own clients had not acknowledged (its SM buffers) died with it; their
 SM ids answer `<failed/>` (item-not-found) on any node.
@@ -39,6 +42,9 @@ from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 
 log = structlog.get_logger(module=__name__)
+
+#: Milliseconds a node's "left on purpose" mark lasts (the others reap it well before).
+LEFT_FOR_MS: Final = 60_000
 
 #: Seconds a reaper holds a dead node's lock (another takes over if it dies meanwhile).
 REAP_LOCK: Final = 60.0
@@ -99,13 +105,41 @@ async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -
         # It beat again meanwhile (a slow node, or one restarted under its id): alive.
         await command(redis.delete([lock]), "reaper unlock")
         return False
-    log.warning("node_dead", node=node)
+    if await command(redis.exists([left_key(prefix, node)]), "reaper liveness"):
+        log.info("node_left", node=node)  # stopped on purpose (`leave`): no alarm
+    else:
+        log.warning("node_dead", node=node)
     resources = await _drop_resources(cluster, node)
     stanzas = await _reroute_stream(cluster, node, unavailable)
     await command(redis.srem(f"{prefix}nodes", [node]), "reaper forget")
-    await command(redis.delete([cluster.held_key(node), stream_key(prefix, node)]), "reaper forget")
+    await command(
+        redis.delete([cluster.held_key(node), stream_key(prefix, node), left_key(prefix, node)]),
+        "reaper forget",
+    )
     log.info("node_reaped", node=node, resources=resources, stanzas=stanzas)
     return True
+
+
+def left_key(prefix: str, node: str) -> str:
+    """Set by a node that stops on purpose, so its reaping is not reported as a death."""
+    return f"{prefix}left:{node}"
+
+
+async def leave(cluster: ClusterDirectory) -> None:
+    """This node stops on purpose (drained, its sessions handed over): its heartbeat key
+    goes at once, so the others stop asking it for sessions and reap it at their next
+    look (rerouting whatever still reaches its stream) instead of three heartbeats
+    later, and without calling it dead. Called after the heartbeat stopped."""
+    prefix = cluster.prefix
+    try:
+        await command(
+            cluster.redis.set(left_key(prefix, cluster.node), b"1", px=LEFT_FOR_MS), "leave"
+        )
+        await command(cluster.redis.delete([f"{prefix}node:{cluster.node}"]), "leave")
+    except StorageError as exc:
+        log.warning("cluster_leave_failed", error=str(exc))  # (then reaped as dead)
+        return
+    log.info("cluster_left")
 
 
 async def _drop_resources(cluster: ClusterDirectory, node: str) -> int:

@@ -81,7 +81,7 @@ MAX_LOST_IN_KILLED_NODE: Final[int | None] = None
 #: Transports the server closed though the client had answered every <r/> (no cut, no
 #: kill, no stream error). This test found such drops (the ack deadline was armed after
 #: the write of the <r/>, which a fast answer could overtake): none may happen.
-MAX_UNPROVOKED_DROPS: Final[int | None] = 0
+MAX_UNPROVOKED_DROPS: Final = 0
 TIMING: Final = Timing(
     resume_timeout=RESUME_TIMEOUT,
     away_extra=(0.5, 3),
@@ -360,9 +360,8 @@ def _check(world: World, cluster: Cluster, seed: int, unsettled: str) -> dict[st
     # than the client sent.
     assert counts.get("resumed_a_killed_session", 0) == 0
     assert counts.get("failed_h_beyond_sent", 0) == 0
-    if MAX_UNPROVOKED_DROPS is not None:
-        unprovoked = counts.get("transport_lost_unprovoked", 0)
-        assert unprovoked <= MAX_UNPROVOKED_DROPS, unprovoked
+    unprovoked = counts.get("transport_lost_unprovoked", 0)
+    assert unprovoked <= MAX_UNPROVOKED_DROPS, unprovoked
     return counts
 
 

@@ -121,6 +121,12 @@ async def test_a_drained_node_leaves_its_sessions_and_they_resume_on_the_other_n
     # And the session lives on gw2 now.
     await alice.send(message("bob@localhost/phone", "m4"))
     assert body(await until(again, lambda e: e.name == "message")) == "m4"
+    # gw1 said it was leaving: gw2 accounts for it at once, as left, not as dead.
+    assert any(e.get("event") == "cluster_left" for e in one.log_events())
+    with trio.fail_after(CROSSING):
+        while not any(e.get("event") == "node_left" for e in two.log_events()):
+            await trio.sleep(0.05)
+    assert not any(e.get("event") == "node_dead" for e in two.log_events())
 
 
 async def test_a_killed_node_is_accounted_for_and_nothing_relayed_to_it_is_lost(

@@ -154,7 +154,7 @@ class ClusterDirectory:
         self._unbind_later: set[JID] = set()
         #: Remote resources found by full JID lately, until when (see SEEN_FOR).
         self._seen: dict[JID, tuple[float, Resource]] = {}
-        self._seen_for = seen_for
+        self.seen_for = seen_for
         #: Nodes found alive lately, until when (see `is_alive`).
         self._alive: dict[str, float] = {}
         #: Where a relayed stanza goes when its resource has gone (the router's rules for
@@ -297,8 +297,8 @@ class ClusterDirectory:
         remote = self._remote(full, record)
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
-        if self._seen_for > 0:
-            self._seen[full] = (now + self._seen_for, remote)
+        if self.seen_for > 0:
+            self._seen[full] = (now + self.seen_for, remote)
         return remote
 
     def _remote(self, full: JID, record: Record) -> Resource:
@@ -352,8 +352,8 @@ class ClusterDirectory:
             count = await command(self.redis.exists([f"{self.prefix}node:{node}"]), "liveness")
         except StorageError:
             return False
-        if count > 0 and self._seen_for > 0:
-            self._alive[node] = now + self._seen_for
+        if count > 0 and self.seen_for > 0:
+            self._alive[node] = now + self.seen_for
         return count > 0
 
     async def run_heartbeat(

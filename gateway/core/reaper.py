@@ -12,7 +12,9 @@ lock (`SET NX` with an expiry, so a reaper that dies too is replaced) accounts f
    unavailable presence, as they would have from a session that ended.
 2. What other nodes had relayed to it and it never acknowledged (its stream): every
    stanza takes the router's rules for an unavailable full JID (another resource of the
-   account, offline storage, or an error to its sender); close requests are moot.
+   account, offline storage, or an error to its sender); close requests are moot. This
+   waits until the others' reuse of the resources they found there has run out
+   (`seen_for`, twice), and the stream is deleted only once read to its end, atomically.
 3. Its listing (`nodes`, `held:NODE`, the stream) is removed.
 
 A node that stops on purpose (drained) deletes its heartbeat key as it goes (`leave`),
@@ -110,12 +112,12 @@ async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -
     else:
         log.warning("node_dead", node=node)
     resources = await _drop_resources(cluster, node)
+    # Other nodes reuse a remote resource they found for `seen_for` seconds: once those
+    # have expired, nothing is sent to the dead node's stream any more.
+    await trio.sleep(2 * cluster.seen_for)
     stanzas = await _reroute_stream(cluster, node, unavailable)
     await command(redis.srem(f"{prefix}nodes", [node]), "reaper forget")
-    await command(
-        redis.delete([cluster.held_key(node), stream_key(prefix, node), left_key(prefix, node)]),
-        "reaper forget",
-    )
+    await command(redis.delete([cluster.held_key(node), left_key(prefix, node)]), "reaper forget")
     log.info("node_reaped", node=node, resources=resources, stanzas=stanzas)
     return True
 
@@ -178,6 +180,7 @@ async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Una
     key = stream_key(cluster.prefix, node)
     start = "-"
     rerouted = 0
+    finish = cluster.redis.register_script(_DELETE_IF_DONE)
     while True:
         entries = await command(
             cluster.redis.xrange(key, start=start, end="+", count=REAP_BATCH), "reaper stream"
@@ -193,10 +196,25 @@ async def _reroute_stream(cluster: ClusterDirectory, node: str, unavailable: Una
                 if isinstance(item, Deliver):
                     await unavailable(item.stanza, item.to, None)
                     rerouted += 1
+        if entries:
+            last = entries[-1].identifier
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
         if len(entries) < REAP_BATCH:
-            return rerouted
-        last = entries[-1].identifier
-        start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+            # Deleted only if nothing came after what was read (a node that posted to
+            # the dead one just before its records went): else that is read too.
+            done: object = await command(finish(keys=[key], args=[start]), "reaper stream")
+            if done:
+                return rerouted
+
+
+#: KEYS: a dead node's stream. ARGV: where reading it would go on ("-" or "(ID").
+#: Deletes it and returns 1 when nothing is there from that point; else 0.
+_DELETE_IF_DONE = """
+local more = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 1)
+if #more > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
 
 
 async def forget_previous_run(cluster: ClusterDirectory) -> None:

@@ -29,9 +29,11 @@ from structlog.testing import capture_logs
 
 from gateway.core.cluster import MISSED_HEARTBEATS, ClusterDirectory, RemoteHandle
 from gateway.core.directory import Bound, Handle, Member, Resource
+from gateway.core.reaper import reap
 from gateway.core.relay import Relay
+from gateway.core.relay import stream_key as relay_stream_key
 from gateway.errors import StorageError, StreamErrorCondition
-from gateway.storage.cluster_codec import Close, Deliver, Record
+from gateway.storage.cluster_codec import Close, Deliver, Record, encode_batch
 from gateway.storage.redis_client import Redis, open_redis
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -781,3 +783,32 @@ async def test_a_remote_resource_found_by_full_jid_is_reused_for_a_while(
     # A bare JID lookup always asks Redis (presence and bare-JID delivery need it fresh).
     await bind(gw1, Peer(), JULIET, "garden")
     assert [r.full_jid for r in await gw2.resources(JULIET)] == [GARDEN]
+
+
+async def test_the_reaper_reroutes_what_reaches_a_dead_nodes_stream_while_it_reaps(
+    redis: Redis, redis_url: str
+) -> None:
+    """A node that found a resource on the dead node a moment before may still post to
+    its stream while the reaper works: the reaper waits out that reuse (`seen_for`) and
+    deletes the stream only once it has read it to the end, so that stanza is rerouted
+    too, not deleted with the stream."""
+    reaper = make_node(redis, redis_url, "gw1", seen_for=0.3)
+    key = relay_stream_key(PREFIX, "gw9")
+    early = Element(ns.CLIENT, "message", {"to": str(BALCONY), "id": "early"})
+    late = Element(ns.CLIENT, "message", {"to": str(BALCONY), "id": "late"})
+    await redis.xadd(key, {b"b": encode_batch([Deliver(BALCONY, early)])})
+    rerouted: list[str | None] = []
+
+    async def unavailable(stanza: Element, to: JID, exclude: Handle | None) -> None:
+        rerouted.append(stanza.get("id"))
+
+    async def post_late() -> None:
+        await trio.sleep(0.2)  # (inside the reaper's wait)
+        await redis.xadd(key, {b"b": encode_batch([Deliver(BALCONY, late)])})
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post_late)
+            assert await reap(reaper, "gw9", unavailable)
+    assert rerouted == ["early", "late"]
+    assert await redis.exists([key]) == 0

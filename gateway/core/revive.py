@@ -23,7 +23,9 @@ from gateway.errors import StorageError
 from gateway.logsetup import bind_connection, bind_jid
 from gateway.net.transport import PeerInfo
 from gateway.net.wire import DetachedWire
-from gateway.storage.base import SmSessionRecord
+from gateway.storage.base import SmSessionRecord, StaleH
+from gateway.xmpp import namespaces as ns
+from gateway.xmpp.element import Element
 
 log = structlog.get_logger(module=__name__)
 
@@ -54,6 +56,14 @@ async def serve_revived(
     started = False
     try:
         session = session_from(revivable, conn.conn_id, cfg)
+        wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else ctx.wall_clock()
+        if snapshot.expires_at <= wall_now:
+            session.bound(full)
+            with trio.CancelScope(shield=True):
+                await _end_expired(ctx, session)
+            started = True
+            task_status.started()
+            return
         try:
             with trio.CancelScope(shield=True):
                 # (Shielded: once taken, the snapshot exists nowhere else.)
@@ -71,7 +81,6 @@ async def serve_revived(
                 started = True
                 task_status.started()
             return
-        wall_now = ctx.handoff.wall_clock() if ctx.handoff is not None else ctx.wall_clock()
         conn.revived(
             session,
             remaining=snapshot.expires_at - wall_now,
@@ -91,11 +100,7 @@ async def serve_revived(
         assert conn.resume_deadline is not None
         remaining = round(max(conn.resume_deadline - trio.current_time(), 0.0), 3)
         log.info("session_revived", unacked=len(snapshot.buffer), remaining=remaining)
-        unwanted = (
-            "expired"  # (swept from the adoptable store: it ends here, rerouting its buffer)
-            if snapshot.expires_at <= wall_now
-            else await _why_not_resumable(ctx, session)
-        )
+        unwanted = await _why_not_resumable(ctx, session)
         if unwanted is not None:
             # It cannot be resumed here: it ends at once through the normal end path, so
             # its messages are rerouted or bounced, never dropped with the snapshot.
@@ -112,6 +117,39 @@ async def serve_revived(
             task_status.started()
     finally:
         await conn.finish([], reason)
+
+
+async def _end_expired(ctx: ServerContext, session: Session) -> None:
+    """A session whose resumption time ran out before it could be parked again (swept
+    from the cluster's adoptable store, or revived after a long restart) ends without
+    being bound again: binding would end, with `conflict`, a newer session its client
+    may have opened with the same resource since. Its messages are rerouted (another
+    resource, offline storage), its h kept for `<failed h/>`, and its unavailable
+    presence sent only if no other session holds its JID now."""
+    router, sm, full = ctx.router, session.sm, session.full_jid
+    assert sm is not None and sm.smid is not None and full is not None
+    holder = await router.directory.resource(full)
+    if holder is None and (session.presence is not None or session.directed):
+        gone = Element(ns.CLIENT, "presence", {"type": "unavailable", "from": str(full)})
+        if session.presence is not None:
+            for other in await router.available_resources(session.bare_jid):
+                other.handle.send(gone)
+        for target in session.directed:
+            await router.route(gone.replace_attrs(to=str(target)), session)
+    if ctx.config.modules.mod_stream_management.stale_h.enabled:
+        try:
+            evicted = await ctx.stale_h.put(
+                StaleH(sm.smid, sm.counter_in, str(session.bare_jid), ctx.wall_clock())
+            )
+            ctx.metrics.stale_h_evicted.inc(evicted)
+        except StorageError as exc:
+            log.warning("stale_h_not_recorded", error=str(exc))
+    try:
+        await ctx.sm_sessions.remove(sm.smid)
+    except StorageError as exc:
+        log.warning("sm_session_not_removed", error=str(exc))
+    log.info("session_expired_unclaimed", unacked=sm.buffer_size, jid_taken=holder is not None)
+    await reroute(router, session, sm.unacked())
 
 
 async def _why_not_resumable(ctx: ServerContext, session: Session) -> str | None:

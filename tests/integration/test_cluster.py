@@ -218,6 +218,35 @@ async def test_a_session_left_for_adoption_that_nobody_takes_ends_with_nothing_l
     assert answer.get("h") == "1"  # the initial presence it sent
 
 
+async def test_a_session_swept_after_its_time_leaves_a_newer_session_on_its_jid_alone(
+    start_node: Start,
+) -> None:
+    sm = {"resume_timeout": 3, "stale_h": {"enabled": True}}
+    one, connect_one = await start_node("gw1", **sm)
+    _two, connect_two = await start_node("gw2", **sm)
+    alice = await online(connect_two, "alice", "desk")
+    phone = await online(connect_one, "bob", "phone", sm=RESUMABLE)
+    await alice.send(message("bob@localhost/phone", "m1"))
+    await until(phone, lambda e: body(e) == "m1")
+    await phone.cut()
+    with trio.fail_after(CROSSING):
+        while (parked := await local_session(one, "bob@localhost/phone")) is None:
+            await trio.sleep(0.01)
+    parked.close(StreamErrorCondition.SYSTEM_SHUTDOWN, "draining", handoff=True)
+    with trio.fail_after(CROSSING):
+        while await local_session(one, "bob@localhost/phone") is not None:
+            await trio.sleep(0.01)
+    # The client gives up on resuming and opens a new session with the same resource.
+    newer = await online(connect_two, "bob", "phone")
+    # The old one is swept when its time is up: its message reaches the new session,
+    # which is neither ended (no conflict) nor announced gone.
+    rerouted = await until(newer, lambda e: e.name == "message")
+    assert body(rerouted) == "m1"
+    await newer.send(f"<iq type='get' id='alive' to='localhost'><ping xmlns='{ns.PING}'/></iq>")
+    answer = await until(newer, lambda e: e.name == "iq" or e.tag == (ns.STREAM, "error"))
+    assert answer.get("id") == "alive", answer
+
+
 async def test_a_resume_on_another_node_by_another_user_is_item_not_found(
     start_node: Start,
 ) -> None:

@@ -53,6 +53,9 @@ MISSED_HEARTBEATS: Final = 3
 #: still tried where it was; that node hands the stanza on by the rules for an
 #: unavailable full JID (another resource, offline storage), so nothing is lost.
 SEEN_FOR: Final = 1.0
+#: Records written again between two heartbeats when a node re-registers (after an
+#: outage): one beat per this many, well within the heartbeat's expiry.
+REGISTER_BEAT_EVERY: Final = 100
 #: Remote resources remembered at most (the table is emptied when it is full).
 SEEN_MAX: Final = 100_000
 
@@ -381,7 +384,11 @@ class ClusterDirectory:
                 )
                 await command(self.redis.sadd(f"{self.prefix}nodes", [self.node]), "heartbeat")
                 if previous is None or not healthy:
-                    await self._register_again()
+
+                    async def beat() -> None:
+                        await command(self.redis.set(key, b"1", px=ttl_ms), "heartbeat")
+
+                    await self._register_again(beat)
                 if not healthy:
                     log.info("cluster_redis_back")
                     on_health(None)
@@ -396,7 +403,7 @@ class ClusterDirectory:
                 task_status.started()
             await trio.sleep(interval)
 
-    async def _register_again(self) -> None:
+    async def _register_again(self, beat: Callable[[], Awaitable[None]]) -> None:
         """Make Redis say again what this node holds (after an outage, or after Redis lost
         its data): the unbinds it refused, then every local resource's record, where the
         field is free or still ours. A resource another node took meanwhile is ended
@@ -404,7 +411,11 @@ class ClusterDirectory:
         for full in list(self._unbind_later):
             await self._unbind_record(full)
             self._unbind_later.discard(full)
-        for resource in self.local.all():
+        for count, resource in enumerate(self.local.all(), 1):
+            if count % REGISTER_BEAT_EVERY == 0:
+                # Tens of thousands of records take longer than the heartbeat's expiry:
+                # the node must not look dead (and be reaped) while it writes them.
+                await beat()
             full = resource.full_jid
             session = self._sessions.get(full, "")
             record = Record(

@@ -761,6 +761,29 @@ async def test_records_lost_by_redis_between_two_heartbeats_are_written_again(
         await eventually(lambda: has_resource(gw3, BALCONY), timeout=BEAT * 20)
 
 
+async def test_a_node_writing_many_records_again_keeps_beating_meanwhile(
+    gw1: ClusterDirectory, redis: Redis
+) -> None:
+    """Re-registering takes longer than the heartbeat's expiry (three beats) when a node
+    holds many resources; its key must not expire meanwhile, or the others would reap it
+    and drop the very records it is writing."""
+    count = 1500
+    for n in range(count):
+        await bind(gw1, Peer(), JULIET, f"r{n}")
+    key = f"{PREFIX}node:{gw1.node}"
+    gaps: list[int] = []
+    async with tasks() as nursery:
+        await nursery.start(gw1.run_heartbeat, BEAT, Health())
+        await redis.flushall()  # Redis lost everything: gw1 writes its records again
+        await eventually(lambda: key_exists(redis, key))
+        with trio.fail_after(60):
+            while await redis.hlen(f"{PREFIX}res:{JULIET}") < count:
+                if not await redis.exists([key]):
+                    gaps.append(await redis.hlen(f"{PREFIX}res:{JULIET}"))
+                await trio.sleep(BEAT / 5)
+    assert gaps == []  # (records written when the key was seen missing)
+
+
 async def has_resource(directory: ClusterDirectory, full: JID) -> bool:
     return await directory.resource(full) is not None
 

@@ -18,9 +18,10 @@ resume), so none is lost and none is delivered twice. Nothing of the session rem
 On B, `receive(Moved)` parks the snapshot as a local session (`adopt`, the restart's
 revival: bound, registered with the next epoch, claimable) and wakes the waiting lender,
 which then claims the slot like any local resume and answers `<resumed/>` with the
-buffer. A snapshot that arrives after the lender gave up is parked all the same, so the
-client's next `<resume/>` finds it here. A surrender A cannot make (the session ended
-meanwhile) answers `Moved` with an empty snapshot, and B answers `<failed/>` at once.
+buffer. A snapshot that arrives after the lender gave up goes to the adoptable store
+(`_keep_late`), where the client's next `<resume/>` finds it on any node. A surrender A
+cannot make (the session ended meanwhile) answers `Moved` with an empty snapshot, and B
+answers `<failed/>` at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Final
 import structlog
 import trio
 
+from gateway.core.handoff import read_snapshot
 from gateway.core.relay import Relay
 from gateway.core.resume import ResumeRegistry
 from gateway.errors import StreamErrorCondition
@@ -171,12 +173,34 @@ class Migrations:
                 migrate_to=item.requester,
             )
             return
-        adopted = bool(item.snapshot) and await self.adopt(item.snapshot)
         waiting = self._waiting.get(item.smid)
-        if waiting is not None:
-            arrived, outcome = waiting
-            outcome.append(adopted)
-            arrived.set()
+        if waiting is None:
+            await self._keep_late(item)
+            return
+        adopted = bool(item.snapshot) and await self.adopt(item.snapshot)
+        arrived, outcome = waiting
+        outcome.append(adopted)
+        arrived.set()
+
+    async def _keep_late(self, item: Moved) -> None:
+        """A session that arrives after its lender gave up (its client got `<failed/>`
+        and may have opened a new session with the same resource since) is not parked
+        here: parking binds its JID, which would end that newer session with
+        `conflict`. It goes to the adoptable store instead, where the client's next
+        resume (on any node) finds it, or the sweep ends it when its time is up. A
+        second delivery of a session parked here already (the relay is at least once)
+        changes nothing."""
+        if not item.snapshot:
+            return
+        if item.smid in self.registry.slots:
+            log.info("sm_move_duplicate", smid=item.smid)
+            return
+        revivable = read_snapshot(item.snapshot)
+        if revivable is None:
+            return
+        log.info("sm_move_late", smid=item.smid)
+        with trio.CancelScope(shield=True):
+            await self.adoptable.put(item.smid, item.snapshot, revivable.snapshot.expires_at)
 
 
 async def run_adoptable_sweep(migrations: Migrations, interval: float) -> None:

@@ -9,6 +9,7 @@ wait for what they expect with a deadline instead of for all tasks to block.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -177,6 +178,17 @@ async def test_a_session_parked_on_one_node_resumes_on_the_other_with_nothing_lo
     copy = encode_snapshot(snapshot_of(moved, expires_at=2e9, epoch=9, peer="copy"))
     await two.migrations.receive(Moved(smid or "", copy))
     assert await local_session(two, "bob@localhost/phone") is moved
+    # A session arriving after its lender gave up is kept for a later resume, not
+    # parked: parking would end, with conflict, the session now holding its JID.
+    late = encode_snapshot(
+        dataclasses.replace(
+            snapshot_of(moved, expires_at=2e9, epoch=9, peer="late"), smid="late-session-0000000"
+        )
+    )
+    await two.migrations.receive(Moved("late-session-0000000", late))
+    assert await local_session(two, "bob@localhost/phone") is moved
+    assert two.adoptable is not None
+    assert await two.adoptable.take("late-session-0000000") == late
     await alice.send(message("bob@localhost/phone", "m5"))
     assert body(await until(again, lambda e: e.name in ("message", "error"))) == "m5"
 

@@ -29,4 +29,5 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
-.venv/bin/pytest "$@"
+# Two workers, each taking whole test files (their module fixtures stay together).
+.venv/bin/pytest -n 2 --dist loadfile "$@"

@@ -53,7 +53,7 @@ from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
 from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.base import SmSessionTable, StaleHTable
-from gateway.storage.cluster_codec import Close, Deliver, Item
+from gateway.storage.cluster_codec import Close, Deliver, Item, Moved
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
@@ -381,6 +381,16 @@ def _dispatcher(
             await cluster.deliver(item)
         else:
             await migrations.receive(item)
+
+    async def undeliverable(item: Item) -> None:
+        # For a node gone since it was posted: a stanza takes the rules for an
+        # unavailable resource, a session waits in the adoptable store.
+        if isinstance(item, Deliver) and cluster.unavailable is not None:
+            await cluster.unavailable(item.stanza, item.to, None)
+        elif isinstance(item, Moved):
+            await migrations.keep(item)
+
+    relay.undeliverable = undeliverable
 
     return dispatch
 

@@ -41,7 +41,8 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None) -> No
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # One write per line (print() writes the line and its newline separately, and
         # stderr writes through): the worker processes share the supervisor's stderr, and
-        # two lines written at once must not interleave into one.
+        # two lines written at once must not interleave into one (to a pipe, lines up to
+        # PIPE_BUF, 4 KiB, are written whole; longer ones, tracebacks, may still split).
         logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )

@@ -19,7 +19,7 @@ On B, `receive(Moved)` parks the snapshot as a local session (`adopt`, the resta
 revival: bound, registered with the next epoch, claimable) and wakes the waiting lender,
 which then claims the slot like any local resume and answers `<resumed/>` with the
 buffer. A snapshot that arrives after the lender gave up goes to the adoptable store
-(`_keep_late`), where the client's next `<resume/>` finds it on any node. A surrender A
+(`keep`), where the client's next `<resume/>` finds it on any node. A surrender A
 cannot make (the session ended meanwhile) answers `Moved` with an empty snapshot, and B
 answers `<failed/>` at once.
 """
@@ -175,21 +175,22 @@ class Migrations:
             return
         waiting = self._waiting.get(item.smid)
         if waiting is None:
-            await self._keep_late(item)
+            await self.keep(item)
             return
         adopted = bool(item.snapshot) and await self.adopt(item.snapshot)
         arrived, outcome = waiting
         outcome.append(adopted)
         arrived.set()
 
-    async def _keep_late(self, item: Moved) -> None:
+    async def keep(self, item: Moved) -> None:
         """A session that arrives after its lender gave up (its client got `<failed/>`
         and may have opened a new session with the same resource since) is not parked
         here: parking binds its JID, which would end that newer session with
         `conflict`. It goes to the adoptable store instead, where the client's next
         resume (on any node) finds it, or the sweep ends it when its time is up. A
         second delivery of a session parked here already (the relay is at least once)
-        changes nothing."""
+        changes nothing. (Also where a session goes whose destination left the cluster
+        before it could be sent there.)"""
         if not item.snapshot:
             return
         if item.smid in self.registry.slots:

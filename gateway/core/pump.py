@@ -190,6 +190,7 @@ class Pump:
                         break
                 self.in_flight = batch
                 scope = self._ack_scope
+                armed = math.inf  # the deadline this batch's <r/> set, if it set one
                 if (
                     self.ack_timeout
                     and scope is not None
@@ -198,7 +199,7 @@ class Pump:
                 ):
                     # Armed before the write: a fast client's <a/> can be read (and lift
                     # the deadline) before the write returns.
-                    scope.deadline = trio.current_time() + self.ack_timeout
+                    armed = scope.deadline = trio.current_time() + self.ack_timeout
                 with trio.CancelScope(shield=True) as write_scope:
                     self._write_scope = write_scope
                     await self.wire.write(batch)
@@ -206,6 +207,10 @@ class Pump:
                 if write_scope.cancelled_caught:
                     self.write_cut = True
                     return
+                if scope is not None and armed != math.inf and scope.deadline == armed:
+                    # Not answered yet: the client has had `ack_timeout` since the <r/>
+                    # reached it, not since a long write began.
+                    scope.deadline = trio.current_time() + self.ack_timeout
                 self.in_flight = []
                 session.queued_bytes -= sum(e.size for e in batch)
                 self.on_written()

@@ -115,6 +115,11 @@ async def reap(cluster: ClusterDirectory, node: str, unavailable: Unavailable) -
     # Other nodes reuse a remote resource they found for `seen_for` seconds: once those
     # have expired, nothing is sent to the dead node's stream any more.
     await trio.sleep(2 * cluster.seen_for)
+    if await _beats(cluster, node):
+        # Restarted under its id meanwhile: its stream and listing are its own again.
+        log.info("node_back", node=node, resources=resources)
+        await command(redis.delete([lock]), "reaper unlock")
+        return False
     stanzas = await _reroute_stream(cluster, node, unavailable)
     await command(redis.srem(f"{prefix}nodes", [node]), "reaper forget")
     await command(redis.delete([cluster.held_key(node), left_key(prefix, node)]), "reaper forget")

@@ -110,6 +110,9 @@ class Relay:
         self._count = 0
         self._wakeup = trio.Event()
         self._written = trio.Event()
+        #: Where an item goes when its destination's stream is gone (set by the app:
+        #: the router's fallbacks for a stanza, the adoptable store for a session).
+        self.undeliverable: Callable[[Item], Awaitable[None]] | None = None
         #: Items written to Redis and items delivered from it (for the metrics and tests).
         self.sent = 0
         self.received = 0
@@ -155,13 +158,16 @@ class Relay:
                 continue
             # What is posted while this round is written goes in the next one.
             rounds, self._pending = self._pending, {}
+            gone: set[str] = set()
             try:
-                failed = await self._write(connection, rounds)
+                failed, gone = await self._write(connection, rounds)
                 error = "refused by redis"
             except StorageError as exc:
                 # (Whether any destination was written is unknown: all are written
                 # again, and a receiver may get an entry twice: at least once.)
                 failed, error = set(rounds), str(exc)
+            for node in gone:
+                await self._give_back(node, rounds[node])
             written = sum(len(items) for node, items in rounds.items() if node not in failed)
             self._count -= written
             self.sent += written
@@ -178,9 +184,26 @@ class Relay:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _write(self, connection: RespConnection, rounds: dict[str, list[Item]]) -> set[str]:
-        """Write one entry per destination, pipelined; the destinations Redis refused
-        (written again later).
+    async def _give_back(self, node: str, items: list[Item]) -> None:
+        """Items for a node whose stream is gone (it left or was reaped after they were
+        posted): each takes `self.undeliverable` (the router's fallbacks), never a
+        stream nobody reads."""
+        log.info("relay_destination_gone", to_node=node, items=len(items))
+        for item in items:
+            if self.undeliverable is None:
+                log.warning("relay_item_dropped", to_node=node)
+                continue
+            try:
+                await self.undeliverable(item)
+            except StorageError as exc:
+                log.warning("relay_item_dropped", to_node=node, error=str(exc))
+
+    async def _write(
+        self, connection: RespConnection, rounds: dict[str, list[Item]]
+    ) -> tuple[set[str], set[str]]:
+        """Write one entry per destination, pipelined (`NOMKSTREAM`: a stream that is
+        gone is not made again, where nobody would read it); the destinations Redis
+        refused (written again later), and those whose stream is gone.
 
         Raises:
             StorageError: Redis could not be reached (nothing known of what was written).
@@ -191,6 +214,7 @@ class Relay:
                 (
                     "XADD",
                     stream_key(self.prefix, node),
+                    "NOMKSTREAM",
                     "*",
                     "b",
                     b"".join(self._encoded(node, rounds[node])),
@@ -198,11 +222,11 @@ class Relay:
                 for node in nodes
             ]
         )
-        return {
-            node
-            for node, reply in zip(nodes, replies, strict=True)
-            if isinstance(reply, ReplyError)
+        failed = {
+            n for n, reply in zip(nodes, replies, strict=True) if isinstance(reply, ReplyError)
         }
+        gone = {n for n, reply in zip(nodes, replies, strict=True) if reply is None}
+        return failed, gone
 
     @staticmethod
     def _encoded(node: str, items: list[Item]) -> list[bytes]:
@@ -250,10 +274,19 @@ class Relay:
                 await self._create_group(connection, key)
                 backlog, done = True, []
                 continue
-            backoff = FIRST_BACKOFF
             if backlog and not entries:
                 backlog = False
-            await self._deliver_round(entries, deliver)
+            try:
+                await self._deliver_round(entries, deliver)
+            except StorageError as exc:
+                # A store the delivery needs is away (offline storage for a resource
+                # that has gone): the round stays unacknowledged and is read again.
+                log.warning("relay_delivery_failed", error=str(exc), retry_in=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                backlog, done = True, []
+                continue
+            backoff = FIRST_BACKOFF
             done = [identifier for identifier, _ in entries]
 
     async def _read(
@@ -288,8 +321,15 @@ class Relay:
             for item in items:
                 if isinstance(item, Surrender | Moved):
                     moves.append(item)
-                else:
+                    continue
+                try:
                     await deliver(item)
+                except StorageError:
+                    raise
+                except Exception:
+                    # A defect in delivering one item must not stop the stream (nor,
+                    # read again after a restart, stop the node each time): logged.
+                    log.exception("relay_item_failed", entry=identifier.decode())
             self.received += len(items)
         if moves:
             async with trio.open_nursery() as nursery:

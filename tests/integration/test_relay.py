@@ -11,7 +11,7 @@ test closes itself, before the clients are.
 from __future__ import annotations
 
 import contextlib
-import marshal
+import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -27,6 +27,7 @@ from gateway.core.relay import GROUP, Relay
 from gateway.core.relay import stream_key as relay_stream_key
 from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.cluster_codec import (
+    MAX_RELAYED,
     Close,
     Deliver,
     Item,
@@ -71,6 +72,10 @@ def stream_key(node: str) -> str:
 @pytest.fixture
 async def redis1(redis_url: str) -> AsyncIterator[Redis]:
     async with open_redis(redis_url) as client:
+        # The nodes these tests send to exist: each node's receiver makes its stream
+        # (and group) when it starts, and the relay writes only to existing streams.
+        for node in ("gw2", "gw3", "gw4"):
+            await client.xgroup_create(stream_key(node), GROUP, "0", mkstream=True)
         yield client
 
 
@@ -233,14 +238,14 @@ async def test_a_batch_cut_inside_an_item_is_refused_and_cut_between_items_is_a_
 
 
 def tree_item(tree: Any) -> bytes:
-    """A deliver item whose stanza is `tree`, as `marshal` writes it."""
-    return raw_item(b"d", b"a@b/c", marshal.dumps(tree, 4))
+    """A deliver item whose stanza is `tree`, as JSON."""
+    return raw_item(b"d", b"a@b/c", json.dumps(tree).encode())
 
 
 def nested(depth: int) -> object:
-    tree: object = ("", "leaf", {}, ())
+    tree: object = ["", "leaf", {}, []]
     for _ in range(depth):
-        tree = ("", "a", {}, (tree,))
+        tree = ["", "a", {}, [tree]]
     return tree
 
 
@@ -249,26 +254,42 @@ async def test_a_stanza_tree_nested_to_the_limit_decodes_and_deeper_is_refused()
     assert isinstance(item, Deliver) and item.stanza.name == "a"
     with pytest.raises(StorageError, match="not a stanza tree"):
         decode_batch(tree_item(nested(257)))
+    with pytest.raises(StorageError):
+        decode_batch(raw_item(b"d", b"a@b/c", b"[" * 100_000))  # (the JSON parser's own limit)
+
+
+MESSAGE = ["jabber:client", "message"]
 
 
 @pytest.mark.parametrize(
     "tree",
     [
-        pytest.param(("jabber:client", "message", {}), id="three-parts"),
-        pytest.param(["jabber:client", "message", {}, ()], id="a-list"),
-        pytest.param(("jabber:client", "", {}, ()), id="no-name"),
-        pytest.param((b"jabber:client", "message", {}, ()), id="bytes-namespace"),
-        pytest.param(("jabber:client", "message", {"to": 1}, ()), id="int-attribute"),
-        pytest.param(("jabber:client", "message", {b"to": "x"}, ()), id="bytes-key"),
-        pytest.param(("jabber:client", "message", {}, [("", "b", {}, ())]), id="children-list"),
-        pytest.param(("jabber:client", "message", {}, (3,)), id="int-child"),
-        pytest.param(("jabber:client", "message", {}, (("", "b", {}),)), id="bad-child"),
+        pytest.param([*MESSAGE, {}], id="three-parts"),
+        pytest.param({"ns": "jabber:client"}, id="an-object"),
+        pytest.param(["jabber:client", "", {}, []], id="no-name"),
+        pytest.param([None, "message", {}, []], id="null-namespace"),
+        pytest.param([*MESSAGE, {"to": 1}, []], id="int-attribute"),
+        pytest.param([*MESSAGE, [], []], id="attributes-not-an-object"),
+        pytest.param([*MESSAGE, {}, [3]], id="int-child"),
+        pytest.param([*MESSAGE, {}, [["", "b", {}]]], id="bad-child"),
         pytest.param("just text", id="text"),
+        # What the serializer would write unescaped, or refuse at the client's writer:
+        pytest.param(["jabber:client", "x/><iq", {}, []], id="tag-breaking-name"),
+        pytest.param([*MESSAGE, {"a='1' b": "x"}, []], id="tag-breaking-key"),
+        pytest.param(["http://etherx.jabber.org/streams", "error", {}, []], id="stream-element"),
+        pytest.param([*MESSAGE, {}, ["\x00"]], id="nul-text"),
+        pytest.param([*MESSAGE, {"id": "\ufffe"}, []], id="non-character-attribute"),
     ],
 )
 async def test_a_stanza_tree_of_the_wrong_shape_is_refused(tree: object) -> None:
     with pytest.raises(StorageError):
         decode_batch(tree_item(tree))
+
+
+async def test_a_relayed_stanza_past_the_size_bound_is_refused() -> None:
+    big = [*MESSAGE, {}, ["x" * MAX_RELAYED]]
+    with pytest.raises(StorageError, match="too large"):
+        decode_batch(tree_item(big))
 
 
 def raw_item(op: bytes, jid: bytes, payload: bytes) -> bytes:
@@ -419,35 +440,55 @@ class Boom(Exception):
     pass
 
 
-async def test_an_entry_whose_delivery_failed_midway_is_delivered_again_by_the_next_receiver(
+async def test_an_entry_whose_delivery_met_a_store_failure_is_delivered_again(
     gw1: Relay, redis1: Redis, redis_url: str
 ) -> None:
+    """A store the delivery needs is away (offline storage, say): the round is not
+    acknowledged, and read and delivered again after a pause (at least once)."""
     first = [message(n) for n in range(5)]
     await write_all(gw1, "gw2", first)
+    delivered: list[Item] = []
+    calls = 0
 
-    failed: list[Item] = []
+    async def fail_once_on_the_third(item: Item) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise StorageError("offline storage away")
+        delivered.append(item)
 
-    async def fail_on_the_third(item: Item) -> None:
-        failed.append(item)
-        if len(failed) == 3:
+    receiver = Relay(redis_url, "gw2", prefix=PREFIX, max_pending=10)
+    with capture_logs() as logs:
+        async with tasks() as nursery:
+            await nursery.start(receiver.run_receiver, fail_once_on_the_third)
+            await eventually(lambda: len(delivered) == 2 + len(first))
+            await eventually(lambda: drained(redis1, "gw2"))
+    assert delivered == first[:2] + first
+    assert failures(logs, "relay_delivery_failed") == 1
+
+
+async def test_a_defect_delivering_one_item_is_logged_and_the_rest_delivered(
+    gw1: Relay, redis1: Redis, redis_url: str
+) -> None:
+    """Any other exception from one item is a defect: logged with its traceback, and the
+    stream goes on (read again after a restart, it would stop the node every time)."""
+    items = [message(n) for n in range(4)]
+    await write_all(gw1, "gw2", items)
+    delivered: list[Item] = []
+
+    async def fail_on_the_second(item: Item) -> None:
+        if item == items[1]:
             raise Boom
+        delivered.append(item)
 
-    with trio.fail_after(CROSSING), pytest.raises(Boom):
-        await Relay(redis_url, "gw2", prefix=PREFIX, max_pending=10).run_receiver(fail_on_the_third)
-    assert failed == first[:3]
-    assert await pending_entries(redis1, "gw2") == 1
-
-    second = [message(n) for n in range(5, 8)]
-    await write_all(gw1, "gw2", second)
-
-    inbox = Inbox()
-    restarted = Relay(redis_url, "gw2", prefix=PREFIX, max_pending=10)
-    async with tasks() as nursery:
-        await nursery.start(restarted.run_receiver, inbox.deliver)
-        await inbox.wait_for(len(first) + len(second))
-        await eventually(lambda: drained(redis1, "gw2"))
-    # At least once: the whole entry again (its first items a second time), then the rest.
-    assert inbox.items == first + second
+    receiver = Relay(redis_url, "gw2", prefix=PREFIX, max_pending=10)
+    with capture_logs() as logs:
+        async with tasks() as nursery:
+            await nursery.start(receiver.run_receiver, fail_on_the_second)
+            await eventually(lambda: len(delivered) == 3)
+            await eventually(lambda: drained(redis1, "gw2"))
+    assert delivered == [items[0], *items[2:]]
+    assert failures(logs, "relay_item_failed") == 1
 
 
 async def test_an_entry_whose_receiver_was_cancelled_midway_is_delivered_again_by_the_next(
@@ -482,6 +523,29 @@ async def test_an_entry_whose_receiver_was_cancelled_midway_is_delivered_again_b
         await inbox.wait_for(len(items))
         await eventually(lambda: drained(redis1, "gw2"))
     assert inbox.items == items
+
+
+async def test_items_for_a_node_whose_stream_is_gone_take_the_fallback_not_a_new_stream(
+    gw1: Relay, redis1: Redis
+) -> None:
+    """A node that left (or was reaped) after items were posted for it: its stream is not
+    made again (nobody would ever read it); the items go to `undeliverable`."""
+    given_back: list[Item] = []
+
+    async def undeliverable(item: Item) -> None:
+        given_back.append(item)
+
+    gw1.undeliverable = undeliverable
+    items: list[Item] = [message(1), Close(BALCONY, None), message(2)]
+    with capture_logs() as logs:
+        async with tasks() as nursery:
+            for item in items:
+                assert gw1.post("gone", item)
+            await nursery.start(gw1.run_sender)
+            await eventually(lambda: gw1.pending == 0)
+    assert given_back == items
+    assert await redis1.exists([stream_key("gone")]) == 0
+    assert failures(logs, "relay_destination_gone") == 1
 
 
 async def test_post_refuses_past_max_pending_and_accepts_again_once_written(
@@ -538,7 +602,9 @@ async def test_a_batch_refused_by_redis_is_written_again_in_order_with_what_came
             for item in after:
                 assert gw1.post("gw2", item)
             assert gw1.pending == len(before) + len(after)
-            await redis1.delete([key])
+            async with redis1.pipeline(transaction=True) as fix:  # a stream again, at once
+                fix.delete([key])
+                fix.xgroup_create(key, GROUP, "0", mkstream=True)
             await eventually(lambda: gw1.pending == 0)
 
             inbox = Inbox()

@@ -46,6 +46,8 @@ GROUP: Final = b"gateway"
 READ_COUNT: Final = 64
 #: Milliseconds one blocking read waits for entries (then it reads again).
 READ_BLOCK_MS: Final = 1000
+#: Bytes one stream entry holds at most (several entries when more is waiting).
+ENTRY_MAX_BYTES: Final = 1024 * 1024
 #: Seconds between attempts while Redis refuses, growing to `MAX_BACKOFF`.
 FIRST_BACKOFF: Final = 0.1
 MAX_BACKOFF: Final = 5.0
@@ -101,11 +103,20 @@ class Relay:
             `post` refuses.
     """
 
-    def __init__(self, url: str, node: str, *, prefix: str, max_pending: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        *,
+        prefix: str,
+        max_pending: int,
+        entry_max_bytes: int = ENTRY_MAX_BYTES,
+    ) -> None:
         self.url = url
         self.node = node
         self.prefix = prefix
         self.max_pending = max_pending
+        self.entry_max_bytes = entry_max_bytes
         self._pending: dict[str, list[Item]] = {}
         self._count = 0
         self._wakeup = trio.Event()
@@ -201,32 +212,45 @@ class Relay:
     async def _write(
         self, connection: RespConnection, rounds: dict[str, list[Item]]
     ) -> tuple[set[str], set[str]]:
-        """Write one entry per destination, pipelined (`NOMKSTREAM`: a stream that is
-        gone is not made again, where nobody would read it); the destinations Redis
-        refused (written again later), and those whose stream is gone.
+        """Write each destination's items, in entries of at most `entry_max_bytes` (a
+        long outage's backlog is not one huge entry), all pipelined (`NOMKSTREAM`: a
+        stream that is gone is not made again, where nobody would read it); the
+        destinations Redis refused (written again later: whole, so an entry of theirs
+        written before the refusal arrives twice, at least once), and those whose
+        stream is gone.
 
         Raises:
             StorageError: Redis could not be reached (nothing known of what was written).
         """
-        nodes = list(rounds)
-        replies = await connection.pipeline(
-            [
-                (
-                    "XADD",
-                    stream_key(self.prefix, node),
-                    "NOMKSTREAM",
-                    "*",
-                    "b",
-                    b"".join(self._encoded(node, rounds[node])),
+        targets: list[str] = []
+        commands: list[Command] = []
+        for node, items in rounds.items():
+            for entry in self._entries(self._encoded(node, items)):
+                targets.append(node)
+                commands.append(
+                    ("XADD", stream_key(self.prefix, node), "NOMKSTREAM", "*", "b", entry)
                 )
-                for node in nodes
-            ]
-        )
-        failed = {
-            n for n, reply in zip(nodes, replies, strict=True) if isinstance(reply, ReplyError)
-        }
-        gone = {n for n, reply in zip(nodes, replies, strict=True) if reply is None}
+        replies = await connection.pipeline(commands)
+        pairs = list(zip(targets, replies, strict=True))
+        failed = {node for node, reply in pairs if isinstance(reply, ReplyError)}
+        gone = {node for node, reply in pairs if reply is None} - failed
         return failed, gone
+
+    def _entries(self, parts: list[bytes]) -> list[bytes]:
+        """`parts` joined into entries of at most `entry_max_bytes` (one part larger
+        than that is an entry of its own)."""
+        entries: list[bytes] = []
+        chunk: list[bytes] = []
+        size = 0
+        for part in parts:
+            if chunk and size + len(part) > self.entry_max_bytes:
+                entries.append(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(part)
+            size += len(part)
+        if chunk:
+            entries.append(b"".join(chunk))
+        return entries
 
     @staticmethod
     def _encoded(node: str, items: list[Item]) -> list[bytes]:

@@ -525,6 +525,23 @@ async def test_an_entry_whose_receiver_was_cancelled_midway_is_delivered_again_b
     assert inbox.items == items
 
 
+async def test_a_large_backlog_leaves_in_bounded_entries_and_arrives_in_order(
+    gw2: Relay, redis1: Redis, redis_url: str
+) -> None:
+    sender = Relay(redis_url, "gw1", prefix=PREFIX, max_pending=100, entry_max_bytes=400)
+    items = [message(n) for n in range(20)]
+    await write_all(sender, "gw2", items)
+    entries = await redis1.xrange(stream_key("gw2"))
+    assert len(entries) > 3
+    assert all(len(e.field_values[b"b"]) <= 400 for e in entries)
+    inbox = Inbox()
+    async with tasks() as nursery:
+        await nursery.start(gw2.run_receiver, inbox.deliver)
+        await inbox.wait_for(len(items))
+        await eventually(lambda: drained(redis1, "gw2"))
+    assert inbox.items == items
+
+
 async def test_items_for_a_node_whose_stream_is_gone_take_the_fallback_not_a_new_stream(
     gw1: Relay, redis1: Redis
 ) -> None:

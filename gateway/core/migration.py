@@ -35,7 +35,7 @@ import trio
 from gateway.core.handoff import read_snapshot
 from gateway.core.relay import Relay
 from gateway.core.resume import ResumeRegistry
-from gateway.errors import StreamErrorCondition
+from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.base import AdoptableStore
 from gateway.storage.cluster_codec import Moved, Surrender
 
@@ -134,11 +134,27 @@ class Migrations:
             # (Shielded: a taken snapshot exists nowhere else until it is parked.)
             with trio.CancelScope(shield=True):
                 taken = await self.adoptable.take_expired(SWEEP_BATCH)
-                for _, data in taken:
-                    await self.adopt(data)
+                for smid, data in taken:
+                    try:
+                        await self.adopt(data)
+                    except StorageError as exc:
+                        await self._put_back(smid, data, exc)
             swept += len(taken)
             if len(taken) < SWEEP_BATCH:
                 return swept
+
+    async def _put_back(self, smid: str, data: bytes, error: StorageError) -> None:
+        """A swept session could not be ended here (a store failed): back into the store,
+        for the next sweep; if that fails too, say so loudly (its messages are lost)."""
+        revivable = read_snapshot(data)
+        try:
+            if revivable is not None:
+                await self.adoptable.put(smid, data, revivable.snapshot.expires_at)
+                log.warning("sweep_put_back", smid=smid, error=str(error))
+                return
+        except StorageError as exc:
+            error = exc
+        log.error("session_lost", smid=smid, error=str(error))
 
     def send(self, smid: str, snapshot: bytes, to_node: str) -> bool:
         """Post a surrendered session's snapshot to the node that asked for it."""

@@ -356,9 +356,13 @@ class Relay:
                     log.exception("relay_item_failed", entry=identifier.decode())
             self.received += len(items)
         if moves:
+            lost: list[StorageError] = []
             async with trio.open_nursery() as nursery:
                 for item in moves:
-                    nursery.start_soon(_deliver_move, deliver, item)
+                    nursery.start_soon(_deliver_move, deliver, item, lost)
+            if lost:
+                # A session that could be kept nowhere: the round is read again.
+                raise lost[0]
 
     async def _create_group(self, connection: RespConnection, key: str) -> None:
         """Create the stream and its group if missing (idempotent)."""
@@ -369,10 +373,15 @@ class Relay:
                 log.warning("relay_group_failed", error=str(exc))
 
 
-async def _deliver_move(deliver: Callable[[Item], Awaitable[None]], item: Item) -> None:
-    """Deliver a session move; a store failure there is logged (the resume it serves
-    fails, the client tries again), not a reason to stop reading the stream."""
+async def _deliver_move(
+    deliver: Callable[[Item], Awaitable[None]], item: Item, lost: list[StorageError]
+) -> None:
+    """Deliver a session move. A store failure is logged: for a surrender, the resume it
+    serves fails and the client tries again; for a session (`Moved`), which exists
+    nowhere else, it goes into `lost`, so that the round is not acknowledged."""
     try:
         await deliver(item)
     except StorageError as exc:
         log.warning("relay_move_failed", error=str(exc))
+        if isinstance(item, Moved):
+            lost.append(exc)

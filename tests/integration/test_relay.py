@@ -467,6 +467,28 @@ async def test_an_entry_whose_delivery_met_a_store_failure_is_delivered_again(
     assert failures(logs, "relay_delivery_failed") == 1
 
 
+async def test_a_session_that_could_not_be_kept_is_delivered_again(
+    gw1: Relay, redis1: Redis, redis_url: str
+) -> None:
+    """A moved session exists nowhere else: if storing it fails, its round is not
+    acknowledged (a surrender's failure only fails the resume it serves)."""
+    moved = Moved("smid-1", b"snapshot")
+    await write_all(gw1, "gw2", [Surrender("smid-0", "gw3"), moved])
+    seen: list[Item] = []
+
+    async def fail_the_first_move(item: Item) -> None:
+        seen.append(item)
+        if item == moved and seen.count(moved) == 1:
+            raise StorageError("adoptable store away")
+
+    receiver = Relay(redis_url, "gw2", prefix=PREFIX, max_pending=10)
+    async with tasks() as nursery:
+        await nursery.start(receiver.run_receiver, fail_the_first_move)
+        await eventually(lambda: seen.count(moved) == 2)
+        await eventually(lambda: drained(redis1, "gw2"))
+    assert seen.count(moved) == 2
+
+
 async def test_a_defect_delivering_one_item_is_logged_and_the_rest_delivered(
     gw1: Relay, redis1: Redis, redis_url: str
 ) -> None:

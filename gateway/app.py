@@ -338,6 +338,7 @@ async def _run_node(
             if cluster is not None:
                 with trio.move_on_after(CLOSE_DEADLINE / 2):
                     await leave(cluster)
+                await cluster.aclose()
         finally:
             accounts.close()
             roster_store.close()

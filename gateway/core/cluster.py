@@ -40,6 +40,7 @@ from gateway.core.relay import Relay
 from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.cluster_codec import Close, Deliver, Record, node_prefix
 from gateway.storage.redis_client import Redis, command
+from gateway.storage.resp import RespConnection
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
 
@@ -146,6 +147,10 @@ class ClusterDirectory:
         self.relay = relay
         self.prefix = prefix
         self.local = LocalDirectory(node)
+        #: Reads on the routing path (a stanza for another node's resource) go through
+        #: a thin connection of their own: coredis' cost per command was more than the
+        #: rest of such a stanza's routing (see `gateway.storage.resp`).
+        self._reads = RespConnection(relay.url)
         self._own = node_prefix(node)
         self._bind = redis.register_script(_BIND)
         self._publish = redis.register_script(_PUBLISH)
@@ -253,17 +258,24 @@ class ClusterDirectory:
             "directory unbind",
         )
 
+    async def aclose(self) -> None:
+        """Close the connection of the lookups (the rest belongs to its owners)."""
+        await self._reads.aclose()
+
     # -- lookups --------------------------------------------------------------------------
 
     async def resources(self, bare: JID) -> Sequence[Resource]:
         local = await self.local.resources(bare)
         try:
-            stored = await command(self.redis.hgetall(self._account_key(bare)), "directory read")
+            reply = await self._reads.execute("HGETALL", self._account_key(bare))
         except StorageError as exc:
             log.warning("directory_read_failed", error=str(exc))
             return local
         found = list(local)
-        for field, data in stored.items():
+        flat = reply if isinstance(reply, list) else []
+        for field, data in zip(flat[::2], flat[1::2], strict=False):
+            if not isinstance(field, bytes) or not isinstance(data, bytes):
+                continue
             try:
                 record = Record.decode(data)
             except StorageError:
@@ -282,14 +294,13 @@ class ClusterDirectory:
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
-            data = await command(
-                self.redis.hget(self._account_key(full.bare()), full.resource or ""),
-                "directory read",
+            data = await self._reads.execute(
+                "HGET", self._account_key(full.bare()), full.resource or ""
             )
         except StorageError as exc:
             log.warning("directory_read_failed", error=str(exc))
             return None
-        if data is None:
+        if not isinstance(data, bytes):
             return None
         try:
             record = Record.decode(data)

@@ -110,19 +110,25 @@ def make_node(
 @pytest.fixture
 async def gw1(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, redis_url, "gw1")
+        node = make_node(client, redis_url, "gw1")
+        yield node
+        await node.aclose()
 
 
 @pytest.fixture
 async def gw2(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, redis_url, "gw2")
+        node = make_node(client, redis_url, "gw2")
+        yield node
+        await node.aclose()
 
 
 @pytest.fixture
 async def gw3(redis_url: str) -> AsyncIterator[ClusterDirectory]:
     async with open_redis(redis_url) as client:
-        yield make_node(client, redis_url, "gw3")
+        node = make_node(client, redis_url, "gw3")
+        yield node
+        await node.aclose()
 
 
 @pytest.fixture

@@ -50,7 +50,9 @@ async def _cluster(node: str, request: pytest.FixtureRequest) -> AsyncIterator[D
     url: str = request.getfixturevalue("redis_url")
     async with open_redis(url) as redis:
         relay = Relay(url, node, prefix="xg:", max_pending=100)
-        yield ClusterDirectory(redis, relay, node, prefix="xg:")
+        directory = ClusterDirectory(redis, relay, node, prefix="xg:")
+        yield directory
+        await directory.aclose()
 
 
 DIRECTORIES: Final[dict[str, DirectoryOpener]] = {

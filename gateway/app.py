@@ -57,7 +57,7 @@ from gateway.storage.cluster_codec import Close, Deliver, Item, Moved
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
-from gateway.storage.redis_client import Redis, open_redis
+from gateway.storage.redis_client import Redis, open_redis, preload
 from gateway.storage.roster_sqlite import SqliteRosterStore
 from gateway.storage.sm_redis import RedisSmSessionTable, RedisStaleHTable
 from gateway.storage.sqlite import SqliteAccountStore
@@ -284,6 +284,10 @@ async def _run_node(
             async with trio.open_nursery() as service_nursery:
                 if relay is not None and cluster is not None:
                     await forget_previous_run(cluster)
+                    scripts = [*cluster.scripts, *adoptable.scripts] if adoptable else []
+                    if isinstance(stale_h, RedisStaleHTable):
+                        scripts += stale_h.scripts
+                    await preload(cluster.redis, scripts)
                     await service_nursery.start(relay.run_sender)
                     await service_nursery.start(
                         relay.run_receiver, _dispatcher(ctx, relay, cluster)

@@ -39,7 +39,7 @@ from gateway.core.directory import Bound, Handle, LocalDirectory, Member, Resour
 from gateway.core.relay import Relay
 from gateway.errors import StorageError, StreamErrorCondition
 from gateway.storage.cluster_codec import Close, Deliver, Record, node_prefix
-from gateway.storage.redis_client import Redis, command
+from gateway.storage.redis_client import Redis, Script, command
 from gateway.storage.resp import RespConnection
 from gateway.xmpp.element import Element
 from gateway.xmpp.jid import JID
@@ -257,6 +257,11 @@ class ClusterDirectory:
             ),
             "directory unbind",
         )
+
+    @property
+    def scripts(self) -> tuple[Script[bytes], ...]:
+        """The Lua scripts the directory runs (for `redis_client.preload`)."""
+        return (self._bind, self._publish, self._unbind, self._claim)
 
     async def aclose(self) -> None:
         """Close the connection of the lookups (the rest belongs to its owners)."""

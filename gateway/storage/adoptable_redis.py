@@ -27,7 +27,7 @@ from typing import Final
 import trio
 
 from gateway.errors import StorageError
-from gateway.storage.redis_client import Redis, command
+from gateway.storage.redis_client import Redis, Script, command
 
 #: Seconds a snapshot stays in Redis past its `expires_at` when no node sweeps it.
 KEEP_AFTER: Final = 86_400.0
@@ -85,6 +85,11 @@ class RedisAdoptableStore:
         self._put = redis.register_script(_PUT_SCRIPT)
         self._take = redis.register_script(_TAKE_SCRIPT)
         self._take_expired = redis.register_script(_TAKE_EXPIRED_SCRIPT)
+
+    @property
+    def scripts(self) -> tuple[Script[bytes], ...]:
+        """The Lua scripts this store runs (for `redis_client.preload`)."""
+        return (self._put, self._take, self._take_expired)
 
     async def put(self, smid: str, snapshot: bytes, expires_at: float) -> None:
         """Store the snapshot, replacing any with the same smid; kept past `expires_at`

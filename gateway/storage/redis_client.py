@@ -10,11 +10,12 @@ refusals (never a traceback).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Final, TypeVar
 
 import coredis
 import coredis.exceptions
+from coredis.commands.script import Script
 
 from gateway.errors import StorageError
 
@@ -26,6 +27,7 @@ COMMAND_TIMEOUT: Final = 5.0
 REDIS_ERRORS: Final = (coredis.exceptions.RedisError, OSError, TimeoutError)
 
 Redis = coredis.Redis[bytes]
+__all__ = ["REDIS_ERRORS", "Redis", "Script", "command", "open_redis", "preload"]
 
 
 @contextlib.asynccontextmanager
@@ -63,3 +65,15 @@ async def command(result: Awaitable[T], what: str) -> T:
         return await result
     except REDIS_ERRORS as exc:
         raise StorageError(f"redis {what}: {exc}") from exc
+
+
+async def preload(redis: Redis, scripts: Iterable[Script[bytes]]) -> None:
+    """Load `scripts` into Redis' script cache (`SCRIPT LOAD`, idempotent), so that their
+    first uses do not each fail with NOSCRIPT and load them again: a reconnect storm on a
+    node whose scripts Redis had not seen yet made a `SCRIPT LOAD` per concurrent caller.
+
+    Raises:
+        StorageError: Redis refused or could not be reached.
+    """
+    for script in scripts:
+        await command(redis.script_load(script.script), "script load")

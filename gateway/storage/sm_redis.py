@@ -43,7 +43,7 @@ import trio
 
 from gateway.errors import StorageError
 from gateway.storage.base import SmSessionRecord, StaleH
-from gateway.storage.redis_client import Redis, command
+from gateway.storage.redis_client import Redis, Script, command
 
 #: Entries one `sweep` script deletes at most (one script holds Redis for ~2 ms).
 _SWEEP_BATCH: Final = 1024
@@ -175,6 +175,11 @@ class RedisStaleHTable:
         # Sent with EVALSHA; loaded into Redis (SCRIPT LOAD) on first use or after a flush.
         self._put = redis.register_script(_PUT_SCRIPT)
         self._sweep = redis.register_script(_SWEEP_SCRIPT)
+
+    @property
+    def scripts(self) -> tuple[Script[bytes], ...]:
+        """The Lua scripts this table runs (for `redis_client.preload`)."""
+        return (self._put, self._sweep)
 
     async def put(self, entry: StaleH) -> int:
         """Add the entry, replacing any entry with the same `smid`; when a new smid finds

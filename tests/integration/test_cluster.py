@@ -20,7 +20,9 @@ import trio
 from gateway.core.context import ServerContext
 from gateway.core.handoff import snapshot_of
 from gateway.errors import StreamErrorCondition
+from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.cluster_codec import Moved
+from gateway.storage.redis_client import open_redis
 from gateway.storage.snapshot import encode_snapshot
 from gateway.xmpp import namespaces as ns
 from gateway.xmpp.element import Element
@@ -257,6 +259,18 @@ async def test_a_session_swept_after_its_time_leaves_a_newer_session_on_its_jid_
     await newer.send(f"<iq type='get' id='alive' to='localhost'><ping xmlns='{ns.PING}'/></iq>")
     answer = await until(newer, lambda e: e.name == "iq" or e.tag == (ns.STREAM, "error"))
     assert answer.get("id") == "alive", answer
+
+
+async def test_a_node_loads_the_clusters_scripts_into_redis_when_it_starts(
+    start_node: Start, redis_url: str
+) -> None:
+    # (Else the first uses, a reconnect storm's, each fail with NOSCRIPT and load them.)
+    async with open_redis(redis_url) as redis:
+        await redis.script_flush()  # (the cache outlives FLUSHALL: earlier tests loaded them)
+        one, _connect = await start_node("gw1")
+        assert isinstance(one.adoptable, RedisAdoptableStore)
+        shas = [script.sha for script in one.adoptable.scripts]
+        assert await redis.script_exists(shas) == (True,) * len(shas)
 
 
 async def test_a_resume_on_another_node_by_another_user_is_item_not_found(

@@ -19,7 +19,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from functools import partial
 
 import structlog
@@ -33,9 +33,10 @@ from gateway.core.cluster import ClusterDirectory
 from gateway.core.connection import serve_connection, serve_wire
 from gateway.core.context import ServerContext
 from gateway.core.directory import Directory, Handle, LocalDirectory
-from gateway.core.handoff import Handoff, read_snapshot
+from gateway.core.dispatch import cluster_dispatcher
+from gateway.core.handoff import Handoff
 from gateway.core.metrics import HandoffResult, Metrics
-from gateway.core.migration import Migrations, run_adoptable_sweep
+from gateway.core.migration import run_adoptable_sweep
 from gateway.core.mirror import run_h_mirror
 from gateway.core.offline import OfflineService
 from gateway.core.reaper import forget_previous_run, leave, run_reaper
@@ -53,7 +54,6 @@ from gateway.net.transport import StreamTransport
 from gateway.net.websocket import serve_websocket
 from gateway.storage.adoptable_redis import RedisAdoptableStore
 from gateway.storage.base import SmSessionTable, StaleHTable
-from gateway.storage.cluster_codec import Close, Deliver, Item, Moved
 from gateway.storage.handoff_sqlite import SqliteHandoffStore
 from gateway.storage.memory import MemorySmSessionTable, MemoryStaleHTable
 from gateway.storage.offline_sqlite import SqliteOfflineStore
@@ -290,7 +290,7 @@ async def _run_node(
                     await preload(cluster.redis, scripts)
                     await service_nursery.start(relay.run_sender)
                     await service_nursery.start(
-                        relay.run_receiver, _dispatcher(ctx, relay, cluster)
+                        relay.run_receiver, cluster_dispatcher(ctx, relay, cluster)
                     )
                     await service_nursery.start(
                         cluster.run_heartbeat, config.cluster.heartbeat, ctx.set_health
@@ -349,55 +349,6 @@ async def _run_node(
             offline_store.close()
             handoff_store.close()
         log.info("stopped")
-
-
-def _dispatcher(
-    ctx: ServerContext, relay: Relay, cluster: ClusterDirectory
-) -> Callable[[Item], Awaitable[None]]:
-    """Where the items other nodes relay here go: stanzas and closes to the directory,
-    session moves to this node's `Migrations` (made here: it parks arriving sessions in
-    the connection handlers' nursery)."""
-
-    async def adopt(data: bytes) -> bool:
-        revivable = read_snapshot(data)
-        if revivable is None:
-            return False
-        smid = revivable.snapshot.smid
-        if smid in ctx.resume.slots:
-            # Delivered twice (the relay is at least once): this node has it already.
-            log.info("sm_move_duplicate", smid=smid)
-            return True
-        if ctx.handler_nursery is None or ctx.draining:
-            # Not serving (starting, or stopping): left for whichever node the client
-            # reaches, not dropped.
-            assert ctx.adoptable is not None
-            await ctx.adoptable.put(smid, data, revivable.snapshot.expires_at)
-            return False
-        await ctx.handler_nursery.start(serve_revived, ctx, revivable)
-        return smid in ctx.resume.slots
-
-    assert ctx.adoptable is not None
-    ctx.migrations = migrations = Migrations(
-        relay, ctx.node, ctx.resume, adopt, adoptable=ctx.adoptable, alive=cluster.is_alive
-    )
-
-    async def dispatch(item: Item) -> None:
-        if isinstance(item, Deliver | Close):
-            await cluster.deliver(item)
-        else:
-            await migrations.receive(item)
-
-    async def undeliverable(item: Item) -> None:
-        # For a node gone since it was posted: a stanza takes the rules for an
-        # unavailable resource, a session waits in the adoptable store.
-        if isinstance(item, Deliver) and cluster.unavailable is not None:
-            await cluster.unavailable(item.stanza, item.to, None)
-        elif isinstance(item, Moved):
-            await migrations.keep(item)
-
-    relay.undeliverable = undeliverable
-
-    return dispatch
 
 
 async def _serve_until_signal(
